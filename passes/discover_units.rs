@@ -1,0 +1,1042 @@
+//! DiscoverUnits: finds the coupled unit groups of conv filters and FFN neurons.
+//!
+//! Channel propagation, in the spirit of Torch-Pruning's dependency graph. Every Conv
+//! (group 1), Gemm and MatMul with a constant 2-D weight *seeds* a channel space: its
+//! output channels. The pass then walks the graph in topological order, carrying on each
+//! activation a layout (which axis holds the channels, and which segment of it belongs to
+//! which space, with how many entries per channel) through ops that treat channels
+//! independently: activations, BatchNorm, pools, Pad, depthwise convs, flattening
+//! reshapes, transposes, concats (offsets) and elementwise ops with broadcast constants.
+//! Two spaces meeting in an elementwise op (a residual Add, x·sigmoid(x)) are tied: they
+//! are pruned together or not at all. A space ends at its consumers: the input slice of
+//! a Conv, Gemm or MatMul weight.
+//!
+//! Anything that cannot be proven channel-separable — a graph output, LayerNorm or
+//! Softmax over the channel axis, a reshape that splits channels, an op without a rule,
+//! a weight shared with a node outside the group — makes the space unprunable, and the
+//! reason is recorded for `inspect`. Assumes InferShapes ran (shapes are concrete).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::error::Result;
+use crate::ir::{Id, Model, IMPLICIT_SLOT};
+use crate::pipeline::{Context, Pass};
+use crate::units::{Role, ShapeEdit, Slice, UnitGroup, UnitKind, Unprunable};
+
+pub struct DiscoverUnits;
+
+impl Pass for DiscoverUnits {
+    fn name(&self) -> &'static str {
+        "DiscoverUnits"
+    }
+
+    fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
+        let (groups, unprunable) = discover(model);
+        cx.groups = groups;
+        cx.unprunable = unprunable;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Seg {
+    space: usize,
+    offset: usize,
+    factor: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Layout {
+    axis: usize,
+    segs: Vec<Seg>,
+}
+
+struct Space {
+    kind: UnitKind,
+    channels: usize,
+    producer: Id,
+    reasons: Vec<String>,
+}
+
+struct Analysis<'m> {
+    model: &'m Model,
+    spaces: Vec<Space>,
+    parent: Vec<usize>,
+    layouts: HashMap<Id, Layout>,
+    slices: Vec<(usize, Slice)>,
+    shape_edits: Vec<(usize, ShapeEdit)>,
+    depthwise: Vec<(usize, Id)>,
+    /// (tensor, op) pairs accounted for by some slice.
+    users: BTreeSet<(Id, Id)>,
+}
+
+type Step = std::result::Result<(), String>;
+
+/// Runs the analysis and returns the prunable groups and what is not prunable.
+pub fn discover(model: &Model) -> (Vec<UnitGroup>, Vec<Unprunable>) {
+    let mut a = Analysis {
+        model,
+        spaces: Vec::new(),
+        parent: Vec::new(),
+        layouts: HashMap::new(),
+        slices: Vec::new(),
+        shape_edits: Vec::new(),
+        depthwise: Vec::new(),
+        users: BTreeSet::new(),
+    };
+    let order = model.topo_order().unwrap_or_default();
+    for op in order {
+        let laid: Vec<(usize, Layout)> = model
+            .inputs(op)
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, v)| v.and_then(|v| a.layouts.get(&v).map(|l| (slot, l.clone()))))
+            .collect();
+        // Sub-graphs reading a channel space make it unprunable.
+        for (v, slot) in implicit_inputs(model, op) {
+            if let Some(l) = a.layouts.get(&v).cloned() {
+                a.block(
+                    &l,
+                    format!(
+                        "read by a sub-graph of {} (slot {slot})",
+                        model.op(op).describe()
+                    ),
+                );
+            }
+        }
+        if let Err(reason) = a.visit(op, &laid) {
+            let why = format!("flows into {}: {reason}", model.op(op).describe());
+            for (_, l) in &laid {
+                a.block(l, why.clone());
+            }
+            for out in model.outputs(op) {
+                if let Some(l) = a.layouts.remove(&out) {
+                    a.block(&l, why.clone());
+                }
+            }
+        }
+    }
+    a.finish()
+}
+
+fn implicit_inputs(model: &Model, op: Id) -> Vec<(Id, usize)> {
+    use petgraph::visit::EdgeRef;
+    model
+        .graph
+        .edges_directed(op, petgraph::Direction::Incoming)
+        .filter(|e| *e.weight() >= IMPLICIT_SLOT)
+        .map(|e| (e.source(), *e.weight() - IMPLICIT_SLOT))
+        .collect()
+}
+
+const UNARY: &[&str] = &[
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Erf",
+    "Gelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "Exp",
+    "Log",
+    "Abs",
+    "Neg",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Sin",
+    "Cos",
+    "Identity",
+    "Dropout",
+    "Cast",
+    "Clip",
+    "Not",
+    "IsNaN",
+    "IsInf",
+    "ThresholdedRelu",
+    "Shrink",
+    "Swish",
+    "QuickGelu",
+];
+const BINARY: &[&str] = &[
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Max",
+    "Min",
+    "Mod",
+    "PRelu",
+    "Where",
+    "Sum",
+    "Mean",
+    "Equal",
+    "Greater",
+    "Less",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "And",
+    "Or",
+    "Xor",
+    "BitShift",
+];
+const POOLS: &[&str] = &[
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+];
+const REDUCE: &[&str] = &[
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+];
+
+impl<'m> Analysis<'m> {
+    fn find(&mut self, s: usize) -> usize {
+        let mut r = s;
+        while self.parent[r] != r {
+            r = self.parent[r];
+        }
+        self.parent[s] = r;
+        r
+    }
+
+    fn union(&mut self, a: usize, b: usize) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            let (lo, hi) = (ra.min(rb), ra.max(rb));
+            self.parent[hi] = lo;
+            let moved = std::mem::take(&mut self.spaces[hi].reasons);
+            self.spaces[lo].reasons.extend(moved);
+        }
+    }
+
+    fn block(&mut self, l: &Layout, reason: String) {
+        for s in &l.segs {
+            let r = self.find(s.space);
+            if !self.spaces[r].reasons.contains(&reason) {
+                self.spaces[r].reasons.push(reason.clone());
+            }
+        }
+    }
+
+    fn shape(&self, v: Id) -> std::result::Result<Vec<usize>, String> {
+        self.model
+            .value(v)
+            .shape
+            .clone()
+            .ok_or_else(|| format!("shape of '{}' is unknown", self.model.value(v).name))
+    }
+
+    fn static_dims(&self, v: Option<Id>) -> Option<Vec<usize>> {
+        let v = v?;
+        let val = self.model.value(v);
+        val.data.as_ref().map(|d| d.dims.clone())
+    }
+
+    fn set_layout(&mut self, v: Id, l: Layout) {
+        if self.model.is_graph_output(v) {
+            let name = self.model.value(v).name.clone();
+            self.block(&l, format!("reaches graph output '{name}'"));
+            return;
+        }
+        if let Some(old) = self.layouts.get(&v).cloned() {
+            if old != l {
+                self.block(&old, "conflicting channel layouts".into());
+                self.block(&l, "conflicting channel layouts".into());
+            }
+            return;
+        }
+        self.layouts.insert(v, l);
+    }
+
+    fn new_space(&mut self, kind: UnitKind, channels: usize, producer: Id) -> usize {
+        self.spaces.push(Space {
+            kind,
+            channels,
+            producer,
+            reasons: Vec::new(),
+        });
+        self.parent.push(self.spaces.len() - 1);
+        self.spaces.len() - 1
+    }
+
+    /// Records `tensor`'s `axis` as owned by the layout's segments. The tensor's extent on
+    /// that axis must equal the activation's extent on the layout axis.
+    fn add_slices(
+        &mut self,
+        l: &Layout,
+        extent: usize,
+        tensor: Id,
+        axis: usize,
+        role: Role,
+        op: Id,
+    ) -> Step {
+        let dims = self
+            .static_dims(Some(tensor))
+            .ok_or("a coupled parameter is not constant")?;
+        if dims.get(axis) != Some(&extent) {
+            return Err(format!(
+                "parameter '{}' has shape {dims:?}, expected {extent} along axis {axis}",
+                self.model.value(tensor).name
+            ));
+        }
+        for s in &l.segs {
+            self.slices.push((
+                s.space,
+                Slice {
+                    tensor,
+                    axis,
+                    offset: s.offset,
+                    factor: s.factor,
+                    role,
+                },
+            ));
+        }
+        self.users.insert((tensor, op));
+        Ok(())
+    }
+
+    fn seed(
+        &mut self,
+        op: Id,
+        kind: UnitKind,
+        channels: usize,
+        out: Id,
+        axis: usize,
+        params: &[(Id, usize)],
+    ) {
+        let s = self.new_space(kind, channels, op);
+        let l = Layout {
+            axis,
+            segs: vec![Seg {
+                space: s,
+                offset: 0,
+                factor: 1,
+            }],
+        };
+        for &(t, ax) in params {
+            if let Err(e) = self.add_slices(&l, channels, t, ax, Role::Producer, op) {
+                self.block(&l, e);
+            }
+        }
+        self.set_layout(out, l);
+    }
+
+    fn visit(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let o = model.op(op);
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        let in_l = |slot: usize| {
+            laid.iter()
+                .find(|(s, _)| *s == slot)
+                .map(|(_, l)| l.clone())
+        };
+        let t = o.op_type.as_str();
+        if !o.domain.is_empty() && o.domain != "ai.onnx" {
+            return if laid.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("custom-domain op '{}'", o.domain))
+            };
+        }
+        match t {
+            "Conv" => self.visit_conv(op, laid),
+            "Gemm" => {
+                let (a, b, c) = (
+                    ins.first().copied().flatten(),
+                    ins.get(1).copied().flatten(),
+                    ins.get(2).copied().flatten(),
+                );
+                let (ta, tb) = (o.attr_i("transA", 0), o.attr_i("transB", 0));
+                let bd = self.static_dims(b).filter(|d| d.len() == 2);
+                if in_l(1).is_some() || in_l(2).is_some() {
+                    return Err("channels reach a Gemm's weight or bias input".into());
+                }
+                if let Some(l) = in_l(0) {
+                    let (Some(b), Some(_)) = (b, &bd) else {
+                        return Err("Gemm weight is not constant".into());
+                    };
+                    if ta != 0 || l.axis != 1 {
+                        return Err("channels are not the Gemm's input features".into());
+                    }
+                    let ext = self.shape(a.ok_or("missing input")?)?[1];
+                    self.add_slices(&l, ext, b, if tb != 0 { 1 } else { 0 }, Role::Consumer, op)?;
+                }
+                if let (Some(b), Some(bd), 0) = (b, bd, ta) {
+                    let n = if tb != 0 { bd[0] } else { bd[1] };
+                    let mut params = vec![(b, if tb != 0 { 0 } else { 1 })];
+                    if let Some(cd) = self.static_dims(c) {
+                        match cd.as_slice() {
+                            [x] if *x == n => params.push((c.unwrap(), 0)),
+                            [_, x] if *x == n => params.push((c.unwrap(), 1)),
+                            _ => {}
+                        }
+                    } else if c.is_some() {
+                        return Ok(()); // dynamic bias: no seed
+                    }
+                    self.seed(op, UnitKind::Neurons, n, outs[0], 1, &params);
+                }
+                Ok(())
+            }
+            "MatMul" => {
+                let (a, b) = (
+                    ins.first().copied().flatten(),
+                    ins.get(1).copied().flatten(),
+                );
+                let bd = self.static_dims(b);
+                if in_l(1).is_some() {
+                    return Err("channels are the right operand of a MatMul".into());
+                }
+                if let Some(l) = in_l(0) {
+                    let (Some(b), Some(bd)) = (b, &bd) else {
+                        return Err("MatMul of two activations mixes channels".into());
+                    };
+                    let ash = self.shape(a.ok_or("missing input")?)?;
+                    if bd.len() != 2 || l.axis + 1 != ash.len() {
+                        return Err("channels are not the MatMul's contracted axis".into());
+                    }
+                    self.add_slices(&l, ash[l.axis], b, 0, Role::Consumer, op)?;
+                }
+                if let (Some(b), Some(bd)) = (b, bd) {
+                    if bd.len() == 2 && self.model.value(a.ok_or("missing input")?).data.is_none() {
+                        let rank = self.shape(outs[0])?.len();
+                        self.seed(op, UnitKind::Neurons, bd[1], outs[0], rank - 1, &[(b, 1)]);
+                    }
+                }
+                Ok(())
+            }
+            "BatchNormalization" | "InstanceNormalization" => {
+                for slot in 1..ins.len() {
+                    if in_l(slot).is_some() {
+                        return Err("channels reach a normalization parameter".into());
+                    }
+                }
+                let Some(l) = in_l(0) else { return Ok(()) };
+                if l.axis != 1 {
+                    return Err("normalization is not over the channel axis".into());
+                }
+                let ext = self.shape(ins[0].ok_or("missing input")?)?[1];
+                for p in ins.iter().skip(1).flatten() {
+                    self.add_slices(&l, ext, *p, 0, Role::Coupled, op)?;
+                }
+                if let Some(extra) = outs.get(1..) {
+                    if extra.iter().any(|&v| !model.consumers(v).is_empty()) {
+                        return Err("training-mode statistics outputs are used".into());
+                    }
+                }
+                self.set_layout(outs[0], l);
+                Ok(())
+            }
+            _ if laid.is_empty() => Ok(()),
+            _ if UNARY.contains(&t) => {
+                if laid.iter().any(|(s, _)| *s != 0) {
+                    return Err("channels reach a parameter input".into());
+                }
+                if outs.len() > 1 && outs[1..].iter().any(|&v| !model.consumers(v).is_empty()) {
+                    return Err("a secondary output is used".into());
+                }
+                self.set_layout(outs[0], laid[0].1.clone());
+                Ok(())
+            }
+            _ if POOLS.contains(&t) => {
+                let l = in_l(0).ok_or("channels reach a pool parameter")?;
+                if l.axis != 1 {
+                    return Err("pooling over the channel axis".into());
+                }
+                if outs.len() > 1 && !model.consumers(outs[1]).is_empty() {
+                    return Err("MaxPool indices (which encode channels) are used".into());
+                }
+                self.set_layout(outs[0], l);
+                Ok(())
+            }
+            "Pad" => {
+                let l = in_l(0).ok_or("channels reach Pad's parameters")?;
+                let rank = self.shape(ins[0].ok_or("missing input")?)?.len();
+                let pads: Vec<i64> = match o.attr_ints("pads") {
+                    Some(p) => p.to_vec(),
+                    None => ins
+                        .get(1)
+                        .copied()
+                        .flatten()
+                        .and_then(|v| model.value(v).known().map(|t| t.to_i64_vec()))
+                        .ok_or("pads are not constant")?,
+                };
+                let axes: Vec<usize> = match ins.get(3).copied().flatten() {
+                    Some(v) => {
+                        let t = model.value(v).known().ok_or("Pad axes are not constant")?;
+                        t.to_i64_vec()
+                            .iter()
+                            .map(|&a| {
+                                if a < 0 {
+                                    (a + rank as i64) as usize
+                                } else {
+                                    a as usize
+                                }
+                            })
+                            .collect()
+                    }
+                    None => (0..rank).collect(),
+                };
+                let n = axes.len();
+                if let Some(i) = axes.iter().position(|&a| a == l.axis) {
+                    if pads.get(i).copied().unwrap_or(0) != 0
+                        || pads.get(i + n).copied().unwrap_or(0) != 0
+                    {
+                        return Err("Pad pads the channel axis".into());
+                    }
+                }
+                self.set_layout(outs[0], l);
+                Ok(())
+            }
+            _ if BINARY.contains(&t) => self.visit_elementwise(op, laid),
+            "Flatten" | "Reshape" => self.visit_reshape(op, laid),
+            "Transpose" => {
+                let l = in_l(0).ok_or("missing input")?;
+                let rank = self.shape(ins[0].ok_or("missing input")?)?.len();
+                let perm: Vec<usize> = match o.attr_ints("perm") {
+                    Some(p) => p.iter().map(|&x| x as usize).collect(),
+                    None => (0..rank).rev().collect(),
+                };
+                let axis = perm
+                    .iter()
+                    .position(|&p| p == l.axis)
+                    .ok_or("bad Transpose perm")?;
+                self.set_layout(outs[0], Layout { axis, ..l });
+                Ok(())
+            }
+            "Squeeze" | "Unsqueeze" => {
+                let l = in_l(0).ok_or("channels reach the axes input")?;
+                let ish = self.shape(ins[0].ok_or("missing input")?)?;
+                let osh = self.shape(outs[0])?;
+                // Map by position among non-unit dims: the channel axis has extent > 1 when
+                // it matters, and squeezing/unsqueezing only moves unit dims.
+                if ish[l.axis] == 1 {
+                    return Err("channel axis of extent 1".into());
+                }
+                let k = ish[..l.axis].iter().filter(|&&d| d != 1).count();
+                let axis = osh
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &d)| d != 1)
+                    .nth(k)
+                    .map(|(i, _)| i)
+                    .ok_or("cannot follow the channel axis")?;
+                self.set_layout(outs[0], Layout { axis, ..l });
+                Ok(())
+            }
+            "Concat" => self.visit_concat(op, laid),
+            "Split" | "Slice" => {
+                let l = in_l(0).ok_or("channels reach a parameter input")?;
+                let ish = self.shape(ins[0].ok_or("missing input")?)?;
+                for &out in &outs {
+                    let osh = self.shape(out)?;
+                    if osh.len() != ish.len() || osh[l.axis] != ish[l.axis] {
+                        return Err("splits or slices the channel axis".into());
+                    }
+                    self.set_layout(out, l.clone());
+                }
+                Ok(())
+            }
+            "Softmax" | "LogSoftmax" | "Hardmax" | "LayerNormalization" => {
+                let l = in_l(0).ok_or("channels reach a parameter input")?;
+                let rank = self.shape(ins[0].ok_or("missing input")?)?.len() as i64;
+                let opset = model.opsets.get("").copied().unwrap_or(17);
+                let default = if t == "LayerNormalization" || opset >= 13 {
+                    -1
+                } else {
+                    1
+                };
+                let mut axis = o.attr_i("axis", default);
+                if axis < 0 {
+                    axis += rank;
+                }
+                let covers = if t == "LayerNormalization" || opset < 13 {
+                    l.axis as i64 >= axis
+                } else {
+                    l.axis as i64 == axis
+                };
+                if covers {
+                    return Err("normalizes across the channel axis".into());
+                }
+                self.set_layout(outs[0], l);
+                Ok(())
+            }
+            _ if REDUCE.contains(&t) => {
+                let l = in_l(0).ok_or("channels reach the axes input")?;
+                let ish = self.shape(ins[0].ok_or("missing input")?)?;
+                let osh = self.shape(outs[0])?;
+                let keep = o.attr_i("keepdims", 1) != 0;
+                let mut axes: Vec<i64> = match o.attr_ints("axes") {
+                    Some(a) => a.to_vec(),
+                    None => match ins.get(1).copied().flatten() {
+                        Some(v) => model
+                            .value(v)
+                            .known()
+                            .ok_or("reduce axes are not constant")?
+                            .to_i64_vec(),
+                        None => vec![],
+                    },
+                };
+                if axes.is_empty() {
+                    if o.attr_i("noop_with_empty_axes", 0) != 0 {
+                        self.set_layout(outs[0], l);
+                        return Ok(());
+                    }
+                    axes = (0..ish.len() as i64).collect();
+                }
+                let axes: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| {
+                        if a < 0 {
+                            (a + ish.len() as i64) as usize
+                        } else {
+                            a as usize
+                        }
+                    })
+                    .collect();
+                if axes.contains(&l.axis) {
+                    return Err("reduces over the channel axis".into());
+                }
+                let axis = if keep {
+                    l.axis
+                } else {
+                    l.axis - axes.iter().filter(|&&a| a < l.axis).count()
+                };
+                if osh.get(axis) != ish.get(l.axis) {
+                    return Err("cannot follow the channel axis".into());
+                }
+                self.set_layout(outs[0], Layout { axis, ..l });
+                Ok(())
+            }
+            "Shape" | "Size" => Err("the channel count is read as data".into()),
+            _ => Err(format!("{t} is not known to keep channels separate")),
+        }
+    }
+
+    fn visit_conv(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let o = model.op(op);
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        if laid.iter().any(|(s, _)| *s != 0) {
+            return Err("channels reach a Conv's weight or bias".into());
+        }
+        let w = ins.get(1).copied().flatten();
+        let b = ins.get(2).copied().flatten();
+        let group = o.attr_i("group", 1).max(1) as usize;
+        let Some(wd) = self.static_dims(w).filter(|d| d.len() >= 3) else {
+            return if laid.is_empty() {
+                Ok(())
+            } else {
+                Err("Conv weight is not constant".into())
+            };
+        };
+        let w = w.unwrap();
+        let bias_static = b.is_some_and(|b| model.value(b).data.is_some());
+        if b.is_some() && !bias_static {
+            return if laid.is_empty() {
+                Ok(())
+            } else {
+                Err("Conv bias is not constant".into())
+            };
+        }
+        let cin = match ins[0] {
+            Some(x) => self
+                .shape(x)?
+                .get(1)
+                .copied()
+                .ok_or("Conv input has no channel axis")?,
+            None => return Err("Conv without input".into()),
+        };
+        let depthwise = group > 1 && group == cin && wd[0] == group && wd[1] == 1;
+        if let Some((_, l)) = laid.first() {
+            if l.axis != 1 {
+                return Err("channels are not the Conv's channel axis".into());
+            }
+            if group == 1 {
+                self.add_slices(l, cin, w, 1, Role::Consumer, op)?;
+            } else if depthwise {
+                self.add_slices(l, cin, w, 0, Role::Coupled, op)?;
+                if let Some(b) = b {
+                    self.add_slices(l, cin, b, 0, Role::Coupled, op)?;
+                }
+                for s in &l.segs {
+                    self.depthwise.push((s.space, op));
+                }
+                if l.segs.len() != 1 || l.segs[0].offset != 0 || l.segs[0].factor != 1 {
+                    return Err("depthwise conv over a concatenation".into());
+                }
+                self.set_layout(outs[0], l.clone());
+                return Ok(());
+            } else {
+                return Err(format!("grouped convolution (group = {group})"));
+            }
+        }
+        if group == 1 {
+            let mut params = vec![(w, 0)];
+            if let Some(b) = b {
+                params.push((b, 0));
+            }
+            self.seed(op, UnitKind::Filters, wd[0], outs[0], 1, &params);
+        }
+        Ok(())
+    }
+
+    fn visit_elementwise(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        let osh = self.shape(outs[0])?;
+        let rank = osh.len();
+        let mut out_axis = None;
+        let mut first: Option<Layout> = None;
+        for (slot, l) in laid {
+            let v = ins[*slot].ok_or("missing input")?;
+            let r = self.shape(v)?.len();
+            let ax = l.axis + rank - r;
+            match (&out_axis, &first) {
+                (None, _) => {
+                    out_axis = Some(ax);
+                    first = Some(l.clone());
+                }
+                (Some(a), Some(f)) => {
+                    if *a != ax || f.segs.len() != l.segs.len() {
+                        return Err("combines activations whose channel axes differ".into());
+                    }
+                    for (x, y) in f.segs.iter().zip(&l.segs) {
+                        if x.offset != y.offset || x.factor != y.factor {
+                            return Err("combines differently laid-out channels".into());
+                        }
+                        let (cx, cy) = (self.find(x.space), self.find(y.space));
+                        if self.spaces[cx].channels != self.spaces[cy].channels {
+                            return Err("combines channel groups of different sizes".into());
+                        }
+                    }
+                    let pairs: Vec<(usize, usize)> = f
+                        .segs
+                        .iter()
+                        .zip(&l.segs)
+                        .map(|(x, y)| (x.space, y.space))
+                        .collect();
+                    for (x, y) in pairs {
+                        self.union(x, y);
+                    }
+                }
+                _ => unreachable!(),
+            }
+        }
+        let (ax, l) = (out_axis.ok_or("no channels")?, first.ok_or("no channels")?);
+        let extent = osh[ax];
+        for (slot, v) in ins.iter().enumerate() {
+            let Some(v) = *v else { continue };
+            if laid.iter().any(|(s, _)| *s == slot) {
+                continue;
+            }
+            let sh = self.shape(v)?;
+            let Some(local) = (ax + sh.len()).checked_sub(rank) else {
+                continue;
+            };
+            if sh[local] == 1 {
+                continue;
+            }
+            if sh[local] != extent {
+                return Err("broadcast mismatch".into());
+            }
+            if model.value(v).data.is_some() {
+                self.add_slices(&l, extent, v, local, Role::Coupled, op)?;
+            } else {
+                return Err(format!(
+                    "combined with '{}', which spans the same channels but belongs to no unit group",
+                    model.value(v).name
+                ));
+            }
+        }
+        self.set_layout(
+            outs[0],
+            Layout {
+                axis: ax,
+                segs: l.segs,
+            },
+        );
+        Ok(())
+    }
+
+    fn visit_reshape(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        if laid.iter().any(|(s, _)| *s != 0) {
+            return Err("the channel count is read as a shape".into());
+        }
+        let l = laid[0].1.clone();
+        let ish = self.shape(ins[0].ok_or("missing input")?)?;
+        let osh = self.shape(outs[0])?;
+        let outer: usize = ish[..l.axis].iter().product();
+        let inner_in: usize = ish[l.axis + 1..].iter().product();
+        let c = ish[l.axis];
+        // Find the output axis k whose leading product equals `outer` and whose extent
+        // holds each channel as a contiguous block.
+        let mut k = None;
+        let mut acc = 1usize;
+        for (i, &d) in osh.iter().enumerate() {
+            if acc == outer && d > 0 {
+                let inner_out: usize = osh[i + 1..].iter().product();
+                if inner_out > 0 && inner_in % inner_out == 0 && d == c * (inner_in / inner_out) {
+                    k = Some((i, inner_in / inner_out));
+                    break;
+                }
+            }
+            acc *= d;
+        }
+        let (axis, m) = k.ok_or("splits or moves the channel axis")?;
+        let segs = l
+            .segs
+            .iter()
+            .map(|s| Seg {
+                space: s.space,
+                offset: s.offset * m,
+                factor: s.factor * m,
+            })
+            .collect();
+        let nl = Layout { axis, segs };
+        if model.op(op).op_type == "Reshape" {
+            let shape_v = ins
+                .get(1)
+                .copied()
+                .flatten()
+                .ok_or("Reshape without a shape")?;
+            let target = model
+                .value(shape_v)
+                .known()
+                .ok_or("Reshape target is not known")?
+                .to_i64_vec();
+            let lit = *target.get(axis).ok_or("Reshape target too short")?;
+            if lit > 0 {
+                let (t, e) = shape_source(model, shape_v, axis)
+                    .ok_or("the channel count is hard-coded in a computed shape")?;
+                for s in &nl.segs {
+                    self.shape_edits.push((
+                        s.space,
+                        ShapeEdit {
+                            tensor: t,
+                            element: e,
+                            factor: s.factor,
+                        },
+                    ));
+                }
+            }
+        }
+        self.set_layout(outs[0], nl);
+        Ok(())
+    }
+
+    fn visit_concat(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        let osh = self.shape(outs[0])?;
+        let mut axis = model.op(op).attr_i("axis", 0);
+        if axis < 0 {
+            axis += osh.len() as i64;
+        }
+        let axis = axis as usize;
+        if laid.iter().any(|(_, l)| l.axis != axis) {
+            return self.visit_elementwise_like_concat(op, laid, axis);
+        }
+        let mut segs = Vec::new();
+        let mut offset = 0;
+        for (slot, v) in ins.iter().enumerate() {
+            let v = v.ok_or("missing input")?;
+            let ext = self.shape(v)?[axis];
+            if let Some((_, l)) = laid.iter().find(|(s, _)| *s == slot) {
+                segs.extend(l.segs.iter().map(|s| Seg {
+                    space: s.space,
+                    offset: s.offset + offset,
+                    factor: s.factor,
+                }));
+            }
+            offset += ext;
+        }
+        self.set_layout(outs[0], Layout { axis, segs });
+        Ok(())
+    }
+
+    /// Concat along another axis: every input must carry the same channels.
+    fn visit_elementwise_like_concat(
+        &mut self,
+        op: Id,
+        laid: &[(usize, Layout)],
+        axis: usize,
+    ) -> Step {
+        let n = self.model.inputs(op).iter().flatten().count();
+        if laid.len() != n || laid.iter().any(|(_, l)| l.axis == axis) {
+            return Err("concatenates channels with other data".into());
+        }
+        self.visit_elementwise(op, laid)
+    }
+
+    fn finish(mut self) -> (Vec<UnitGroup>, Vec<Unprunable>) {
+        let model = self.model;
+        let n = self.spaces.len();
+        let roots: Vec<usize> = (0..n).map(|s| self.find(s)).collect();
+        // Parameters shared with ops outside the accounting make the group unprunable.
+        let mut sliced: BTreeMap<Id, BTreeSet<usize>> = BTreeMap::new();
+        for (s, sl) in &self.slices {
+            sliced.entry(sl.tensor).or_default().insert(roots[*s]);
+        }
+        for (&t, rs) in &sliced {
+            for (c, _) in model.consumers(t) {
+                if !self.users.contains(&(t, c)) {
+                    let why = format!(
+                        "parameter '{}' is also used by {}",
+                        model.value(t).name,
+                        model.op(c).describe()
+                    );
+                    for &r in rs {
+                        self.spaces[r].reasons.push(why.clone());
+                    }
+                }
+            }
+            if model.is_graph_output(t) {
+                for &r in rs {
+                    self.spaces[r].reasons.push(format!(
+                        "parameter '{}' is a graph output",
+                        model.value(t).name
+                    ));
+                }
+            }
+        }
+        // Overlapping claims on the same tensor axis by different groups.
+        let mut claims: BTreeMap<(Id, usize), Vec<(usize, usize, usize)>> = BTreeMap::new();
+        for (s, sl) in &self.slices {
+            let r = roots[*s];
+            let span = (sl.offset, sl.offset + sl.factor * self.spaces[r].channels);
+            let e = claims.entry((sl.tensor, sl.axis)).or_default();
+            if !e.contains(&(r, span.0, span.1)) {
+                e.push((r, span.0, span.1));
+            }
+        }
+        for ((t, _), cl) in &claims {
+            for i in 0..cl.len() {
+                for j in i + 1..cl.len() {
+                    let (a, b) = (cl[i], cl[j]);
+                    if a.1 < b.2 && b.1 < a.2 {
+                        let why = format!("parameter '{}' is claimed twice", model.value(*t).name);
+                        self.spaces[a.0].reasons.push(why.clone());
+                        self.spaces[b.0].reasons.push(why);
+                    }
+                }
+            }
+        }
+        let mut groups = Vec::new();
+        let mut unprunable = Vec::new();
+        for r in 0..n {
+            if roots[r] != r {
+                continue;
+            }
+            let members: Vec<usize> = (0..n).filter(|&s| roots[s] == r).collect();
+            let sp = &self.spaces[r];
+            let producer_name = model.op(sp.producer).name.clone();
+            let name = if members.len() > 1 {
+                format!("{producer_name} (+{} tied)", members.len() - 1)
+            } else {
+                producer_name
+            };
+            if let Some(reason) = sp.reasons.first() {
+                unprunable.push(Unprunable {
+                    kind: Some(sp.kind),
+                    layer: name,
+                    count: sp.channels,
+                    reason: reason.clone(),
+                });
+                continue;
+            }
+            let mut slices: Vec<Slice> = self
+                .slices
+                .iter()
+                .filter(|(s, _)| roots[*s] == r)
+                .map(|(_, sl)| sl.clone())
+                .collect();
+            slices.sort();
+            slices.dedup();
+            let mut shape_edits: Vec<ShapeEdit> = self
+                .shape_edits
+                .iter()
+                .filter(|(s, _)| roots[*s] == r)
+                .map(|(_, e)| e.clone())
+                .collect();
+            shape_edits.sort();
+            shape_edits.dedup();
+            let mut depthwise: Vec<Id> = self
+                .depthwise
+                .iter()
+                .filter(|(s, _)| roots[*s] == r)
+                .map(|(_, o)| *o)
+                .collect();
+            depthwise.sort();
+            depthwise.dedup();
+            groups.push(UnitGroup {
+                kind: sp.kind,
+                name,
+                producers: members.iter().map(|&m| self.spaces[m].producer).collect(),
+                count: sp.channels,
+                slices,
+                shape_edits,
+                depthwise,
+            });
+        }
+        (groups, unprunable)
+    }
+}
+
+/// Follows element `element` of a shape vector back to the static tensor that holds it as
+/// a literal (through Concat, Unsqueeze, Cast, Identity).
+pub fn shape_source(model: &Model, v: Id, element: usize) -> Option<(Id, usize)> {
+    let val = model.value(v);
+    if val.data.is_some() {
+        return Some((v, element));
+    }
+    let (p, _) = model.producer(v)?;
+    let op = model.op(p);
+    let ins = model.inputs(p);
+    match op.op_type.as_str() {
+        "Concat" => {
+            let mut off = 0;
+            for i in ins.iter().flatten() {
+                let n = model.value(*i).shape.as_ref()?.iter().product::<usize>();
+                if element < off + n {
+                    return shape_source(model, *i, element - off);
+                }
+                off += n;
+            }
+            None
+        }
+        "Unsqueeze" | "Cast" | "Identity" | "Squeeze" | "Reshape" => {
+            shape_source(model, ins.first().copied().flatten()?, element)
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,36 @@
+//! ScoreUnits: one importance score per unit from the configured criterion
+//! (`crate::criteria`). Scores are checked for shape and finiteness here, so selection can
+//! trust them.
+
+use crate::error::{Error, Result};
+use crate::ir::Model;
+use crate::pipeline::{Context, Pass};
+
+pub struct ScoreUnits;
+
+impl Pass for ScoreUnits {
+    fn name(&self) -> &'static str {
+        "ScoreUnits"
+    }
+
+    fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
+        let scores = cx.config.criterion.score(cx, model)?;
+        if scores.len() != cx.groups.len() {
+            return Err(Error::Other(format!(
+                "{} score rows for {} groups",
+                scores.len(),
+                cx.groups.len()
+            )));
+        }
+        for (g, s) in cx.groups.iter().zip(&scores) {
+            if s.len() != g.count || s.iter().any(|x| !x.is_finite()) {
+                return Err(Error::Other(format!(
+                    "criterion gave invalid scores for layer {}",
+                    g.name
+                )));
+            }
+        }
+        cx.scores = scores;
+        Ok(())
+    }
+}

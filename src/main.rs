@@ -1,0 +1,288 @@
+//! The `plprune-onnx` command: parses arguments into a validated [`Config`], runs the
+//! library, prints results on stdout and one error line on stderr.
+//!
+//! Exit codes: 0 success; 1 internal failure; 2 bad input (model, calibration file or
+//! option); 3 the rewrite did not verify (nothing was written).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use plprune_onnx::criteria::Criterion;
+use plprune_onnx::units::UnitKind;
+use plprune_onnx::{onnx_io, Config, Error, Result, Scope, Session};
+
+const EXAMPLES: &str = "\
+Examples:
+  plprune-onnx model.onnx --ratio 0.5 -o slim.onnx
+  plprune-onnx model.onnx --ratio 0.25 --units filters --report report.json -o slim.onnx
+  plprune-onnx bert.onnx --ratio 0.5 --calib calib.npz --units neurons -o slim.onnx
+  plprune-onnx inspect model.onnx
+
+Exit codes: 0 ok, 1 internal error, 2 bad model/data/option, 3 rewrite failed verification.";
+
+#[derive(Parser)]
+#[command(
+    name = "plprune-onnx",
+    version,
+    about = "Structured pruning of ONNX models: removes conv filters and FFN neurons and writes a physically smaller model",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = EXAMPLES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    prune: PruneArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the unit groups found in a model, and what cannot be pruned and why.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The ONNX model.
+    input: PathBuf,
+    /// Concrete shape of an input, e.g. --input-shape input_ids=1,128 (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    input_shape: Vec<String>,
+    /// Print the analysis as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// The ONNX model to prune.
+    #[arg(required = true)]
+    input: Option<PathBuf>,
+    /// Where to write the pruned model.
+    #[arg(short, long, required_unless_present = "dry_run")]
+    output: Option<PathBuf>,
+    /// Fraction of the selected units' parameters to remove, in [0, 1).
+    #[arg(long, default_value_t = 0.5)]
+    ratio: f64,
+    /// Unit kinds to prune, comma separated: filters,neurons (default: every kind found).
+    #[arg(long, value_delimiter = ',')]
+    units: Option<Vec<String>>,
+    /// Importance criterion: magnitude or random.
+    #[arg(long, default_value = "magnitude")]
+    criterion: String,
+    /// Calibration data (.npz, one array per model input, optional 'labels').
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Seed for every random choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Units every group keeps at least.
+    #[arg(long, default_value_t = 1)]
+    min_keep: usize,
+    /// Rank units across all layers (global) or within each layer (layer).
+    #[arg(long, default_value = "global")]
+    scope: String,
+    /// Write a JSON report of the run.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write the masked dense model (pruned units gated to zero) too, as a reference.
+    #[arg(long)]
+    masked_output: Option<PathBuf>,
+    /// Concrete shape of an input, e.g. --input-shape input_ids=1,128 (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    input_shape: Vec<String>,
+    /// Samples of the calibration batch the verification runs on.
+    #[arg(long, default_value_t = 2)]
+    verify_samples: usize,
+    /// Do everything but write the model.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Inspect(a)) => inspect(a),
+        None => prune(cli.prune),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn parse_input_shapes(items: &[String]) -> Result<BTreeMap<String, Vec<usize>>> {
+    let mut m = BTreeMap::new();
+    for it in items {
+        let (name, dims) = it
+            .split_once('=')
+            .ok_or_else(|| Error::Option(format!("--input-shape '{it}' is not NAME=D0,D1,…")))?;
+        let dims: Vec<usize> = dims
+            .split(',')
+            .map(|d| d.trim().parse::<usize>().ok().filter(|&x| x > 0))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                Error::Option(format!(
+                    "--input-shape '{it}': dimensions must be positive integers"
+                ))
+            })?;
+        m.insert(name.to_string(), dims);
+    }
+    Ok(m)
+}
+
+fn config(a: &PruneArgs) -> Result<Config> {
+    if !(0.0..1.0).contains(&a.ratio) {
+        return Err(Error::Option(format!(
+            "--ratio {} is outside [0, 1)",
+            a.ratio
+        )));
+    }
+    if a.min_keep == 0 {
+        return Err(Error::Option("--min-keep must be at least 1".into()));
+    }
+    if a.verify_samples == 0 {
+        return Err(Error::Option("--verify-samples must be at least 1".into()));
+    }
+    let criterion = Criterion::parse(&a.criterion).ok_or_else(|| {
+        Error::Option(format!(
+            "unknown --criterion '{}' (known: {})",
+            a.criterion,
+            Criterion::NAMES.join(", ")
+        ))
+    })?;
+    let scope = match a.scope.as_str() {
+        "global" => Scope::Global,
+        "layer" => Scope::Layer,
+        s => {
+            return Err(Error::Option(format!(
+                "unknown --scope '{s}' (global or layer)"
+            )))
+        }
+    };
+    let kinds = match &a.units {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .map(|s| {
+                    UnitKind::parse(s.trim()).ok_or_else(|| {
+                        Error::Option(format!(
+                            "unknown unit kind '{s}' (known: filters, neurons, heads, experts)"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    };
+    Ok(Config {
+        ratio: a.ratio,
+        kinds,
+        criterion,
+        seed: a.seed,
+        min_keep: a.min_keep,
+        scope,
+        input_shapes: parse_input_shapes(&a.input_shape)?,
+        calib: a.calib.clone(),
+        verify_samples: a.verify_samples,
+        verify: true,
+    })
+}
+
+/// True when `a` and `b` name the same file (b may not exist yet).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| -> Option<PathBuf> {
+        if let Ok(c) = p.canonicalize() {
+            return Some(c);
+        }
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.canonicalize().ok()?,
+            _ => std::env::current_dir().ok()?,
+        };
+        Some(parent.join(p.file_name()?))
+    };
+    matches!((canon(a), canon(b)), (Some(x), Some(y)) if x == y)
+}
+
+fn prune(a: PruneArgs) -> Result<()> {
+    let input = a
+        .input
+        .clone()
+        .ok_or_else(|| Error::Option("no input model given".into()))?;
+    let config = config(&a)?;
+    for out in [&a.output, &a.report, &a.masked_output]
+        .into_iter()
+        .flatten()
+    {
+        if same_file(&input, out) {
+            return Err(Error::Option(format!(
+                "{} would overwrite the input model",
+                out.display()
+            )));
+        }
+    }
+    let mut session = Session::open(&input, config)?;
+    session.run()?;
+    let report = session.report();
+    for w in &report.warnings {
+        if !a.quiet {
+            eprintln!("warning: {w}");
+        }
+    }
+    if let Some(r) = &a.report {
+        onnx_io::write_atomic(r, report.to_json().as_bytes())?;
+    }
+    if let Some(m) = &a.masked_output {
+        onnx_io::write_atomic(m, &session.masked_bytes()?)?;
+    }
+    let bytes = session.model_bytes()?;
+    if !a.quiet {
+        print!("{}", report.summary_text());
+    }
+    match (&a.output, a.dry_run) {
+        (Some(out), false) => {
+            onnx_io::write_atomic(out, &bytes)?;
+            if !a.quiet {
+                println!(
+                    "wrote {} ({:.1} MB)",
+                    out.display(),
+                    bytes.len() as f64 / 1e6
+                );
+            }
+        }
+        _ => {
+            if !a.quiet {
+                println!("dry run: nothing written");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let config = Config {
+        input_shapes: parse_input_shapes(&a.input_shape)?,
+        ..Config::default()
+    };
+    let mut session = Session::open(&a.input, config)?;
+    session.analyze()?;
+    let report = session.report();
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        print!("{}", report.inspect_text());
+    }
+    Ok(())
+}

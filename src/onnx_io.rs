@@ -1,0 +1,743 @@
+//! Import and export: the only module that knows protobuf types.
+//!
+//! Import decodes a `ModelProto` (onnx-protobuf, which keeps unknown fields) into the IR:
+//! initializers in `raw_data`, typed fields or external files; weights held in Constant
+//! nodes; declared types and dynamic dimensions. The source document is kept whole.
+//!
+//! Export starts from a clone of the source document and changes only what the passes
+//! changed: nodes are re-emitted from their original `NodeProto` with new inputs, outputs
+//! and changed attributes; modified tensors are re-encoded as `raw_data`; declared fixed
+//! dimensions that a rewrite changed are updated in place. IR version, opsets, producer,
+//! metadata, doc strings, names, dynamic axes and unknown fields pass through untouched.
+//! Tensors stored as external data are written inline (the output lives elsewhere, so the
+//! relative locations would no longer resolve).
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::tensor_proto::DataLocation;
+use onnx_protobuf::{
+    AttributeProto, GraphProto, Message, ModelProto, NodeProto, TensorProto, ValueInfoProto,
+};
+
+use crate::error::{Error, Result};
+use crate::ir::{Attr, Dim, Id, Model, Op, Value, ValueKind, IMPLICIT_SLOT};
+use crate::tensor::{DType, Tensor};
+
+/// The file as read, kept so that export can write back everything the IR does not model.
+#[derive(Clone)]
+pub struct Document {
+    pub proto: ModelProto,
+    pub path: PathBuf,
+}
+
+/// Reads and imports a model file.
+pub fn load(path: &Path) -> Result<(Document, Model)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    load_bytes(&bytes, path)
+}
+
+/// Imports a model from bytes; `path` names it in errors and anchors external data.
+pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<(Document, Model)> {
+    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        msg: format!("protobuf decoding failed ({e})"),
+    })?;
+    let doc = Document {
+        proto,
+        path: path.to_path_buf(),
+    };
+    let model = import(&doc)?;
+    Ok((doc, model))
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn import(doc: &Document) -> Result<Model> {
+    let path = &doc.path;
+    let proto = &doc.proto;
+    let parse_err = |msg: String| Error::Parse {
+        path: path.clone(),
+        msg,
+    };
+    if proto.ir_version <= 0 || proto.graph.is_none() {
+        return Err(parse_err(
+            "no ir_version or no graph: this is not an ONNX model file".into(),
+        ));
+    }
+    let graph = proto.graph.get_or_default();
+    if graph.node.is_empty() {
+        return Err(parse_err("the graph has no nodes".into()));
+    }
+    let mut model = Model::default();
+    for o in &proto.opset_import {
+        let domain = if o.domain == "ai.onnx" {
+            String::new()
+        } else {
+            o.domain.clone()
+        };
+        model.opsets.insert(domain, o.version);
+    }
+    let base = base_dir(path);
+
+    // Initializers: weights (floating point) or constants (integers, e.g. shape vectors).
+    let init_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    for t in &graph.initializer {
+        if t.name.is_empty() {
+            return Err(parse_err("an initializer has no name".into()));
+        }
+        if model.value_id(&t.name).is_some() {
+            return Err(Error::Tensor {
+                path: path.clone(),
+                name: t.name.clone(),
+                msg: "defined twice".into(),
+            });
+        }
+        let data = decode_tensor(t, &base, path)?;
+        let kind = match &data {
+            Some(d) if d.dtype.is_float() => ValueKind::Weight,
+            _ => ValueKind::Constant,
+        };
+        let mut v = Value::new(&t.name, kind);
+        if let Some(d) = data {
+            v.dtype = Some(d.dtype);
+            v.shape = Some(d.dims.clone());
+            v.data = Some(d);
+        }
+        model.add_value(v);
+    }
+    for i in &graph.input {
+        if init_names.contains(i.name.as_str()) {
+            continue; // IR < 4 lists initializers as inputs too; they stay weights.
+        }
+        let mut v = Value::new(&i.name, ValueKind::Input);
+        apply_declared(&mut v, i);
+        let id = model.add_value(v);
+        model.inputs.push(id);
+    }
+
+    // Nodes. Values may be referenced before they are produced (unsorted files), so
+    // references create placeholders that the producer later claims.
+    let mut produced: HashSet<Id> = HashSet::new();
+    for (index, node) in graph.node.iter().enumerate() {
+        let node_err = |msg: String| Error::Node {
+            path: path.clone(),
+            node: node.name.clone(),
+            op: node.op_type.clone(),
+            msg,
+        };
+        let mut attrs = Vec::with_capacity(node.attribute.len());
+        let mut captured: Vec<String> = Vec::new();
+        for a in &node.attribute {
+            attrs.push((
+                a.name.clone(),
+                decode_attr(a, &base, path).map_err(|m| node_err(m))?,
+            ));
+            collect_captures(a, &mut captured);
+        }
+        let mut op = Op {
+            name: node.name.clone(),
+            op_type: node.op_type.clone(),
+            domain: if node.domain == "ai.onnx" {
+                String::new()
+            } else {
+                node.domain.clone()
+            },
+            attrs,
+            origin: Some(index),
+        };
+        let mut inputs = Vec::with_capacity(node.input.len());
+        for name in &node.input {
+            inputs.push(if name.is_empty() {
+                None
+            } else {
+                Some(value_or_placeholder(&mut model, name))
+            });
+        }
+        let mut outputs = Vec::with_capacity(node.output.len());
+        for name in &node.output {
+            let id = if name.is_empty() {
+                model.add_value(Value::new("", ValueKind::Dynamic))
+            } else {
+                value_or_placeholder(&mut model, name)
+            };
+            if !name.is_empty()
+                && (!produced.insert(id) || model.value(id).kind != ValueKind::Dynamic)
+            {
+                return Err(node_err(format!(
+                    "output '{name}' is already defined elsewhere in the graph"
+                )));
+            }
+            outputs.push(id);
+        }
+        // Constant nodes: their tensor becomes the output value's data.
+        if op.op_type == "Constant" && op.domain.is_empty() {
+            let t = constant_node_tensor(node, &base, path).map_err(node_err)?;
+            if let (Some(t), Some(&out)) = (t, outputs.first()) {
+                let v = model.value_mut(out);
+                v.kind = if t.dtype.is_float() && t.numel() > 1 {
+                    ValueKind::Weight
+                } else {
+                    ValueKind::Constant
+                };
+                v.dtype = Some(t.dtype);
+                v.shape = Some(t.dims.clone());
+                v.data = Some(t);
+                for (_, a) in op.attrs.iter_mut() {
+                    *a = Attr::Opaque; // the data lives in the value, once
+                }
+            }
+        }
+        let id = model.add_op(op, &inputs, &outputs);
+        let mut seen = HashSet::new();
+        for (k, name) in captured.iter().enumerate() {
+            if let Some(v) = model.value_id(name) {
+                if seen.insert(v) {
+                    model.graph.add_edge(v, id, IMPLICIT_SLOT + k);
+                }
+            }
+        }
+    }
+    // Every referenced value must come from somewhere.
+    for v in model.values() {
+        let val = model.value(v);
+        if val.kind == ValueKind::Dynamic && model.producer(v).is_none() && !val.name.is_empty() {
+            let (c, _) = model
+                .consumers(v)
+                .first()
+                .copied()
+                .ok_or_else(|| parse_err(format!("dangling value '{}'", val.name)))?;
+            let op = model.op(c);
+            return Err(Error::Node {
+                path: path.clone(),
+                node: op.name.clone(),
+                op: op.op_type.clone(),
+                msg: format!(
+                    "input '{}' is not produced by any node, nor a graph input or initializer",
+                    val.name
+                ),
+            });
+        }
+    }
+    for o in &graph.output {
+        let id = model.value_id(&o.name).ok_or_else(|| {
+            parse_err(format!(
+                "graph output '{}' is not produced by any node",
+                o.name
+            ))
+        })?;
+        apply_declared(model.value_mut(id), o);
+        model.outputs.push(id);
+    }
+    for vi in &graph.value_info {
+        if let Some(id) = model.value_id(&vi.name) {
+            apply_declared(model.value_mut(id), vi);
+        }
+    }
+    model.topo_order().map_err(parse_err)?;
+    Ok(model)
+}
+
+fn value_or_placeholder(model: &mut Model, name: &str) -> Id {
+    match model.value_id(name) {
+        Some(id) => id,
+        None => model.add_value(Value::new(name, ValueKind::Dynamic)),
+    }
+}
+
+/// Names a sub-graph attribute reads from the enclosing scope.
+fn collect_captures(a: &AttributeProto, out: &mut Vec<String>) {
+    fn walk(g: &GraphProto, out: &mut Vec<String>) {
+        let mut local: HashSet<&str> = HashSet::new();
+        local.extend(g.input.iter().map(|i| i.name.as_str()));
+        local.extend(g.initializer.iter().map(|i| i.name.as_str()));
+        for n in &g.node {
+            local.extend(n.output.iter().map(String::as_str));
+        }
+        for n in &g.node {
+            for i in &n.input {
+                if !i.is_empty() && !local.contains(i.as_str()) {
+                    out.push(i.clone());
+                }
+            }
+            for a in &n.attribute {
+                collect_captures(a, out);
+            }
+        }
+    }
+    if let Some(g) = a.g.as_ref() {
+        walk(g, out);
+    }
+    for g in &a.graphs {
+        walk(g, out);
+    }
+}
+
+fn apply_declared(v: &mut Value, vi: &ValueInfoProto) {
+    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) =
+        vi.type_.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return;
+    };
+    if let Some(dt) = DType::from_onnx(tt.elem_type) {
+        v.dtype.get_or_insert(dt);
+    }
+    if let Some(shape) = tt.shape.as_ref() {
+        use onnx_protobuf::tensor_shape_proto::dimension::Value as D;
+        v.declared = Some(
+            shape
+                .dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(D::DimValue(x)) => Dim::Fixed(*x),
+                    Some(D::DimParam(p)) => Dim::Param(p.clone()),
+                    _ => Dim::Unknown,
+                })
+                .collect(),
+        );
+    }
+}
+
+fn decode_attr(a: &AttributeProto, base: &Path, path: &Path) -> Result<Attr, String> {
+    Ok(match a.type_.enum_value() {
+        Ok(AttributeType::INT) => Attr::Int(a.i),
+        Ok(AttributeType::FLOAT) => Attr::Float(a.f),
+        Ok(AttributeType::INTS) => Attr::Ints(a.ints.clone()),
+        Ok(AttributeType::FLOATS) => Attr::Floats(a.floats.clone()),
+        Ok(AttributeType::STRING) => Attr::String(a.s.clone()),
+        Ok(AttributeType::STRINGS) => Attr::Strings(a.strings.clone()),
+        Ok(AttributeType::TENSOR) => match a.t.as_ref() {
+            Some(t) => match decode_tensor(t, base, path)
+                .map_err(|e| format!("attribute '{}': {e}", a.name))?
+            {
+                Some(t) => Attr::Tensor(t),
+                None => Attr::Opaque,
+            },
+            None => {
+                return Err(format!(
+                    "attribute '{}' is a tensor attribute without a tensor",
+                    a.name
+                ))
+            }
+        },
+        _ => Attr::Opaque,
+    })
+}
+
+fn constant_node_tensor(
+    node: &NodeProto,
+    base: &Path,
+    path: &Path,
+) -> Result<Option<Tensor>, String> {
+    let Some(a) = node.attribute.first() else {
+        return Err("Constant node has no value attribute".into());
+    };
+    Ok(match a.name.as_str() {
+        "value" => match a.t.as_ref() {
+            Some(t) => decode_tensor(t, base, path).map_err(|e| e.to_string())?,
+            None => return Err("Constant 'value' attribute holds no tensor".into()),
+        },
+        "value_float" => Some(Tensor::from_f32(vec![], &[a.f])),
+        "value_floats" => Some(Tensor::from_f32(vec![a.floats.len()], &a.floats)),
+        "value_int" => Some(Tensor::scalar_i64(a.i)),
+        "value_ints" => Some(Tensor::from_i64(vec![a.ints.len()], &a.ints)),
+        _ => None, // sparse or string constants stay opaque
+    })
+}
+
+/// Decodes a TensorProto from any of its encodings. Ok(None) for element types the IR
+/// does not represent (strings, 4-bit and 8-bit floats): those stay opaque.
+pub fn decode_tensor(t: &TensorProto, base: &Path, path: &Path) -> Result<Option<Tensor>> {
+    let err = |msg: String| Error::Tensor {
+        path: path.to_path_buf(),
+        name: t.name.clone(),
+        msg,
+    };
+    let Some(dtype) = DType::from_onnx(t.data_type) else {
+        return Ok(None);
+    };
+    let mut dims = Vec::with_capacity(t.dims.len());
+    for &d in &t.dims {
+        if d < 0 {
+            return Err(err(format!("negative dimension {d} in {:?}", t.dims)));
+        }
+        dims.push(d as usize);
+    }
+    let numel = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| err("size overflows".into()))?;
+    let nbytes = numel
+        .checked_mul(dtype.size())
+        .ok_or_else(|| err("size overflows".into()))?;
+    let external = t.data_location.enum_value() == Ok(DataLocation::EXTERNAL);
+    let bytes: Vec<u8> = if external {
+        read_external(t, base, nbytes).map_err(err)?
+    } else if !t.raw_data.is_empty() || numel == 0 {
+        t.raw_data.clone()
+    } else {
+        let mut b = Vec::with_capacity(nbytes);
+        match dtype {
+            DType::F32 => t
+                .float_data
+                .iter()
+                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::F64 => t
+                .double_data
+                .iter()
+                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::I64 => t
+                .int64_data
+                .iter()
+                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::U64 => t
+                .uint64_data
+                .iter()
+                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::U32 => t
+                .uint64_data
+                .iter()
+                .for_each(|x| b.extend_from_slice(&(*x as u32).to_le_bytes())),
+            // int32_data carries every type of 32 bits or fewer, f16/bf16 as bit patterns.
+            DType::I32 => t
+                .int32_data
+                .iter()
+                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => t
+                .int32_data
+                .iter()
+                .for_each(|x| b.extend_from_slice(&(*x as u16).to_le_bytes())),
+            DType::I8 | DType::U8 | DType::Bool => {
+                t.int32_data.iter().for_each(|x| b.push(*x as u8))
+            }
+        }
+        b
+    };
+    if bytes.len() != nbytes {
+        return Err(err(format!(
+            "{} {:?} needs {nbytes} bytes of data, the file holds {}",
+            dtype,
+            dims,
+            bytes.len()
+        )));
+    }
+    Ok(Some(Tensor { dtype, dims, bytes }))
+}
+
+fn read_external(t: &TensorProto, base: &Path, nbytes: usize) -> Result<Vec<u8>, String> {
+    let mut location = None;
+    let mut offset = 0u64;
+    let mut length = None;
+    for kv in &t.external_data {
+        match kv.key.as_str() {
+            "location" => location = Some(kv.value.clone()),
+            "offset" => {
+                offset = kv
+                    .value
+                    .parse()
+                    .map_err(|_| format!("bad external offset '{}'", kv.value))?
+            }
+            "length" => {
+                length = Some(
+                    kv.value
+                        .parse::<usize>()
+                        .map_err(|_| format!("bad external length '{}'", kv.value))?,
+                )
+            }
+            _ => {}
+        }
+    }
+    let location = location.ok_or("external data without a location")?;
+    let rel = Path::new(&location);
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!(
+            "external data location '{location}' must be a relative path inside the model's folder"
+        ));
+    }
+    let file = base.join(rel);
+    if let Some(l) = length {
+        if l != nbytes {
+            return Err(format!(
+                "external data length {l} does not match the tensor's {nbytes} bytes"
+            ));
+        }
+    }
+    let mut f = std::fs::File::open(&file)
+        .map_err(|e| format!("external data file {}: {e}", file.display()))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| format!("external data file {}: {e}", file.display()))?;
+    let mut buf = vec![0u8; nbytes];
+    f.read_exact(&mut buf).map_err(|e| {
+        format!(
+            "external data file {} is too short for offset {offset} + {nbytes} bytes: {e}",
+            file.display()
+        )
+    })?;
+    Ok(buf)
+}
+
+/// Encodes a tensor as raw_data.
+pub fn encode_tensor(t: &Tensor, name: &str) -> TensorProto {
+    let mut p = TensorProto::new();
+    p.name = name.to_string();
+    p.dims = t.dims.iter().map(|&d| d as i64).collect();
+    p.data_type = t.dtype.onnx();
+    p.raw_data = t.bytes.clone();
+    p
+}
+
+fn encode_attr(name: &str, a: &Attr) -> Option<AttributeProto> {
+    let mut p = AttributeProto::new();
+    p.name = name.to_string();
+    let ty = match a {
+        Attr::Int(i) => {
+            p.i = *i;
+            AttributeType::INT
+        }
+        Attr::Float(f) => {
+            p.f = *f;
+            AttributeType::FLOAT
+        }
+        Attr::Ints(v) => {
+            p.ints = v.clone();
+            AttributeType::INTS
+        }
+        Attr::Floats(v) => {
+            p.floats = v.clone();
+            AttributeType::FLOATS
+        }
+        Attr::String(s) => {
+            p.s = s.clone();
+            AttributeType::STRING
+        }
+        Attr::Strings(s) => {
+            p.strings = s.clone();
+            AttributeType::STRINGS
+        }
+        Attr::Tensor(t) => {
+            p.t = Some(encode_tensor(t, "")).into();
+            AttributeType::TENSOR
+        }
+        Attr::Opaque => return None,
+    };
+    p.type_ = ty.into();
+    Some(p)
+}
+
+/// Inlines external data of an unmodified tensor so the written model is self-contained.
+fn inline(t: &TensorProto, base: &Path, path: &Path) -> Result<TensorProto> {
+    if t.data_location.enum_value() != Ok(DataLocation::EXTERNAL) {
+        return Ok(t.clone());
+    }
+    let mut out = t.clone();
+    let data = decode_tensor(t, base, path)?.ok_or_else(|| Error::Tensor {
+        path: path.to_path_buf(),
+        name: t.name.clone(),
+        msg: "external data of an unsupported type".into(),
+    })?;
+    out.raw_data = data.bytes;
+    out.external_data.clear();
+    out.data_location = DataLocation::DEFAULT.into();
+    Ok(out)
+}
+
+/// Builds the output document: the source with the IR's changes applied.
+pub fn export(doc: &Document, model: &Model) -> Result<ModelProto> {
+    let base = base_dir(&doc.path);
+    let mut proto = doc.proto.clone();
+    let src = doc.proto.graph.get_or_default();
+    let graph = proto.graph.mut_or_insert_default();
+
+    // Nodes, in topological order (the source order where the source was sorted).
+    let order = model.topo_order().map_err(Error::Other)?;
+    let mut nodes = Vec::with_capacity(order.len());
+    for op_id in order {
+        let op = model.op(op_id);
+        let mut node = match op.origin {
+            Some(i) => src.node[i].clone(),
+            None => {
+                let mut n = NodeProto::new();
+                n.op_type = op.op_type.clone();
+                n.domain = op.domain.clone();
+                n
+            }
+        };
+        node.name = op.name.clone();
+        node.input = model
+            .inputs(op_id)
+            .into_iter()
+            .map(|v| v.map(|v| model.value(v).name.clone()).unwrap_or_default())
+            .collect();
+        while node.input.last().is_some_and(|s| s.is_empty()) && op.origin.is_none() {
+            node.input.pop();
+        }
+        node.output = model
+            .outputs(op_id)
+            .into_iter()
+            .map(|v| model.value(v).name.clone())
+            .collect();
+        let is_constant = op.op_type == "Constant" && op.domain.is_empty();
+        if is_constant {
+            let out = model.value(model.output(op_id, 0));
+            if let (true, Some(t)) = (out.data_modified, &out.data) {
+                let mut a = AttributeProto::new();
+                a.name = "value".into();
+                a.type_ = AttributeType::TENSOR.into();
+                a.t = Some(encode_tensor(t, "")).into();
+                node.attribute = vec![a];
+            } else {
+                for a in node.attribute.iter_mut() {
+                    if let Some(t) = a.t.as_mut() {
+                        *t = inline(t, &base, &doc.path)?;
+                    }
+                }
+            }
+        } else {
+            // Re-encode only attributes whose decoded value changed; keep the rest verbatim.
+            let mut seen = HashSet::new();
+            for a in node.attribute.iter_mut() {
+                seen.insert(a.name.clone());
+                let original = decode_attr(a, &base, &doc.path).unwrap_or(Attr::Opaque);
+                if let Some(now) = op.attr(&a.name) {
+                    if *now != original {
+                        if let Some(enc) = encode_attr(&a.name, now) {
+                            *a = enc;
+                        }
+                    }
+                }
+            }
+            node.attribute.retain(|a| op.attr(&a.name).is_some());
+            for (name, a) in &op.attrs {
+                if !seen.contains(name) {
+                    if let Some(enc) = encode_attr(name, a) {
+                        node.attribute.push(enc);
+                    }
+                }
+            }
+        }
+        nodes.push(node);
+    }
+    graph.node = nodes;
+
+    // Initializers: source order; modified ones re-encoded; removed ones dropped; new
+    // static values a pass created appended.
+    let mut written = HashSet::new();
+    let mut inits = Vec::with_capacity(src.initializer.len());
+    for t in &src.initializer {
+        let Some(id) = model.value_id(&t.name) else {
+            continue;
+        };
+        let v = model.value(id);
+        if model.producer(id).is_some() {
+            continue;
+        }
+        written.insert(id);
+        inits.push(match (&v.data, v.data_modified) {
+            (Some(d), true) => {
+                let mut p = encode_tensor(d, &t.name);
+                p.doc_string = t.doc_string.clone();
+                p.metadata_props = t.metadata_props.clone();
+                p
+            }
+            _ => inline(t, &base, &doc.path)?,
+        });
+    }
+    for id in model.values() {
+        let v = model.value(id);
+        if !written.contains(&id) && v.is_static() && model.producer(id).is_none() {
+            if let Some(d) = &v.data {
+                inits.push(encode_tensor(d, &v.name));
+            }
+        }
+    }
+    let live_inits: HashSet<String> = inits.iter().map(|t| t.name.clone()).collect();
+    graph.initializer = inits;
+
+    // Declared types: drop entries for removed values, update fixed dims that changed.
+    let by_name: HashMap<&str, Id> = model
+        .values()
+        .into_iter()
+        .map(|id| (model.value(id).name.as_str(), id))
+        .collect();
+    let update = |vi: &mut ValueInfoProto| -> bool {
+        let Some(&id) = by_name.get(vi.name.as_str()) else {
+            return false;
+        };
+        if let Some(declared) = &model.value(id).declared {
+            set_declared_dims(vi, declared);
+        }
+        true
+    };
+    graph.input.retain_mut(|vi| {
+        let keep = update(vi);
+        keep && (model.inputs.iter().any(|&i| model.value(i).name == vi.name)
+            || live_inits.contains(&vi.name))
+    });
+    graph.output.retain_mut(|vi| update(vi));
+    graph.value_info.retain_mut(|vi| update(vi));
+    Ok(proto)
+}
+
+fn set_declared_dims(vi: &mut ValueInfoProto, declared: &[Dim]) {
+    use onnx_protobuf::tensor_shape_proto::dimension::Value as D;
+    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) =
+        vi.type_.as_mut().and_then(|t| t.value.as_mut())
+    else {
+        return;
+    };
+    let Some(shape) = tt.shape.as_mut() else {
+        return;
+    };
+    if shape.dim.len() != declared.len() {
+        return;
+    }
+    for (d, want) in shape.dim.iter_mut().zip(declared) {
+        if let (Some(D::DimValue(x)), Dim::Fixed(w)) = (&d.value, want) {
+            if x != w {
+                d.value = Some(D::DimValue(*w));
+            }
+        }
+    }
+}
+
+/// Serializes a document.
+pub fn to_bytes(proto: &ModelProto) -> Result<Vec<u8>> {
+    proto
+        .write_to_bytes()
+        .map_err(|e| Error::Other(format!("cannot encode the model: {e}")))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, renamed into
+/// place once complete: a reader never sees a half-written file, and a killed process
+/// leaves no output behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(
+            ".{}.",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+        ))
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// The same model without `value_info` hints. Executors such as tract take those hints as
+/// constraints, and symbolic dimensions in them conflict with concrete input shapes.
+pub fn strip_value_info(bytes: &[u8]) -> Result<Vec<u8>> {
+    let mut proto = ModelProto::parse_from_bytes(bytes)
+        .map_err(|e| Error::Other(format!("cannot decode a model the tool wrote: {e}")))?;
+    proto.graph.mut_or_insert_default().value_info.clear();
+    to_bytes(&proto)
+}

@@ -1,0 +1,16 @@
+//! The pipeline's passes, one file per pass in the top-level `passes/` folder.
+
+#[path = "../passes/discover_units.rs"]
+pub mod discover_units;
+#[path = "../passes/eliminate_dead_nodes.rs"]
+pub mod eliminate_dead_nodes;
+#[path = "../passes/infer_shapes.rs"]
+pub mod infer_shapes;
+#[path = "../passes/rewrite_graph.rs"]
+pub mod rewrite_graph;
+#[path = "../passes/score_units.rs"]
+pub mod score_units;
+#[path = "../passes/select_units.rs"]
+pub mod select_units;
+#[path = "../passes/verify_rewrite.rs"]
+pub mod verify_rewrite;

@@ -1,0 +1,186 @@
+//! The pass manager: a `Pass` is a named step over the IR, pipelines are literal lists of
+//! passes, and the IR is validated after every pass in debug and test builds, with the
+//! pass's name in the error (as rustc's MIR pass manager does).
+//!
+//! Phases, in order (see `prune_pipeline`):
+//! 1. `InferShapes` — concrete shapes for the chosen input shapes; folds shape subgraphs.
+//! 2. `DiscoverUnits` — coupled unit groups (filters, neurons), and what is unprunable.
+//! 3. `ScoreUnits` — one score per unit from the chosen criterion.
+//! 4. `SelectUnits` — keep-set from scores, ratio, scope and per-layer protection.
+//! 5. `RewriteGraph` — slices every coupled tensor; keeps the dense model for reference.
+//! 6. `EliminateDeadNodes` — removes what the rewrite left unused.
+//! 7. `InferShapes` again — the slim graph must still be consistent.
+//! 8. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::criteria::Criterion;
+use crate::error::{Error, Result};
+use crate::ir::Model;
+use crate::onnx_io::Document;
+use crate::units::{KeepSet, UnitGroup, UnitKind, Unprunable};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Global,
+    Layer,
+}
+
+/// Validated options for one run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Fraction of the selected unit kinds' parameters to remove, in [0, 1).
+    pub ratio: f64,
+    /// Kinds to prune; None = every kind found.
+    pub kinds: Option<Vec<UnitKind>>,
+    pub criterion: Criterion,
+    pub seed: u64,
+    pub min_keep: usize,
+    pub scope: Scope,
+    /// Input shapes given with --input-shape (override everything else).
+    pub input_shapes: BTreeMap<String, Vec<usize>>,
+    pub calib: Option<PathBuf>,
+    /// Samples used by the verification run.
+    pub verify_samples: usize,
+    pub verify: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            ratio: 0.5,
+            kinds: None,
+            criterion: Criterion::Magnitude,
+            seed: 0,
+            min_keep: 1,
+            scope: Scope::Global,
+            input_shapes: BTreeMap::new(),
+            calib: None,
+            verify_samples: 2,
+            verify: true,
+        }
+    }
+}
+
+/// Result of the verification run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Verification {
+    pub samples: usize,
+    pub outputs: Vec<OutputCheck>,
+    pub passed: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OutputCheck {
+    pub name: String,
+    pub max_abs_diff: f64,
+    pub max_abs_reference: f64,
+    pub tolerance: f64,
+}
+
+/// State shared by the passes of one run.
+pub struct Context {
+    pub config: Config,
+    pub document: Document,
+    /// Concrete shape of every graph input, as shape inference used it.
+    pub input_shapes: BTreeMap<String, Vec<usize>>,
+    /// Calibration / verification inputs, by graph input name.
+    pub inputs: Option<crate::calib::Batch>,
+    /// Op types without an inference rule (opaque placeholders), with a node each.
+    pub opaque_ops: BTreeMap<String, String>,
+    pub groups: Vec<UnitGroup>,
+    pub unprunable: Vec<Unprunable>,
+    /// One score per unit, by group (higher = more important).
+    pub scores: Vec<Vec<f64>>,
+    pub keep: Option<KeepSet>,
+    /// The model as it was before the rewrite (the masked reference is built from it).
+    pub dense: Option<Model>,
+    pub verification: Option<Verification>,
+    pub timings: Vec<(String, f64)>,
+    pub warnings: Vec<String>,
+}
+
+impl Context {
+    pub fn new(config: Config, document: Document) -> Context {
+        Context {
+            config,
+            document,
+            input_shapes: BTreeMap::new(),
+            inputs: None,
+            opaque_ops: BTreeMap::new(),
+            groups: Vec::new(),
+            unprunable: Vec::new(),
+            scores: Vec::new(),
+            keep: None,
+            dense: None,
+            verification: None,
+            timings: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn warn(&mut self, msg: impl Into<String>) {
+        self.warnings.push(msg.into());
+    }
+
+    /// Whether `kind` is among the kinds the user asked to prune.
+    pub fn selects(&self, kind: UnitKind) -> bool {
+        self.config.kinds.as_ref().is_none_or(|k| k.contains(&kind))
+    }
+}
+
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()>;
+}
+
+/// Runs passes in order, timing each and validating the IR after each.
+pub fn run_passes(passes: &[&dyn Pass], cx: &mut Context, model: &mut Model) -> Result<()> {
+    for pass in passes {
+        let t = Instant::now();
+        pass.run(cx, model).map_err(|e| match e {
+            Error::Other(msg) => Error::Pass {
+                pass: pass.name().to_string(),
+                msg,
+            },
+            e => e,
+        })?;
+        cx.timings
+            .push((pass.name().to_string(), t.elapsed().as_secs_f64()));
+        if cfg!(any(debug_assertions, test)) {
+            model.validate().map_err(|msg| Error::Pass {
+                pass: pass.name().to_string(),
+                msg,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+use crate::passes::{
+    discover_units::DiscoverUnits, eliminate_dead_nodes::EliminateDeadNodes,
+    infer_shapes::InferShapes, rewrite_graph::RewriteGraph, score_units::ScoreUnits,
+    select_units::SelectUnits, verify_rewrite::VerifyRewrite,
+};
+
+/// Import-side analysis: what `inspect` runs.
+pub fn analysis_passes() -> Vec<&'static dyn Pass> {
+    vec![&InferShapes, &DiscoverUnits]
+}
+
+/// Scoring and selection.
+pub fn selection_passes() -> Vec<&'static dyn Pass> {
+    vec![&ScoreUnits, &SelectUnits]
+}
+
+/// Rewrite, clean-up and (unless disabled in tests) verification.
+pub fn rewrite_passes(verify: bool) -> Vec<&'static dyn Pass> {
+    let mut p: Vec<&'static dyn Pass> = vec![&RewriteGraph, &EliminateDeadNodes];
+    if verify {
+        p.push(&VerifyRewrite);
+    }
+    p
+}

@@ -1,0 +1,259 @@
+//! The JSON report (`--report`) and the text that `inspect` and a pruning run print.
+//!
+//! Schema (stable; fields are only ever added): `tool`, `version`, `input`, `options`,
+//! `input_shapes`, `parameters` {before, after}, `kinds` (per unit kind: groups, units and
+//! parameters before/after), `groups` (per layer: kind, layer, units before/after,
+//! parameters per unit, pruned unit indices, scores), `unprunable` (layer, kind, count,
+//! reason), `opaque_ops`, `verification`, `warnings`, `timings_s` (per pass; the only
+//! field that differs between two identical runs).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::ir::{Id, Model};
+use crate::pipeline::{Context, Verification};
+use crate::units::{UnitKind, Unprunable};
+
+#[derive(Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub version: &'static str,
+    pub input: String,
+    pub options: Options,
+    pub input_shapes: BTreeMap<String, Vec<usize>>,
+    pub parameters: BeforeAfter,
+    pub kinds: BTreeMap<UnitKind, KindSummary>,
+    pub groups: Vec<GroupReport>,
+    pub unprunable: Vec<Unprunable>,
+    pub opaque_ops: BTreeMap<String, String>,
+    pub verification: Option<Verification>,
+    pub warnings: Vec<String>,
+    pub timings_s: BTreeMap<String, f64>,
+}
+
+#[derive(Serialize)]
+pub struct Options {
+    pub ratio: f64,
+    pub criterion: &'static str,
+    pub seed: u64,
+    pub scope: crate::pipeline::Scope,
+    pub min_keep: usize,
+    pub units: Option<Vec<UnitKind>>,
+    pub calib: Option<String>,
+}
+
+#[derive(Serialize, Clone, Copy, Default)]
+pub struct BeforeAfter {
+    pub before: usize,
+    pub after: usize,
+}
+
+#[derive(Serialize, Default)]
+pub struct KindSummary {
+    pub groups: usize,
+    pub units: BeforeAfter,
+    pub parameters: BeforeAfter,
+}
+
+#[derive(Serialize)]
+pub struct GroupReport {
+    pub kind: UnitKind,
+    pub layer: String,
+    pub units_before: usize,
+    pub units_after: usize,
+    pub params_per_unit: usize,
+    pub pruned: Vec<usize>,
+    pub scores: Vec<f64>,
+}
+
+impl Report {
+    pub fn build(cx: &Context, model: &Model) -> Report {
+        let dense = cx.dense.as_ref().unwrap_or(model);
+        let mut kinds: BTreeMap<UnitKind, KindSummary> = BTreeMap::new();
+        let mut tensors: BTreeMap<UnitKind, BTreeSet<Id>> = BTreeMap::new();
+        let mut groups = Vec::new();
+        for (g, group) in cx.groups.iter().enumerate() {
+            let kept = cx
+                .keep
+                .as_ref()
+                .map(|k| k.kept_count(g))
+                .unwrap_or(group.count);
+            let k = kinds.entry(group.kind).or_default();
+            k.groups += 1;
+            k.units.before += group.count;
+            k.units.after += kept;
+            tensors
+                .entry(group.kind)
+                .or_default()
+                .extend(group.slices.iter().map(|s| s.tensor));
+            groups.push(GroupReport {
+                kind: group.kind,
+                layer: group.name.clone(),
+                units_before: group.count,
+                units_after: kept,
+                params_per_unit: group.params_per_unit(dense),
+                pruned: cx.keep.as_ref().map(|k| k.pruned(g)).unwrap_or_default(),
+                scores: cx.scores.get(g).cloned().unwrap_or_default(),
+            });
+        }
+        for (kind, ts) in tensors {
+            let count = |m: &Model| -> usize {
+                ts.iter()
+                    .filter(|&&t| m.graph.contains_node(t))
+                    .filter_map(|&t| m.value(t).data.as_ref().map(|d| d.numel()))
+                    .sum()
+            };
+            let k = kinds.entry(kind).or_default();
+            k.parameters = BeforeAfter {
+                before: count(dense),
+                after: count(model),
+            };
+        }
+        let c = &cx.config;
+        Report {
+            tool: "plprune-onnx",
+            version: env!("CARGO_PKG_VERSION"),
+            input: cx.document.path.display().to_string(),
+            options: Options {
+                ratio: c.ratio,
+                criterion: c.criterion.name(),
+                seed: c.seed,
+                scope: c.scope,
+                min_keep: c.min_keep,
+                units: c.kinds.clone(),
+                calib: c.calib.as_ref().map(|p| p.display().to_string()),
+            },
+            input_shapes: cx.input_shapes.clone(),
+            parameters: BeforeAfter {
+                before: dense.parameter_count(),
+                after: model.parameter_count(),
+            },
+            kinds,
+            groups,
+            unprunable: cx.unprunable.clone(),
+            opaque_ops: cx.opaque_ops.clone(),
+            verification: cx.verification.clone(),
+            warnings: cx.warnings.clone(),
+            timings_s: cx.timings.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
+                *m.entry(k.clone()).or_insert(0.0) += v;
+                m
+            }),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes")
+    }
+
+    /// The table `inspect` prints.
+    pub fn inspect_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{}: {} parameters",
+            self.input,
+            human(self.parameters.before)
+        );
+        let _ = writeln!(
+            s,
+            "\n{:<8} {:>6} {:>11}  layer",
+            "kind", "units", "params/unit"
+        );
+        for g in &self.groups {
+            let _ = writeln!(
+                s,
+                "{:<8} {:>6} {:>11}  {}",
+                g.kind.name(),
+                g.units_before,
+                g.params_per_unit,
+                g.layer
+            );
+        }
+        for (k, v) in &self.kinds {
+            let _ = writeln!(
+                s,
+                "total {:<8} {} groups, {} units, {} parameters",
+                k.name(),
+                v.groups,
+                v.units.before,
+                human(v.parameters.before)
+            );
+        }
+        if !self.unprunable.is_empty() {
+            let _ = writeln!(s, "\nnot prunable:");
+            for u in &self.unprunable {
+                let kind = u.kind.map(|k| k.name()).unwrap_or("-");
+                let _ = writeln!(s, "  {:<8} {:>6}  {}: {}", kind, u.count, u.layer, u.reason);
+            }
+        }
+        if !self.opaque_ops.is_empty() {
+            let ops: Vec<&str> = self.opaque_ops.keys().map(String::as_str).collect();
+            let _ = writeln!(
+                s,
+                "\nops without a rule (treated as opaque): {}",
+                ops.join(", ")
+            );
+        }
+        s
+    }
+
+    /// The summary a pruning run prints.
+    pub fn summary_text(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.kinds {
+            let _ = writeln!(
+                s,
+                "{:<8} {:>3} groups  units {:>6} -> {:<6} parameters {:>9} -> {:<9} ({:+.1}%)",
+                k.name(),
+                v.groups,
+                v.units.before,
+                v.units.after,
+                human(v.parameters.before),
+                human(v.parameters.after),
+                pct(v.parameters.before, v.parameters.after)
+            );
+        }
+        let p = self.parameters;
+        let _ = writeln!(
+            s,
+            "model    parameters {} -> {} ({:+.1}%)",
+            human(p.before),
+            human(p.after),
+            pct(p.before, p.after)
+        );
+        if let Some(v) = &self.verification {
+            let worst = v
+                .outputs
+                .iter()
+                .map(|o| o.max_abs_diff)
+                .fold(0.0f64, f64::max);
+            let _ = writeln!(
+                s,
+                "verified slim == masked dense on {} samples ({} outputs, max abs diff {:.2e})",
+                v.samples,
+                v.outputs.len(),
+                worst
+            );
+        }
+        s
+    }
+}
+
+fn pct(before: usize, after: usize) -> f64 {
+    if before == 0 {
+        0.0
+    } else {
+        (after as f64 - before as f64) * 100.0 / before as f64
+    }
+}
+
+/// 4630000 -> "4.63M"
+pub fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 10_000 => format!("{:.1}k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}

@@ -1,0 +1,226 @@
+//! The command line, run as a user runs it: the must-show on effnet-lite0, `inspect`
+//! agreeing with the pruned model, and every error path with its message and exit code.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use assert_cmd::cargo::CommandCargoExt;
+use common::*;
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::cargo_bin("plprune-onnx").unwrap()
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "plprune-onnx {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs and expects failure with `code`; returns stderr.
+fn run_err(args: &[&str], code: i32) -> String {
+    let out = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "plprune-onnx {args:?}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one-line error expected, got:\n{err}"
+    );
+    err
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn effnet_quarter_prune_and_inspect_agree() {
+    let dir = out_dir("cli");
+    let model = shared("effnet-lite0/model.onnx");
+    let out = dir.join("e.onnx");
+    let report = dir.join("e.json");
+    let masked = dir.join("e-masked.onnx");
+    let stdout = run_ok(&[
+        model.to_str().unwrap(),
+        "--ratio",
+        "0.25",
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--masked-output",
+        masked.to_str().unwrap(),
+    ]);
+    assert!(
+        stdout.contains("filters") && stdout.contains("verified"),
+        "{stdout}"
+    );
+    let r = json(&report);
+    let f = &r["kinds"]["filters"];
+    let (before, after) = (
+        f["parameters"]["before"].as_u64().unwrap(),
+        f["parameters"]["after"].as_u64().unwrap(),
+    );
+    assert!(
+        (after as f64) <= 0.8 * before as f64,
+        "conv-filter parameters {before} -> {after}: less than 20% removed"
+    );
+    assert_eq!(r["verification"]["passed"], true);
+
+    // inspect on the pruned model finds the same groups with the new sizes.
+    let inspected: Value =
+        serde_json::from_str(&run_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
+    let fi = &inspected["kinds"]["filters"];
+    assert_eq!(fi["units"]["before"], f["units"]["after"]);
+    assert_eq!(fi["parameters"]["before"], f["parameters"]["after"]);
+    assert_eq!(fi["groups"], f["groups"]);
+    ort_check(&out, &masked, Some(&shared("effnet-lite0/calib.npz")), 2);
+}
+
+#[test]
+fn inspect_lists_groups_and_reasons() {
+    let text = run_ok(&["inspect", shared("digits/vgg_bn.onnx").to_str().unwrap()]);
+    assert!(
+        text.contains("filters") && text.contains("/f/f.0/Conv"),
+        "{text}"
+    );
+    assert!(
+        text.contains("neurons") && text.contains("/c/c.1/Gemm"),
+        "{text}"
+    );
+    // The classifier's outputs are the logits: not prunable, with the reason.
+    assert!(text.contains("reaches graph output 'logits'"), "{text}");
+}
+
+#[test]
+fn same_command_twice_gives_identical_bytes() {
+    let dir = out_dir("cli-determinism");
+    let model = shared("digits/vgg_bn.onnx");
+    let mut outs = Vec::new();
+    for i in 0..2 {
+        let o = dir.join(format!("v{i}.onnx"));
+        let r = dir.join(format!("v{i}.json"));
+        run_ok(&[
+            model.to_str().unwrap(),
+            "--criterion",
+            "random",
+            "--seed",
+            "7",
+            "--ratio",
+            "0.5",
+            "-o",
+            o.to_str().unwrap(),
+            "--report",
+            r.to_str().unwrap(),
+        ]);
+        let mut rep = json(&r);
+        rep.as_object_mut().unwrap().remove("timings_s");
+        outs.push((std::fs::read(&o).unwrap(), rep));
+    }
+    assert!(
+        outs[0].0 == outs[1].0,
+        "models differ between identical runs"
+    );
+    assert_eq!(
+        outs[0].1, outs[1].1,
+        "reports differ between identical runs"
+    );
+}
+
+#[test]
+fn error_paths_are_one_line_and_nonzero() {
+    let dir = out_dir("cli-errors");
+    let vgg = shared("digits/vgg_bn.onnx");
+    let vggs = vgg.to_str().unwrap();
+    let out = dir.join("x.onnx");
+    let outs = out.to_str().unwrap();
+
+    let e = run_err(&["/nonexistent/model.onnx", "-o", outs], 2);
+    assert!(e.contains("/nonexistent/model.onnx"), "{e}");
+
+    let not_onnx = dir.join("not.onnx");
+    std::fs::write(&not_onnx, b"this is a text file, not a model").unwrap();
+    let e = run_err(&[not_onnx.to_str().unwrap(), "-o", outs], 2);
+    assert!(
+        e.contains("not.onnx") && e.contains("not a valid ONNX model"),
+        "{e}"
+    );
+
+    let bytes = std::fs::read(&vgg).unwrap();
+    let truncated = dir.join("truncated.onnx");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let e = run_err(&[truncated.to_str().unwrap(), "-o", outs], 2);
+    assert!(e.contains("truncated.onnx"), "{e}");
+
+    let e = run_err(&[vggs, "--ratio", "1.0", "-o", outs], 2);
+    assert!(e.contains("--ratio"), "{e}");
+    let e = run_err(&[vggs, "--ratio=-0.1", "-o", outs], 2);
+    assert!(e.contains("--ratio"), "{e}");
+    let e = run_err(&[vggs, "-o", vggs], 2);
+    assert!(e.contains("overwrite the input"), "{e}");
+    let e = run_err(&[vggs, "--criterion", "nope", "-o", outs], 2);
+    assert!(e.contains("unknown --criterion 'nope'"), "{e}");
+    let e = run_err(&[vggs, "--units", "filters,bogus", "-o", outs], 2);
+    assert!(e.contains("bogus"), "{e}");
+
+    // Calibration data of the wrong model: missing input, wrong dtype, wrong shape.
+    let e = run_err(
+        &[
+            vggs,
+            "--calib",
+            shared("minilm-l6/calib.npz").to_str().unwrap(),
+            "-o",
+            outs,
+        ],
+        2,
+    );
+    assert!(
+        e.contains("calib.npz") && e.contains("no array for model input 'x'"),
+        "{e}"
+    );
+    let mut arrays = std::collections::BTreeMap::new();
+    arrays.insert(
+        "x".to_string(),
+        plprune_onnx::tensor::Tensor::from_f64_as(
+            plprune_onnx::tensor::DType::F64,
+            vec![2, 1, 8, 8],
+            &[0.0; 128],
+        ),
+    );
+    let wrong_dtype = dir.join("f64.npz");
+    plprune_onnx::npz::write(&wrong_dtype, &arrays).unwrap();
+    let e = run_err(
+        &[vggs, "--calib", wrong_dtype.to_str().unwrap(), "-o", outs],
+        2,
+    );
+    assert!(
+        e.contains("f64.npz") && e.contains("float64") && e.contains("float32"),
+        "{e}"
+    );
+    let e = run_err(
+        &[
+            vggs,
+            "--calib",
+            shared("digits/train.npz").to_str().unwrap(),
+            "-o",
+            outs,
+        ],
+        2,
+    );
+    assert!(e.contains("train.npz") && e.contains("rank"), "{e}");
+    assert!(!out.exists(), "a failed run must not write output");
+}
