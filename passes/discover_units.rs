@@ -95,13 +95,7 @@ pub fn discover(model: &Model) -> (Vec<UnitGroup>, Vec<Unprunable>) {
         // Sub-graphs reading a channel space make it unprunable.
         for (v, slot) in implicit_inputs(model, op) {
             if let Some(l) = a.layouts.get(&v).cloned() {
-                a.block(
-                    &l,
-                    format!(
-                        "read by a sub-graph of {} (slot {slot})",
-                        model.op(op).describe()
-                    ),
-                );
+                a.block(&l, format!("read by a sub-graph of {} (slot {slot})", model.op(op).describe()));
             }
         }
         if let Err(reason) = a.visit(op, &laid) {
@@ -191,14 +185,7 @@ const BINARY: &[&str] = &[
     "Xor",
     "BitShift",
 ];
-const POOLS: &[&str] = &[
-    "MaxPool",
-    "AveragePool",
-    "LpPool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "GlobalLpPool",
-];
+const POOLS: &[&str] = &["MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"];
 const REDUCE: &[&str] = &[
     "ReduceMean",
     "ReduceSum",
@@ -242,11 +229,7 @@ impl<'m> Analysis<'m> {
     }
 
     fn shape(&self, v: Id) -> std::result::Result<Vec<usize>, String> {
-        self.model
-            .value(v)
-            .shape
-            .clone()
-            .ok_or_else(|| format!("shape of '{}' is unknown", self.model.value(v).name))
+        self.model.value(v).shape.clone().ok_or_else(|| format!("shape of '{}' is unknown", self.model.value(v).name))
     }
 
     fn static_dims(&self, v: Option<Id>) -> Option<Vec<usize>> {
@@ -272,30 +255,15 @@ impl<'m> Analysis<'m> {
     }
 
     fn new_space(&mut self, kind: UnitKind, channels: usize, producer: Id) -> usize {
-        self.spaces.push(Space {
-            kind,
-            channels,
-            producer,
-            reasons: Vec::new(),
-        });
+        self.spaces.push(Space { kind, channels, producer, reasons: Vec::new() });
         self.parent.push(self.spaces.len() - 1);
         self.spaces.len() - 1
     }
 
     /// Records `tensor`'s `axis` as owned by the layout's segments. The tensor's extent on
     /// that axis must equal the activation's extent on the layout axis.
-    fn add_slices(
-        &mut self,
-        l: &Layout,
-        extent: usize,
-        tensor: Id,
-        axis: usize,
-        role: Role,
-        op: Id,
-    ) -> Step {
-        let dims = self
-            .static_dims(Some(tensor))
-            .ok_or("a coupled parameter is not constant")?;
+    fn add_slices(&mut self, l: &Layout, extent: usize, tensor: Id, axis: usize, role: Role, op: Id) -> Step {
+        let dims = self.static_dims(Some(tensor)).ok_or("a coupled parameter is not constant")?;
         if dims.get(axis) != Some(&extent) {
             return Err(format!(
                 "parameter '{}' has shape {dims:?}, expected {extent} along axis {axis}",
@@ -303,39 +271,15 @@ impl<'m> Analysis<'m> {
             ));
         }
         for s in &l.segs {
-            self.slices.push((
-                s.space,
-                Slice {
-                    tensor,
-                    axis,
-                    offset: s.offset,
-                    factor: s.factor,
-                    role,
-                },
-            ));
+            self.slices.push((s.space, Slice { tensor, axis, offset: s.offset, factor: s.factor, role }));
         }
         self.users.insert((tensor, op));
         Ok(())
     }
 
-    fn seed(
-        &mut self,
-        op: Id,
-        kind: UnitKind,
-        channels: usize,
-        out: Id,
-        axis: usize,
-        params: &[(Id, usize)],
-    ) {
+    fn seed(&mut self, op: Id, kind: UnitKind, channels: usize, out: Id, axis: usize, params: &[(Id, usize)]) {
         let s = self.new_space(kind, channels, op);
-        let l = Layout {
-            axis,
-            segs: vec![Seg {
-                space: s,
-                offset: 0,
-                factor: 1,
-            }],
-        };
+        let l = Layout { axis, segs: vec![Seg { space: s, offset: 0, factor: 1 }] };
         for &(t, ax) in params {
             if let Err(e) = self.add_slices(&l, channels, t, ax, Role::Producer, op) {
                 self.block(&l, e);
@@ -349,27 +293,16 @@ impl<'m> Analysis<'m> {
         let o = model.op(op);
         let ins = model.inputs(op);
         let outs = model.outputs(op);
-        let in_l = |slot: usize| {
-            laid.iter()
-                .find(|(s, _)| *s == slot)
-                .map(|(_, l)| l.clone())
-        };
+        let in_l = |slot: usize| laid.iter().find(|(s, _)| *s == slot).map(|(_, l)| l.clone());
         let t = o.op_type.as_str();
         if !o.domain.is_empty() && o.domain != "ai.onnx" {
-            return if laid.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("custom-domain op '{}'", o.domain))
-            };
+            return if laid.is_empty() { Ok(()) } else { Err(format!("custom-domain op '{}'", o.domain)) };
         }
         match t {
             "Conv" => self.visit_conv(op, laid),
             "Gemm" => {
-                let (a, b, c) = (
-                    ins.first().copied().flatten(),
-                    ins.get(1).copied().flatten(),
-                    ins.get(2).copied().flatten(),
-                );
+                let (a, b, c) =
+                    (ins.first().copied().flatten(), ins.get(1).copied().flatten(), ins.get(2).copied().flatten());
                 let (ta, tb) = (o.attr_i("transA", 0), o.attr_i("transB", 0));
                 let bd = self.static_dims(b).filter(|d| d.len() == 2);
                 if in_l(1).is_some() || in_l(2).is_some() {
@@ -402,10 +335,7 @@ impl<'m> Analysis<'m> {
                 Ok(())
             }
             "MatMul" => {
-                let (a, b) = (
-                    ins.first().copied().flatten(),
-                    ins.get(1).copied().flatten(),
-                );
+                let (a, b) = (ins.first().copied().flatten(), ins.get(1).copied().flatten());
                 let bd = self.static_dims(b);
                 if in_l(1).is_some() {
                     return Err("channels are the right operand of a MatMul".into());
@@ -489,22 +419,14 @@ impl<'m> Analysis<'m> {
                         let t = model.value(v).known().ok_or("Pad axes are not constant")?;
                         t.to_i64_vec()
                             .iter()
-                            .map(|&a| {
-                                if a < 0 {
-                                    (a + rank as i64) as usize
-                                } else {
-                                    a as usize
-                                }
-                            })
+                            .map(|&a| if a < 0 { (a + rank as i64) as usize } else { a as usize })
                             .collect()
                     }
                     None => (0..rank).collect(),
                 };
                 let n = axes.len();
                 if let Some(i) = axes.iter().position(|&a| a == l.axis) {
-                    if pads.get(i).copied().unwrap_or(0) != 0
-                        || pads.get(i + n).copied().unwrap_or(0) != 0
-                    {
+                    if pads.get(i).copied().unwrap_or(0) != 0 || pads.get(i + n).copied().unwrap_or(0) != 0 {
                         return Err("Pad pads the channel axis".into());
                     }
                 }
@@ -520,10 +442,7 @@ impl<'m> Analysis<'m> {
                     Some(p) => p.iter().map(|&x| x as usize).collect(),
                     None => (0..rank).rev().collect(),
                 };
-                let axis = perm
-                    .iter()
-                    .position(|&p| p == l.axis)
-                    .ok_or("bad Transpose perm")?;
+                let axis = perm.iter().position(|&p| p == l.axis).ok_or("bad Transpose perm")?;
                 self.set_layout(outs[0], Layout { axis, ..l });
                 Ok(())
             }
@@ -564,20 +483,13 @@ impl<'m> Analysis<'m> {
                 let l = in_l(0).ok_or("channels reach a parameter input")?;
                 let rank = self.shape(ins[0].ok_or("missing input")?)?.len() as i64;
                 let opset = model.opsets.get("").copied().unwrap_or(17);
-                let default = if t == "LayerNormalization" || opset >= 13 {
-                    -1
-                } else {
-                    1
-                };
+                let default = if t == "LayerNormalization" || opset >= 13 { -1 } else { 1 };
                 let mut axis = o.attr_i("axis", default);
                 if axis < 0 {
                     axis += rank;
                 }
-                let covers = if t == "LayerNormalization" || opset < 13 {
-                    l.axis as i64 >= axis
-                } else {
-                    l.axis as i64 == axis
-                };
+                let covers =
+                    if t == "LayerNormalization" || opset < 13 { l.axis as i64 >= axis } else { l.axis as i64 == axis };
                 if covers {
                     return Err("normalizes across the channel axis".into());
                 }
@@ -592,11 +504,7 @@ impl<'m> Analysis<'m> {
                 let mut axes: Vec<i64> = match o.attr_ints("axes") {
                     Some(a) => a.to_vec(),
                     None => match ins.get(1).copied().flatten() {
-                        Some(v) => model
-                            .value(v)
-                            .known()
-                            .ok_or("reduce axes are not constant")?
-                            .to_i64_vec(),
+                        Some(v) => model.value(v).known().ok_or("reduce axes are not constant")?.to_i64_vec(),
                         None => vec![],
                     },
                 };
@@ -607,24 +515,12 @@ impl<'m> Analysis<'m> {
                     }
                     axes = (0..ish.len() as i64).collect();
                 }
-                let axes: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| {
-                        if a < 0 {
-                            (a + ish.len() as i64) as usize
-                        } else {
-                            a as usize
-                        }
-                    })
-                    .collect();
+                let axes: Vec<usize> =
+                    axes.iter().map(|&a| if a < 0 { (a + ish.len() as i64) as usize } else { a as usize }).collect();
                 if axes.contains(&l.axis) {
                     return Err("reduces over the channel axis".into());
                 }
-                let axis = if keep {
-                    l.axis
-                } else {
-                    l.axis - axes.iter().filter(|&&a| a < l.axis).count()
-                };
+                let axis = if keep { l.axis } else { l.axis - axes.iter().filter(|&&a| a < l.axis).count() };
                 if osh.get(axis) != ish.get(l.axis) {
                     return Err("cannot follow the channel axis".into());
                 }
@@ -648,27 +544,15 @@ impl<'m> Analysis<'m> {
         let b = ins.get(2).copied().flatten();
         let group = o.attr_i("group", 1).max(1) as usize;
         let Some(wd) = self.static_dims(w).filter(|d| d.len() >= 3) else {
-            return if laid.is_empty() {
-                Ok(())
-            } else {
-                Err("Conv weight is not constant".into())
-            };
+            return if laid.is_empty() { Ok(()) } else { Err("Conv weight is not constant".into()) };
         };
         let w = w.unwrap();
         let bias_static = b.is_some_and(|b| model.value(b).data.is_some());
         if b.is_some() && !bias_static {
-            return if laid.is_empty() {
-                Ok(())
-            } else {
-                Err("Conv bias is not constant".into())
-            };
+            return if laid.is_empty() { Ok(()) } else { Err("Conv bias is not constant".into()) };
         }
         let cin = match ins[0] {
-            Some(x) => self
-                .shape(x)?
-                .get(1)
-                .copied()
-                .ok_or("Conv input has no channel axis")?,
+            Some(x) => self.shape(x)?.get(1).copied().ok_or("Conv input has no channel axis")?,
             None => return Err("Conv without input".into()),
         };
         let depthwise = group > 1 && group == cin && wd[0] == group && wd[1] == 1;
@@ -735,12 +619,8 @@ impl<'m> Analysis<'m> {
                             return Err("combines channel groups of different sizes".into());
                         }
                     }
-                    let pairs: Vec<(usize, usize)> = f
-                        .segs
-                        .iter()
-                        .zip(&l.segs)
-                        .map(|(x, y)| (x.space, y.space))
-                        .collect();
+                    let pairs: Vec<(usize, usize)> =
+                        f.segs.iter().zip(&l.segs).map(|(x, y)| (x.space, y.space)).collect();
                     for (x, y) in pairs {
                         self.union(x, y);
                     }
@@ -774,13 +654,7 @@ impl<'m> Analysis<'m> {
                 ));
             }
         }
-        self.set_layout(
-            outs[0],
-            Layout {
-                axis: ax,
-                segs: l.segs,
-            },
-        );
+        self.set_layout(outs[0], Layout { axis: ax, segs: l.segs });
         Ok(())
     }
 
@@ -812,40 +686,17 @@ impl<'m> Analysis<'m> {
             acc *= d;
         }
         let (axis, m) = k.ok_or("splits or moves the channel axis")?;
-        let segs = l
-            .segs
-            .iter()
-            .map(|s| Seg {
-                space: s.space,
-                offset: s.offset * m,
-                factor: s.factor * m,
-            })
-            .collect();
+        let segs = l.segs.iter().map(|s| Seg { space: s.space, offset: s.offset * m, factor: s.factor * m }).collect();
         let nl = Layout { axis, segs };
         if model.op(op).op_type == "Reshape" {
-            let shape_v = ins
-                .get(1)
-                .copied()
-                .flatten()
-                .ok_or("Reshape without a shape")?;
-            let target = model
-                .value(shape_v)
-                .known()
-                .ok_or("Reshape target is not known")?
-                .to_i64_vec();
+            let shape_v = ins.get(1).copied().flatten().ok_or("Reshape without a shape")?;
+            let target = model.value(shape_v).known().ok_or("Reshape target is not known")?.to_i64_vec();
             let lit = *target.get(axis).ok_or("Reshape target too short")?;
             if lit > 0 {
-                let (t, e) = shape_source(model, shape_v, axis)
-                    .ok_or("the channel count is hard-coded in a computed shape")?;
+                let (t, e) =
+                    shape_source(model, shape_v, axis).ok_or("the channel count is hard-coded in a computed shape")?;
                 for s in &nl.segs {
-                    self.shape_edits.push((
-                        s.space,
-                        ShapeEdit {
-                            tensor: t,
-                            element: e,
-                            factor: s.factor,
-                        },
-                    ));
+                    self.shape_edits.push((s.space, ShapeEdit { tensor: t, element: e, factor: s.factor }));
                 }
             }
         }
@@ -872,11 +723,7 @@ impl<'m> Analysis<'m> {
             let v = v.ok_or("missing input")?;
             let ext = self.shape(v)?[axis];
             if let Some((_, l)) = laid.iter().find(|(s, _)| *s == slot) {
-                segs.extend(l.segs.iter().map(|s| Seg {
-                    space: s.space,
-                    offset: s.offset + offset,
-                    factor: s.factor,
-                }));
+                segs.extend(l.segs.iter().map(|s| Seg { space: s.space, offset: s.offset + offset, factor: s.factor }));
             }
             offset += ext;
         }
@@ -885,12 +732,7 @@ impl<'m> Analysis<'m> {
     }
 
     /// Concat along another axis: every input must carry the same channels.
-    fn visit_elementwise_like_concat(
-        &mut self,
-        op: Id,
-        laid: &[(usize, Layout)],
-        axis: usize,
-    ) -> Step {
+    fn visit_elementwise_like_concat(&mut self, op: Id, laid: &[(usize, Layout)], axis: usize) -> Step {
         let n = self.model.inputs(op).iter().flatten().count();
         if laid.len() != n || laid.iter().any(|(_, l)| l.axis == axis) {
             return Err("concatenates channels with other data".into());
@@ -910,11 +752,7 @@ impl<'m> Analysis<'m> {
         for (&t, rs) in &sliced {
             for (c, _) in model.consumers(t) {
                 if !self.users.contains(&(t, c)) {
-                    let why = format!(
-                        "parameter '{}' is also used by {}",
-                        model.value(t).name,
-                        model.op(c).describe()
-                    );
+                    let why = format!("parameter '{}' is also used by {}", model.value(t).name, model.op(c).describe());
                     for &r in rs {
                         self.spaces[r].reasons.push(why.clone());
                     }
@@ -922,10 +760,7 @@ impl<'m> Analysis<'m> {
             }
             if model.is_graph_output(t) {
                 for &r in rs {
-                    self.spaces[r].reasons.push(format!(
-                        "parameter '{}' is a graph output",
-                        model.value(t).name
-                    ));
+                    self.spaces[r].reasons.push(format!("parameter '{}' is a graph output", model.value(t).name));
                 }
             }
         }
@@ -974,28 +809,16 @@ impl<'m> Analysis<'m> {
                 });
                 continue;
             }
-            let mut slices: Vec<Slice> = self
-                .slices
-                .iter()
-                .filter(|(s, _)| roots[*s] == r)
-                .map(|(_, sl)| sl.clone())
-                .collect();
+            let mut slices: Vec<Slice> =
+                self.slices.iter().filter(|(s, _)| roots[*s] == r).map(|(_, sl)| sl.clone()).collect();
             slices.sort();
             slices.dedup();
-            let mut shape_edits: Vec<ShapeEdit> = self
-                .shape_edits
-                .iter()
-                .filter(|(s, _)| roots[*s] == r)
-                .map(|(_, e)| e.clone())
-                .collect();
+            let mut shape_edits: Vec<ShapeEdit> =
+                self.shape_edits.iter().filter(|(s, _)| roots[*s] == r).map(|(_, e)| e.clone()).collect();
             shape_edits.sort();
             shape_edits.dedup();
-            let mut depthwise: Vec<Id> = self
-                .depthwise
-                .iter()
-                .filter(|(s, _)| roots[*s] == r)
-                .map(|(_, o)| *o)
-                .collect();
+            let mut depthwise: Vec<Id> =
+                self.depthwise.iter().filter(|(s, _)| roots[*s] == r).map(|(_, o)| *o).collect();
             depthwise.sort();
             depthwise.dedup();
             groups.push(UnitGroup {

@@ -18,17 +18,12 @@ impl Pass for EliminateDeadNodes {
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let already_dead: BTreeSet<String> = match &cx.dense {
-            Some(d) => dead_ops(d)
-                .into_iter()
-                .map(|o| d.op(o).name.clone())
-                .collect(),
+            Some(d) => dead_ops(d).into_iter().map(|o| d.op(o).name.clone()).collect(),
             None => BTreeSet::new(),
         };
         loop {
-            let dead: Vec<Id> = dead_ops(model)
-                .into_iter()
-                .filter(|&o| !already_dead.contains(&model.op(o).name))
-                .collect();
+            let dead: Vec<Id> =
+                dead_ops(model).into_iter().filter(|&o| !already_dead.contains(&model.op(o).name)).collect();
             if dead.is_empty() {
                 break;
             }
@@ -56,11 +51,6 @@ fn dead_ops(model: &Model) -> Vec<Id> {
     model
         .ops()
         .into_iter()
-        .filter(|&o| {
-            model
-                .outputs(o)
-                .iter()
-                .all(|&v| model.consumers(v).is_empty() && !model.is_graph_output(v))
-        })
+        .filter(|&o| model.outputs(o).iter().all(|&v| model.consumers(v).is_empty() && !model.is_graph_output(v)))
         .collect()
 }

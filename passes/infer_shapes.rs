@@ -27,12 +27,7 @@ impl Pass for InferShapes {
             cx.input_shapes = resolve_input_shapes(cx, model)?;
         }
         let opaque = infer(model, &cx.input_shapes).map_err(|e| match e {
-            Error::Node { node, op, msg, .. } => Error::Node {
-                path: cx.document.path.clone(),
-                node,
-                op,
-                msg,
-            },
+            Error::Node { node, op, msg, .. } => Error::Node { path: cx.document.path.clone(), node, op, msg },
             e => e,
         })?;
         cx.opaque_ops.extend(opaque);
@@ -79,9 +74,7 @@ fn resolve_input_shapes(cx: &mut Context, model: &Model) -> Result<BTreeMap<Stri
     }
     for name in cx.config.input_shapes.keys() {
         if !shapes.contains_key(name) {
-            return Err(Error::Option(format!(
-                "--input-shape names '{name}', which is not an input of the model"
-            )));
+            return Err(Error::Option(format!("--input-shape names '{name}', which is not an input of the model")));
         }
     }
     defaulted.dedup();
@@ -95,10 +88,7 @@ fn resolve_input_shapes(cx: &mut Context, model: &Model) -> Result<BTreeMap<Stri
 }
 
 /// Infers every value's shape; returns the opaque op types (with one node name each).
-pub fn infer(
-    model: &mut Model,
-    input_shapes: &BTreeMap<String, Vec<usize>>,
-) -> Result<BTreeMap<String, String>> {
+pub fn infer(model: &mut Model, input_shapes: &BTreeMap<String, Vec<usize>>) -> Result<BTreeMap<String, String>> {
     for &i in &model.inputs.clone() {
         let v = model.value_mut(i);
         v.shape = input_shapes.get(&v.name).cloned();
@@ -125,18 +115,10 @@ pub fn infer(
         if op.op_type == "Constant" && op.domain.is_empty() {
             continue; // data was set at import
         }
-        let domain = if op.domain == "ai.onnx" {
-            ""
-        } else {
-            op.domain.as_str()
-        };
+        let domain = if op.domain == "ai.onnx" { "" } else { op.domain.as_str() };
         let Some(rule) = ops::rule(domain, &op.op_type) else {
             opaque
-                .entry(format!(
-                    "{}{}",
-                    if domain.is_empty() { "" } else { "com." },
-                    op.op_type
-                ))
+                .entry(format!("{}{}", if domain.is_empty() { "" } else { "com." }, op.op_type))
                 .or_insert(op.name.clone());
             for v in outs {
                 let val = model.value_mut(v);
@@ -145,17 +127,8 @@ pub fn infer(
             }
             continue;
         };
-        let opset = model
-            .opsets
-            .get(domain)
-            .copied()
-            .unwrap_or(if domain.is_empty() { 17 } else { 1 });
-        let facts = rule(&OpCtx {
-            op: &op,
-            inputs: &inputs,
-            opset,
-        })
-        .map_err(|msg| Error::Node {
+        let opset = model.opsets.get(domain).copied().unwrap_or(if domain.is_empty() { 17 } else { 1 });
+        let facts = rule(&OpCtx { op: &op, inputs: &inputs, opset }).map_err(|msg| Error::Node {
             path: Default::default(),
             node: op.name.clone(),
             op: op.op_type.clone(),

@@ -24,17 +24,11 @@ impl Pass for RewriteGraph {
     }
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
-        let keep = cx
-            .keep
-            .clone()
-            .ok_or_else(|| Error::Other("no selection to apply".into()))?;
+        let keep = cx.keep.clone().ok_or_else(|| Error::Other("no selection to apply".into()))?;
         cx.dense = Some(model.clone());
         rewrite(model, &cx.groups, &keep)?;
-        let dense_shapes: BTreeMap<Id, Vec<usize>> = model
-            .values()
-            .into_iter()
-            .filter_map(|v| model.value(v).shape.clone().map(|s| (v, s)))
-            .collect();
+        let dense_shapes: BTreeMap<Id, Vec<usize>> =
+            model.values().into_iter().filter_map(|v| model.value(v).shape.clone().map(|s| (v, s))).collect();
         crate::passes::infer_shapes::infer(model, &cx.input_shapes)?;
         update_declared(model, &dense_shapes);
         Ok(())
@@ -44,22 +38,17 @@ impl Pass for RewriteGraph {
 /// Applies a keep-set to the model in place.
 pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Result<()> {
     for ((tensor, axis), owners) in segments_by_tensor_axis(groups) {
-        let data = model.value(tensor).data.clone().ok_or_else(|| {
-            Error::Other(format!(
-                "parameter '{}' has no data to slice",
-                model.value(tensor).name
-            ))
-        })?;
+        let data =
+            model.value(tensor).data.clone().ok_or_else(|| {
+                Error::Other(format!("parameter '{}' has no data to slice", model.value(tensor).name))
+            })?;
         let n = data.dims[axis];
         let mut dropped = vec![false; n];
         for (g, s) in owners {
             for u in keep.pruned(g) {
                 for i in UnitGroup::indices(s, u) {
                     if i >= n {
-                        return Err(Error::Other(format!(
-                            "unit slice out of range in '{}'",
-                            model.value(tensor).name
-                        )));
+                        return Err(Error::Other(format!("unit slice out of range in '{}'", model.value(tensor).name)));
                     }
                     dropped[i] = true;
                 }
@@ -80,23 +69,16 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
             let mut vals = v.data.as_ref().map(|t| t.to_i64_vec()).unwrap_or_default();
             let dt = v.data.as_ref().map(|t| (t.dtype, t.dims.clone()));
             let (Some(x), Some((dtype, dims))) = (vals.get_mut(e.element), dt) else {
-                return Err(Error::Other(format!(
-                    "shape constant '{}' has no element {}",
-                    v.name, e.element
-                )));
+                return Err(Error::Other(format!("shape constant '{}' has no element {}", v.name, e.element)));
             };
             *x -= pruned * e.factor as i64;
             let t = crate::tensor::Tensor::from_i64_as(dtype, dims, &vals);
             model.value_mut(e.tensor).set_data(t);
         }
         for &op in &group.depthwise {
-            let w = model
-                .input(op, 1)
-                .ok_or_else(|| Error::Other("depthwise conv lost its weight".into()))?;
+            let w = model.input(op, 1).ok_or_else(|| Error::Other("depthwise conv lost its weight".into()))?;
             let channels = model.value(w).data.as_ref().map(|d| d.dims[0]).unwrap_or(0);
-            model
-                .op_mut(op)
-                .set_attr("group", Attr::Int(channels as i64));
+            model.op_mut(op).set_attr("group", Attr::Int(channels as i64));
         }
     }
     Ok(())
@@ -106,9 +88,7 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
 fn update_declared(model: &mut Model, dense: &BTreeMap<Id, Vec<usize>>) {
     for v in model.values() {
         let val = model.value(v);
-        let (Some(decl), Some(new), Some(old)) =
-            (val.declared.clone(), val.shape.clone(), dense.get(&v))
-        else {
+        let (Some(decl), Some(new), Some(old)) = (val.declared.clone(), val.shape.clone(), dense.get(&v)) else {
             continue;
         };
         if decl.len() != new.len() || old.len() != new.len() {
@@ -118,9 +98,7 @@ fn update_declared(model: &mut Model, dense: &BTreeMap<Id, Vec<usize>>) {
             .iter()
             .enumerate()
             .map(|(k, d)| match d {
-                Dim::Fixed(x) if *x as usize == old[k] && new[k] != old[k] => {
-                    Dim::Fixed(new[k] as i64)
-                }
+                Dim::Fixed(x) if *x as usize == old[k] && new[k] != old[k] => Dim::Fixed(new[k] as i64),
                 d => d.clone(),
             })
             .collect();
@@ -141,10 +119,7 @@ pub fn masked(dense: &Model, groups: &[UnitGroup], keep: &KeepSet) -> Model {
             let Some(mut t) = m.value(s.tensor).data.clone() else {
                 continue;
             };
-            let idx: Vec<usize> = pruned
-                .iter()
-                .flat_map(|&u| UnitGroup::indices(s, u))
-                .collect();
+            let idx: Vec<usize> = pruned.iter().flat_map(|&u| UnitGroup::indices(s, u)).collect();
             t.zero_along(s.axis, &idx);
             m.value_mut(s.tensor).set_data(t);
         }

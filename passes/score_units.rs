@@ -16,18 +16,11 @@ impl Pass for ScoreUnits {
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let scores = cx.config.criterion.score(cx, model)?;
         if scores.len() != cx.groups.len() {
-            return Err(Error::Other(format!(
-                "{} score rows for {} groups",
-                scores.len(),
-                cx.groups.len()
-            )));
+            return Err(Error::Other(format!("{} score rows for {} groups", scores.len(), cx.groups.len())));
         }
         for (g, s) in cx.groups.iter().zip(&scores) {
             if s.len() != g.count || s.iter().any(|x| !x.is_finite()) {
-                return Err(Error::Other(format!(
-                    "criterion gave invalid scores for layer {}",
-                    g.name
-                )));
+                return Err(Error::Other(format!("criterion gave invalid scores for layer {}", g.name)));
             }
         }
         cx.scores = scores;

@@ -25,15 +25,8 @@ impl Pass for SelectUnits {
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let selected: Vec<bool> = cx.groups.iter().map(|g| cx.selects(g.kind)).collect();
-        let keep = select(
-            model,
-            &cx.groups,
-            &cx.scores,
-            &selected,
-            cx.config.ratio,
-            cx.config.scope,
-            cx.config.min_keep,
-        );
+        let keep =
+            select(model, &cx.groups, &cx.scores, &selected, cx.config.ratio, cx.config.scope, cx.config.min_keep);
         cx.keep = Some(keep);
         Ok(())
     }
@@ -46,19 +39,11 @@ struct Ledger {
 
 impl Ledger {
     fn new(model: &Model, groups: &[&UnitGroup]) -> (Ledger, usize) {
-        let tensors: BTreeSet<Id> = groups
-            .iter()
-            .flat_map(|g| g.slices.iter().map(|s| s.tensor))
-            .collect();
+        let tensors: BTreeSet<Id> = groups.iter().flat_map(|g| g.slices.iter().map(|s| s.tensor)).collect();
         let mut kept = BTreeMap::new();
         let mut total = 0;
         for t in tensors {
-            let dims = model
-                .value(t)
-                .data
-                .as_ref()
-                .map(|d| d.dims.clone())
-                .unwrap_or_default();
+            let dims = model.value(t).data.as_ref().map(|d| d.dims.clone()).unwrap_or_default();
             total += dims.iter().product::<usize>();
             kept.insert(t, dims);
         }
@@ -70,12 +55,7 @@ impl Ledger {
         let mut removed = 0;
         for s in &g.slices {
             let dims = self.kept.get_mut(&s.tensor).expect("tensor registered");
-            let rest: usize = dims
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != s.axis)
-                .map(|(_, d)| d)
-                .product();
+            let rest: usize = dims.iter().enumerate().filter(|(i, _)| *i != s.axis).map(|(_, d)| d).product();
             removed += rest * s.factor;
             dims[s.axis] = dims[s.axis].saturating_sub(s.factor);
         }
@@ -103,10 +83,8 @@ pub fn select(
         let refs: Vec<&UnitGroup> = batch.iter().map(|&g| &groups[g]).collect();
         let (mut ledger, total) = Ledger::new(model, &refs);
         let target = ratio * total as f64;
-        let mut order: Vec<(f64, usize, usize)> = batch
-            .iter()
-            .flat_map(|&g| (0..groups[g].count).map(move |u| (scores[g][u], g, u)))
-            .collect();
+        let mut order: Vec<(f64, usize, usize)> =
+            batch.iter().flat_map(|&g| (0..groups[g].count).map(move |u| (scores[g][u], g, u))).collect();
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let mut removed = 0usize;
         for (_, g, u) in order {

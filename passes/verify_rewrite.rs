@@ -22,25 +22,15 @@ impl Pass for VerifyRewrite {
     }
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
-        let dense = cx
-            .dense
-            .as_ref()
-            .ok_or_else(|| Error::Other("no dense snapshot to verify against".into()))?;
-        let keep = cx
-            .keep
-            .as_ref()
-            .ok_or_else(|| Error::Other("no selection".into()))?;
+        let dense = cx.dense.as_ref().ok_or_else(|| Error::Other("no dense snapshot to verify against".into()))?;
+        let keep = cx.keep.as_ref().ok_or_else(|| Error::Other("no selection".into()))?;
         let reference = masked(dense, &cx.groups, keep);
         let batch = match &cx.inputs {
             Some(b) => b.take(cx.config.verify_samples),
             None => crate::calib::synthetic(model, &cx.input_shapes, cx.config.seed),
         };
         let inputs = batch.ordered(model);
-        let names: Vec<String> = model
-            .outputs
-            .iter()
-            .map(|&o| model.value(o).name.clone())
-            .collect();
+        let names: Vec<String> = model.outputs.iter().map(|&o| model.value(o).name.clone()).collect();
         let ref_bytes = onnx_io::to_bytes(&onnx_io::export(&cx.document, &reference)?)?;
         let slim_bytes = onnx_io::to_bytes(&onnx_io::export(&cx.document, model)?)?;
         let want = crate::runtime::run(&ref_bytes, &inputs, &names)?;
@@ -59,11 +49,7 @@ impl Pass for VerifyRewrite {
             outputs.push(check.0);
         }
         let passed = failures.is_empty();
-        cx.verification = Some(Verification {
-            samples: batch.samples,
-            outputs,
-            passed,
-        });
+        cx.verification = Some(Verification { samples: batch.samples, outputs, passed });
         if !passed {
             return Err(Error::Verify(failures.join("; ")));
         }
@@ -90,13 +76,5 @@ pub fn compare(name: &str, want: &Tensor, got: &Tensor, rtol: f64) -> (OutputChe
             max_diff = max_diff.max(d);
         }
     }
-    (
-        OutputCheck {
-            name: name.to_string(),
-            max_abs_diff: max_diff,
-            max_abs_reference: max_ref,
-            tolerance: tol,
-        },
-        ok,
-    )
+    (OutputCheck { name: name.to_string(), max_abs_diff: max_diff, max_abs_reference: max_ref, tolerance: tol }, ok)
 }

@@ -23,11 +23,7 @@ impl Batch {
         let n = n.min(self.samples);
         let idx: Vec<usize> = (0..n).collect();
         Batch {
-            arrays: self
-                .arrays
-                .iter()
-                .map(|(k, t)| (k.clone(), t.take(0, &idx)))
-                .collect(),
+            arrays: self.arrays.iter().map(|(k, t)| (k.clone(), t.take(0, &idx))).collect(),
             labels: self.labels.as_ref().map(|l| l.take(0, &idx)),
             samples: n,
         }
@@ -50,10 +46,7 @@ impl Batch {
 /// fixed dimensions equal, one sample count for all.
 pub fn load(path: &Path, model: &Model) -> Result<Batch> {
     let mut arrays = crate::npz::read(path)?;
-    let err = |msg: String| Error::Calibration {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let err = |msg: String| Error::Calibration { path: path.to_path_buf(), msg };
     let labels = arrays.remove("labels");
     let mut out = BTreeMap::new();
     let mut samples = None;
@@ -61,18 +54,11 @@ pub fn load(path: &Path, model: &Model) -> Result<Batch> {
         let v = model.value(i);
         let t = arrays.remove(&v.name).ok_or_else(|| {
             let have: Vec<&str> = arrays.keys().map(String::as_str).collect();
-            err(format!(
-                "no array for model input '{}' (the file has: {})",
-                v.name,
-                have.join(", ")
-            ))
+            err(format!("no array for model input '{}' (the file has: {})", v.name, have.join(", ")))
         })?;
         if let Some(dt) = v.dtype {
             if dt != t.dtype {
-                return Err(err(format!(
-                    "input '{}' is {} in the file, the model expects {}",
-                    v.name, t.dtype, dt
-                )));
+                return Err(err(format!("input '{}' is {} in the file, the model expects {}", v.name, t.dtype, dt)));
             }
         }
         if let Some(decl) = &v.declared {
@@ -95,16 +81,10 @@ pub fn load(path: &Path, model: &Model) -> Result<Batch> {
                 }
             }
         }
-        let n = *t
-            .dims
-            .first()
-            .ok_or_else(|| err(format!("input '{}' is a scalar, not a batch", v.name)))?;
+        let n = *t.dims.first().ok_or_else(|| err(format!("input '{}' is a scalar, not a batch", v.name)))?;
         if let Some(s) = samples {
             if s != n {
-                return Err(err(format!(
-                    "input '{}' has {n} samples, other inputs have {s}",
-                    v.name
-                )));
+                return Err(err(format!("input '{}' has {n} samples, other inputs have {s}", v.name)));
             }
         }
         if n == 0 {
@@ -115,17 +95,10 @@ pub fn load(path: &Path, model: &Model) -> Result<Batch> {
     }
     if let (Some(l), Some(n)) = (&labels, samples) {
         if l.dims.first() != Some(&n) {
-            return Err(err(format!(
-                "'labels' has {:?} entries, the inputs have {n} samples",
-                l.dims
-            )));
+            return Err(err(format!("'labels' has {:?} entries, the inputs have {n} samples", l.dims)));
         }
     }
-    Ok(Batch {
-        arrays: out,
-        labels,
-        samples: samples.unwrap_or(0),
-    })
+    Ok(Batch { arrays: out, labels, samples: samples.unwrap_or(0) })
 }
 
 /// Synthetic inputs for the given shapes: floats uniform in [-1, 1]; integer inputs that
@@ -152,16 +125,8 @@ pub fn synthetic(model: &Model, shapes: &BTreeMap<String, Vec<usize>>, seed: u64
         };
         arrays.insert(v.name.clone(), t);
     }
-    let samples = arrays
-        .values()
-        .next()
-        .and_then(|t| t.dims.first().copied())
-        .unwrap_or(1);
-    Batch {
-        arrays,
-        labels: None,
-        samples,
-    }
+    let samples = arrays.values().next().and_then(|t| t.dims.first().copied()).unwrap_or(1);
+    Batch { arrays, labels: None, samples }
 }
 
 /// The size of the table an integer input indexes (through Gather on a static table).
@@ -171,12 +136,6 @@ fn index_bound(model: &Model, input: crate::ir::Id) -> Option<usize> {
         .into_iter()
         .filter(|&(op, slot)| model.op(op).op_type == "Gather" && slot == 1)
         .filter_map(|(op, _)| model.input(op, 0))
-        .filter_map(|t| {
-            model
-                .value(t)
-                .data
-                .as_ref()
-                .map(|d| d.dims.first().copied().unwrap_or(1))
-        })
+        .filter_map(|t| model.value(t).data.as_ref().map(|d| d.dims.first().copied().unwrap_or(1)))
         .min()
 }

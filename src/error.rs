@@ -6,28 +6,16 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     #[error("{}: not a valid ONNX model: {msg}", path.display())]
     Parse { path: PathBuf, msg: String },
 
     #[error("{}: tensor '{name}': {msg}", path.display())]
-    Tensor {
-        path: PathBuf,
-        name: String,
-        msg: String,
-    },
+    Tensor { path: PathBuf, name: String, msg: String },
 
     #[error("{}: node '{node}' ({op}): {msg}", path.display())]
-    Node {
-        path: PathBuf,
-        node: String,
-        op: String,
-        msg: String,
-    },
+    Node { path: PathBuf, node: String, op: String, msg: String },
 
     #[error("{}: {msg}", path.display())]
     Calibration { path: PathBuf, msg: String },
@@ -49,10 +37,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     /// Exit code for the CLI: 2 for bad input (files, options), 3 for a failed

@@ -202,10 +202,7 @@ impl Model {
     }
 
     pub fn value_id(&self, name: &str) -> Option<Id> {
-        self.names
-            .get(name)
-            .copied()
-            .filter(|id| self.graph.contains_node(*id))
+        self.names.get(name).copied().filter(|id| self.graph.contains_node(*id))
     }
 
     pub fn op(&self, id: Id) -> &Op {
@@ -238,21 +235,13 @@ impl Model {
 
     /// All ops, in index (file) order.
     pub fn ops(&self) -> Vec<Id> {
-        let mut v: Vec<Id> = self
-            .graph
-            .node_indices()
-            .filter(|&i| self.is_op(i))
-            .collect();
+        let mut v: Vec<Id> = self.graph.node_indices().filter(|&i| self.is_op(i)).collect();
         v.sort();
         v
     }
     /// All values, in index order.
     pub fn values(&self) -> Vec<Id> {
-        let mut v: Vec<Id> = self
-            .graph
-            .node_indices()
-            .filter(|&i| !self.is_op(i))
-            .collect();
+        let mut v: Vec<Id> = self.graph.node_indices().filter(|&i| !self.is_op(i)).collect();
         v.sort();
         v
     }
@@ -279,11 +268,8 @@ impl Model {
     }
     /// An op's outputs by slot.
     pub fn outputs(&self, op: Id) -> Vec<Id> {
-        let mut slots: Vec<(usize, Id)> = self
-            .graph
-            .edges_directed(op, Direction::Outgoing)
-            .map(|e| (*e.weight(), e.target()))
-            .collect();
+        let mut slots: Vec<(usize, Id)> =
+            self.graph.edges_directed(op, Direction::Outgoing).map(|e| (*e.weight(), e.target())).collect();
         slots.sort();
         slots.into_iter().map(|(_, v)| v).collect()
     }
@@ -292,18 +278,12 @@ impl Model {
     }
     /// The op producing `value`, with its output slot.
     pub fn producer(&self, value: Id) -> Option<(Id, usize)> {
-        self.graph
-            .edges_directed(value, Direction::Incoming)
-            .next()
-            .map(|e| (e.source(), *e.weight()))
+        self.graph.edges_directed(value, Direction::Incoming).next().map(|e| (e.source(), *e.weight()))
     }
     /// The ops consuming `value` and the slots they read it at, in index order.
     pub fn consumers(&self, value: Id) -> Vec<(Id, usize)> {
-        let mut v: Vec<(Id, usize)> = self
-            .graph
-            .edges_directed(value, Direction::Outgoing)
-            .map(|e| (e.target(), *e.weight()))
-            .collect();
+        let mut v: Vec<(Id, usize)> =
+            self.graph.edges_directed(value, Direction::Outgoing).map(|e| (e.target(), *e.weight())).collect();
         v.sort();
         v
     }
@@ -318,12 +298,7 @@ impl Model {
         let mut pending: HashMap<Id, usize> = HashMap::new();
         let mut ready = BTreeSet::new();
         for &op in &ops {
-            let n = self
-                .inputs(op)
-                .iter()
-                .flatten()
-                .filter(|&&v| self.producer(v).is_some())
-                .count();
+            let n = self.inputs(op).iter().flatten().filter(|&&v| self.producer(v).is_some()).count();
             if n == 0 {
                 ready.insert(op);
             } else {
@@ -348,10 +323,7 @@ impl Model {
         if !pending.is_empty() {
             let mut stuck: Vec<Id> = pending.keys().copied().collect();
             stuck.sort();
-            return Err(format!(
-                "the graph has a cycle through {}",
-                self.op(stuck[0]).describe()
-            ));
+            return Err(format!("the graph has a cycle through {}", self.op(stuck[0]).describe()));
         }
         Ok(order)
     }
@@ -387,11 +359,7 @@ impl Model {
                     let mut seen = BTreeSet::new();
                     for e in self.graph.edges_directed(id, Direction::Outgoing) {
                         if !seen.insert(*e.weight()) {
-                            return Err(format!(
-                                "{} has two values at output slot {}",
-                                op.describe(),
-                                e.weight()
-                            ));
+                            return Err(format!("{} has two values at output slot {}", op.describe(), e.weight()));
                         }
                     }
                 }
@@ -400,17 +368,11 @@ impl Model {
                         return Err(format!("value '{}' has more than one producer", v.name));
                     }
                     if !v.name.is_empty() && self.names.get(&v.name) != Some(&id) {
-                        return Err(format!(
-                            "value '{}' is not registered under its name",
-                            v.name
-                        ));
+                        return Err(format!("value '{}' is not registered under its name", v.name));
                     }
                     if let (Some(d), Some(s)) = (&v.data, &v.shape) {
                         if &d.dims != s {
-                            return Err(format!(
-                                "value '{}' has data {:?} but shape {:?}",
-                                v.name, d.dims, s
-                            ));
+                            return Err(format!("value '{}' has data {:?} but shape {:?}", v.name, d.dims, s));
                         }
                     }
                 }

@@ -64,11 +64,7 @@ impl Session {
             self.cx.keep = Some(k);
         }
         let verify = self.cx.config.verify;
-        run_passes(
-            &pipeline::rewrite_passes(verify),
-            &mut self.cx,
-            &mut self.model,
-        )
+        run_passes(&pipeline::rewrite_passes(verify), &mut self.cx, &mut self.model)
     }
 
     /// All of it: analyse, select, rewrite, verify.
@@ -85,16 +81,8 @@ impl Session {
 
     /// The masked dense reference for the applied keep-set, serialized.
     pub fn masked_bytes(&self) -> Result<Vec<u8>> {
-        let dense = self
-            .cx
-            .dense
-            .as_ref()
-            .ok_or_else(|| Error::Other("nothing was applied yet".into()))?;
-        let keep = self
-            .cx
-            .keep
-            .as_ref()
-            .ok_or_else(|| Error::Other("nothing was selected yet".into()))?;
+        let dense = self.cx.dense.as_ref().ok_or_else(|| Error::Other("nothing was applied yet".into()))?;
+        let keep = self.cx.keep.as_ref().ok_or_else(|| Error::Other("nothing was selected yet".into()))?;
         let m = passes::rewrite_graph::masked(dense, &self.cx.groups, keep);
         onnx_io::to_bytes(&onnx_io::export(&self.cx.document, &m)?)
     }

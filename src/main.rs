@@ -124,18 +124,13 @@ fn main() -> ExitCode {
 fn parse_input_shapes(items: &[String]) -> Result<BTreeMap<String, Vec<usize>>> {
     let mut m = BTreeMap::new();
     for it in items {
-        let (name, dims) = it
-            .split_once('=')
-            .ok_or_else(|| Error::Option(format!("--input-shape '{it}' is not NAME=D0,D1,…")))?;
+        let (name, dims) =
+            it.split_once('=').ok_or_else(|| Error::Option(format!("--input-shape '{it}' is not NAME=D0,D1,…")))?;
         let dims: Vec<usize> = dims
             .split(',')
             .map(|d| d.trim().parse::<usize>().ok().filter(|&x| x > 0))
             .collect::<Option<_>>()
-            .ok_or_else(|| {
-                Error::Option(format!(
-                    "--input-shape '{it}': dimensions must be positive integers"
-                ))
-            })?;
+            .ok_or_else(|| Error::Option(format!("--input-shape '{it}': dimensions must be positive integers")))?;
         m.insert(name.to_string(), dims);
     }
     Ok(m)
@@ -143,10 +138,7 @@ fn parse_input_shapes(items: &[String]) -> Result<BTreeMap<String, Vec<usize>>> 
 
 fn config(a: &PruneArgs) -> Result<Config> {
     if !(0.0..1.0).contains(&a.ratio) {
-        return Err(Error::Option(format!(
-            "--ratio {} is outside [0, 1)",
-            a.ratio
-        )));
+        return Err(Error::Option(format!("--ratio {} is outside [0, 1)", a.ratio)));
     }
     if a.min_keep == 0 {
         return Err(Error::Option("--min-keep must be at least 1".into()));
@@ -155,20 +147,12 @@ fn config(a: &PruneArgs) -> Result<Config> {
         return Err(Error::Option("--verify-samples must be at least 1".into()));
     }
     let criterion = Criterion::parse(&a.criterion).ok_or_else(|| {
-        Error::Option(format!(
-            "unknown --criterion '{}' (known: {})",
-            a.criterion,
-            Criterion::NAMES.join(", ")
-        ))
+        Error::Option(format!("unknown --criterion '{}' (known: {})", a.criterion, Criterion::NAMES.join(", ")))
     })?;
     let scope = match a.scope.as_str() {
         "global" => Scope::Global,
         "layer" => Scope::Layer,
-        s => {
-            return Err(Error::Option(format!(
-                "unknown --scope '{s}' (global or layer)"
-            )))
-        }
+        s => return Err(Error::Option(format!("unknown --scope '{s}' (global or layer)"))),
     };
     let kinds = match &a.units {
         None => None,
@@ -176,9 +160,7 @@ fn config(a: &PruneArgs) -> Result<Config> {
             list.iter()
                 .map(|s| {
                     UnitKind::parse(s.trim()).ok_or_else(|| {
-                        Error::Option(format!(
-                            "unknown unit kind '{s}' (known: filters, neurons, heads, experts)"
-                        ))
+                        Error::Option(format!("unknown unit kind '{s}' (known: filters, neurons, heads, experts)"))
                     })
                 })
                 .collect::<Result<Vec<_>>>()?,
@@ -214,20 +196,11 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 fn prune(a: PruneArgs) -> Result<()> {
-    let input = a
-        .input
-        .clone()
-        .ok_or_else(|| Error::Option("no input model given".into()))?;
+    let input = a.input.clone().ok_or_else(|| Error::Option("no input model given".into()))?;
     let config = config(&a)?;
-    for out in [&a.output, &a.report, &a.masked_output]
-        .into_iter()
-        .flatten()
-    {
+    for out in [&a.output, &a.report, &a.masked_output].into_iter().flatten() {
         if same_file(&input, out) {
-            return Err(Error::Option(format!(
-                "{} would overwrite the input model",
-                out.display()
-            )));
+            return Err(Error::Option(format!("{} would overwrite the input model", out.display())));
         }
     }
     let mut session = Session::open(&input, config)?;
@@ -252,11 +225,7 @@ fn prune(a: PruneArgs) -> Result<()> {
         (Some(out), false) => {
             onnx_io::write_atomic(out, &bytes)?;
             if !a.quiet {
-                println!(
-                    "wrote {} ({:.1} MB)",
-                    out.display(),
-                    bytes.len() as f64 / 1e6
-                );
+                println!("wrote {} ({:.1} MB)", out.display(), bytes.len() as f64 / 1e6);
             }
         }
         _ => {
@@ -269,10 +238,7 @@ fn prune(a: PruneArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let config = Config {
-        input_shapes: parse_input_shapes(&a.input_shape)?,
-        ..Config::default()
-    };
+    let config = Config { input_shapes: parse_input_shapes(&a.input_shape)?, ..Config::default() };
     let mut session = Session::open(&a.input, config)?;
     session.analyze()?;
     let report = session.report();

@@ -56,36 +56,25 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<Tensor, String> {
             if bytes.len() < 12 {
                 return Err("truncated .npy header".into());
             }
-            (
-                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-                12,
-            )
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
         }
         v => return Err(format!("unsupported .npy format version {v}")),
     };
-    let header = bytes
-        .get(start..start + hlen)
-        .ok_or("truncated .npy header")?;
+    let header = bytes.get(start..start + hlen).ok_or("truncated .npy header")?;
     let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
     let field = |key: &str| -> Option<&str> {
         let i = header.find(&format!("'{key}'"))?;
-        let rest = header[i + key.len() + 2..]
-            .trim_start()
-            .strip_prefix(':')?
-            .trim_start();
+        let rest = header[i + key.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
         Some(rest)
     };
     let descr = field("descr")
         .and_then(|r| r.strip_prefix('\''))
         .and_then(|r| r.split('\'').next())
         .ok_or("no dtype in .npy header")?;
-    let dtype = npy_dtype(descr).ok_or_else(|| {
-        format!("unsupported array dtype '{descr}' (big-endian, string or object)")
-    })?;
+    let dtype =
+        npy_dtype(descr).ok_or_else(|| format!("unsupported array dtype '{descr}' (big-endian, string or object)"))?;
     if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
-        return Err(
-            "Fortran-ordered arrays are not supported (save with np.ascontiguousarray)".into(),
-        );
+        return Err("Fortran-ordered arrays are not supported (save with np.ascontiguousarray)".into());
     }
     let shape_txt = field("shape")
         .and_then(|r| r.strip_prefix('('))
@@ -95,10 +84,7 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<Tensor, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| format!("bad dimension '{s}' in .npy header"))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad dimension '{s}' in .npy header")))
         .collect::<std::result::Result<_, _>>()?;
     let data = &bytes[start + hlen..];
     Tensor::new(dtype, dims, data.to_vec()).map_err(|e| format!("array data is truncated: {e}"))
@@ -108,20 +94,9 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<Tensor, String> {
 pub fn write_npy(t: &Tensor) -> Vec<u8> {
     let shape = match t.dims.len() {
         1 => format!("({},)", t.dims[0]),
-        _ => format!(
-            "({})",
-            t.dims
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("({})", t.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
     };
-    let mut header = format!(
-        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
-        npy_descr(t.dtype),
-        shape
-    );
+    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", npy_descr(t.dtype), shape);
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -135,22 +110,15 @@ pub fn write_npy(t: &Tensor) -> Vec<u8> {
 
 /// Reads every array of an `.npz` file, by key (the member name without `.npy`).
 pub fn read(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let err = |msg: String| Error::Calibration {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let err = |msg: String| Error::Calibration { path: path.to_path_buf(), msg };
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip =
-        zip::ZipArchive::new(file).map_err(|e| err(format!("not an .npz archive ({e})")))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| err(format!("not an .npz archive ({e})")))?;
     let mut out = BTreeMap::new();
     for i in 0..zip.len() {
-        let mut f = zip
-            .by_index(i)
-            .map_err(|e| err(format!("corrupt archive member ({e})")))?;
+        let mut f = zip.by_index(i).map_err(|e| err(format!("corrupt archive member ({e})")))?;
         let name = f.name().trim_end_matches(".npy").to_string();
         let mut buf = Vec::with_capacity(f.size() as usize);
-        f.read_to_end(&mut buf)
-            .map_err(|e| err(format!("array '{name}': {e}")))?;
+        f.read_to_end(&mut buf).map_err(|e| err(format!("array '{name}': {e}")))?;
         let t = parse_npy(&buf).map_err(|m| err(format!("array '{name}': {m}")))?;
         out.insert(name, t);
     }
@@ -162,13 +130,10 @@ pub fn write(path: &Path, arrays: &BTreeMap<String, Tensor>) -> Result<()> {
     let mut buf = std::io::Cursor::new(Vec::new());
     {
         let mut zip = zip::ZipWriter::new(&mut buf);
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored);
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
         for (k, t) in arrays {
-            zip.start_file(format!("{k}.npy"), opts)
-                .map_err(|e| Error::Other(e.to_string()))?;
-            zip.write_all(&write_npy(t))
-                .map_err(|e| Error::io(path, e))?;
+            zip.start_file(format!("{k}.npy"), opts).map_err(|e| Error::Other(e.to_string()))?;
+            zip.write_all(&write_npy(t)).map_err(|e| Error::io(path, e))?;
         }
         zip.finish().map_err(|e| Error::Other(e.to_string()))?;
     }

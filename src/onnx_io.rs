@@ -18,9 +18,7 @@ use std::path::{Component, Path, PathBuf};
 
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::DataLocation;
-use onnx_protobuf::{
-    AttributeProto, GraphProto, Message, ModelProto, NodeProto, TensorProto, ValueInfoProto,
-};
+use onnx_protobuf::{AttributeProto, GraphProto, Message, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 
 use crate::error::{Error, Result};
 use crate::ir::{Attr, Dim, Id, Model, Op, Value, ValueKind, IMPLICIT_SLOT};
@@ -41,14 +39,9 @@ pub fn load(path: &Path) -> Result<(Document, Model)> {
 
 /// Imports a model from bytes; `path` names it in errors and anchors external data.
 pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<(Document, Model)> {
-    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| Error::Parse {
-        path: path.to_path_buf(),
-        msg: format!("protobuf decoding failed ({e})"),
-    })?;
-    let doc = Document {
-        proto,
-        path: path.to_path_buf(),
-    };
+    let proto = ModelProto::parse_from_bytes(bytes)
+        .map_err(|e| Error::Parse { path: path.to_path_buf(), msg: format!("protobuf decoding failed ({e})") })?;
+    let doc = Document { proto, path: path.to_path_buf() };
     let model = import(&doc)?;
     Ok((doc, model))
 }
@@ -60,14 +53,9 @@ fn base_dir(path: &Path) -> PathBuf {
 fn import(doc: &Document) -> Result<Model> {
     let path = &doc.path;
     let proto = &doc.proto;
-    let parse_err = |msg: String| Error::Parse {
-        path: path.clone(),
-        msg,
-    };
+    let parse_err = |msg: String| Error::Parse { path: path.clone(), msg };
     if proto.ir_version <= 0 || proto.graph.is_none() {
-        return Err(parse_err(
-            "no ir_version or no graph: this is not an ONNX model file".into(),
-        ));
+        return Err(parse_err("no ir_version or no graph: this is not an ONNX model file".into()));
     }
     let graph = proto.graph.get_or_default();
     if graph.node.is_empty() {
@@ -75,11 +63,7 @@ fn import(doc: &Document) -> Result<Model> {
     }
     let mut model = Model::default();
     for o in &proto.opset_import {
-        let domain = if o.domain == "ai.onnx" {
-            String::new()
-        } else {
-            o.domain.clone()
-        };
+        let domain = if o.domain == "ai.onnx" { String::new() } else { o.domain.clone() };
         model.opsets.insert(domain, o.version);
     }
     let base = base_dir(path);
@@ -91,11 +75,7 @@ fn import(doc: &Document) -> Result<Model> {
             return Err(parse_err("an initializer has no name".into()));
         }
         if model.value_id(&t.name).is_some() {
-            return Err(Error::Tensor {
-                path: path.clone(),
-                name: t.name.clone(),
-                msg: "defined twice".into(),
-            });
+            return Err(Error::Tensor { path: path.clone(), name: t.name.clone(), msg: "defined twice".into() });
         }
         let data = decode_tensor(t, &base, path)?;
         let kind = match &data {
@@ -124,39 +104,24 @@ fn import(doc: &Document) -> Result<Model> {
     // references create placeholders that the producer later claims.
     let mut produced: HashSet<Id> = HashSet::new();
     for (index, node) in graph.node.iter().enumerate() {
-        let node_err = |msg: String| Error::Node {
-            path: path.clone(),
-            node: node.name.clone(),
-            op: node.op_type.clone(),
-            msg,
-        };
+        let node_err =
+            |msg: String| Error::Node { path: path.clone(), node: node.name.clone(), op: node.op_type.clone(), msg };
         let mut attrs = Vec::with_capacity(node.attribute.len());
         let mut captured: Vec<String> = Vec::new();
         for a in &node.attribute {
-            attrs.push((
-                a.name.clone(),
-                decode_attr(a, &base, path).map_err(|m| node_err(m))?,
-            ));
+            attrs.push((a.name.clone(), decode_attr(a, &base, path).map_err(|m| node_err(m))?));
             collect_captures(a, &mut captured);
         }
         let mut op = Op {
             name: node.name.clone(),
             op_type: node.op_type.clone(),
-            domain: if node.domain == "ai.onnx" {
-                String::new()
-            } else {
-                node.domain.clone()
-            },
+            domain: if node.domain == "ai.onnx" { String::new() } else { node.domain.clone() },
             attrs,
             origin: Some(index),
         };
         let mut inputs = Vec::with_capacity(node.input.len());
         for name in &node.input {
-            inputs.push(if name.is_empty() {
-                None
-            } else {
-                Some(value_or_placeholder(&mut model, name))
-            });
+            inputs.push(if name.is_empty() { None } else { Some(value_or_placeholder(&mut model, name)) });
         }
         let mut outputs = Vec::with_capacity(node.output.len());
         for name in &node.output {
@@ -165,12 +130,8 @@ fn import(doc: &Document) -> Result<Model> {
             } else {
                 value_or_placeholder(&mut model, name)
             };
-            if !name.is_empty()
-                && (!produced.insert(id) || model.value(id).kind != ValueKind::Dynamic)
-            {
-                return Err(node_err(format!(
-                    "output '{name}' is already defined elsewhere in the graph"
-                )));
+            if !name.is_empty() && (!produced.insert(id) || model.value(id).kind != ValueKind::Dynamic) {
+                return Err(node_err(format!("output '{name}' is already defined elsewhere in the graph")));
             }
             outputs.push(id);
         }
@@ -179,11 +140,7 @@ fn import(doc: &Document) -> Result<Model> {
             let t = constant_node_tensor(node, &base, path).map_err(node_err)?;
             if let (Some(t), Some(&out)) = (t, outputs.first()) {
                 let v = model.value_mut(out);
-                v.kind = if t.dtype.is_float() && t.numel() > 1 {
-                    ValueKind::Weight
-                } else {
-                    ValueKind::Constant
-                };
+                v.kind = if t.dtype.is_float() && t.numel() > 1 { ValueKind::Weight } else { ValueKind::Constant };
                 v.dtype = Some(t.dtype);
                 v.shape = Some(t.dims.clone());
                 v.data = Some(t);
@@ -216,20 +173,14 @@ fn import(doc: &Document) -> Result<Model> {
                 path: path.clone(),
                 node: op.name.clone(),
                 op: op.op_type.clone(),
-                msg: format!(
-                    "input '{}' is not produced by any node, nor a graph input or initializer",
-                    val.name
-                ),
+                msg: format!("input '{}' is not produced by any node, nor a graph input or initializer", val.name),
             });
         }
     }
     for o in &graph.output {
-        let id = model.value_id(&o.name).ok_or_else(|| {
-            parse_err(format!(
-                "graph output '{}' is not produced by any node",
-                o.name
-            ))
-        })?;
+        let id = model
+            .value_id(&o.name)
+            .ok_or_else(|| parse_err(format!("graph output '{}' is not produced by any node", o.name)))?;
         apply_declared(model.value_mut(id), o);
         model.outputs.push(id);
     }
@@ -278,8 +229,7 @@ fn collect_captures(a: &AttributeProto, out: &mut Vec<String>) {
 }
 
 fn apply_declared(v: &mut Value, vi: &ValueInfoProto) {
-    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) =
-        vi.type_.as_ref().and_then(|t| t.value.as_ref())
+    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = vi.type_.as_ref().and_then(|t| t.value.as_ref())
     else {
         return;
     };
@@ -311,28 +261,17 @@ fn decode_attr(a: &AttributeProto, base: &Path, path: &Path) -> Result<Attr, Str
         Ok(AttributeType::STRING) => Attr::String(a.s.clone()),
         Ok(AttributeType::STRINGS) => Attr::Strings(a.strings.clone()),
         Ok(AttributeType::TENSOR) => match a.t.as_ref() {
-            Some(t) => match decode_tensor(t, base, path)
-                .map_err(|e| format!("attribute '{}': {e}", a.name))?
-            {
+            Some(t) => match decode_tensor(t, base, path).map_err(|e| format!("attribute '{}': {e}", a.name))? {
                 Some(t) => Attr::Tensor(t),
                 None => Attr::Opaque,
             },
-            None => {
-                return Err(format!(
-                    "attribute '{}' is a tensor attribute without a tensor",
-                    a.name
-                ))
-            }
+            None => return Err(format!("attribute '{}' is a tensor attribute without a tensor", a.name)),
         },
         _ => Attr::Opaque,
     })
 }
 
-fn constant_node_tensor(
-    node: &NodeProto,
-    base: &Path,
-    path: &Path,
-) -> Result<Option<Tensor>, String> {
+fn constant_node_tensor(node: &NodeProto, base: &Path, path: &Path) -> Result<Option<Tensor>, String> {
     let Some(a) = node.attribute.first() else {
         return Err("Constant node has no value attribute".into());
     };
@@ -352,11 +291,7 @@ fn constant_node_tensor(
 /// Decodes a TensorProto from any of its encodings. Ok(None) for element types the IR
 /// does not represent (strings, 4-bit and 8-bit floats): those stay opaque.
 pub fn decode_tensor(t: &TensorProto, base: &Path, path: &Path) -> Result<Option<Tensor>> {
-    let err = |msg: String| Error::Tensor {
-        path: path.to_path_buf(),
-        name: t.name.clone(),
-        msg,
-    };
+    let err = |msg: String| Error::Tensor { path: path.to_path_buf(), name: t.name.clone(), msg };
     let Some(dtype) = DType::from_onnx(t.data_type) else {
         return Ok(None);
     };
@@ -367,13 +302,8 @@ pub fn decode_tensor(t: &TensorProto, base: &Path, path: &Path) -> Result<Option
         }
         dims.push(d as usize);
     }
-    let numel = dims
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| err("size overflows".into()))?;
-    let nbytes = numel
-        .checked_mul(dtype.size())
-        .ok_or_else(|| err("size overflows".into()))?;
+    let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| err("size overflows".into()))?;
+    let nbytes = numel.checked_mul(dtype.size()).ok_or_else(|| err("size overflows".into()))?;
     let external = t.data_location.enum_value() == Ok(DataLocation::EXTERNAL);
     let bytes: Vec<u8> = if external {
         read_external(t, base, nbytes).map_err(err)?
@@ -382,48 +312,22 @@ pub fn decode_tensor(t: &TensorProto, base: &Path, path: &Path) -> Result<Option
     } else {
         let mut b = Vec::with_capacity(nbytes);
         match dtype {
-            DType::F32 => t
-                .float_data
-                .iter()
-                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
-            DType::F64 => t
-                .double_data
-                .iter()
-                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
-            DType::I64 => t
-                .int64_data
-                .iter()
-                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
-            DType::U64 => t
-                .uint64_data
-                .iter()
-                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
-            DType::U32 => t
-                .uint64_data
-                .iter()
-                .for_each(|x| b.extend_from_slice(&(*x as u32).to_le_bytes())),
+            DType::F32 => t.float_data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::F64 => t.double_data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::I64 => t.int64_data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::U64 => t.uint64_data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::U32 => t.uint64_data.iter().for_each(|x| b.extend_from_slice(&(*x as u32).to_le_bytes())),
             // int32_data carries every type of 32 bits or fewer, f16/bf16 as bit patterns.
-            DType::I32 => t
-                .int32_data
-                .iter()
-                .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
-            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => t
-                .int32_data
-                .iter()
-                .for_each(|x| b.extend_from_slice(&(*x as u16).to_le_bytes())),
-            DType::I8 | DType::U8 | DType::Bool => {
-                t.int32_data.iter().for_each(|x| b.push(*x as u8))
+            DType::I32 => t.int32_data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => {
+                t.int32_data.iter().for_each(|x| b.extend_from_slice(&(*x as u16).to_le_bytes()))
             }
+            DType::I8 | DType::U8 | DType::Bool => t.int32_data.iter().for_each(|x| b.push(*x as u8)),
         }
         b
     };
     if bytes.len() != nbytes {
-        return Err(err(format!(
-            "{} {:?} needs {nbytes} bytes of data, the file holds {}",
-            dtype,
-            dims,
-            bytes.len()
-        )));
+        return Err(err(format!("{} {:?} needs {nbytes} bytes of data, the file holds {}", dtype, dims, bytes.len())));
     }
     Ok(Some(Tensor { dtype, dims, bytes }))
 }
@@ -435,18 +339,9 @@ fn read_external(t: &TensorProto, base: &Path, nbytes: usize) -> Result<Vec<u8>,
     for kv in &t.external_data {
         match kv.key.as_str() {
             "location" => location = Some(kv.value.clone()),
-            "offset" => {
-                offset = kv
-                    .value
-                    .parse()
-                    .map_err(|_| format!("bad external offset '{}'", kv.value))?
-            }
+            "offset" => offset = kv.value.parse().map_err(|_| format!("bad external offset '{}'", kv.value))?,
             "length" => {
-                length = Some(
-                    kv.value
-                        .parse::<usize>()
-                        .map_err(|_| format!("bad external length '{}'", kv.value))?,
-                )
+                length = Some(kv.value.parse::<usize>().map_err(|_| format!("bad external length '{}'", kv.value))?)
             }
             _ => {}
         }
@@ -454,28 +349,19 @@ fn read_external(t: &TensorProto, base: &Path, nbytes: usize) -> Result<Vec<u8>,
     let location = location.ok_or("external data without a location")?;
     let rel = Path::new(&location);
     if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(format!(
-            "external data location '{location}' must be a relative path inside the model's folder"
-        ));
+        return Err(format!("external data location '{location}' must be a relative path inside the model's folder"));
     }
     let file = base.join(rel);
     if let Some(l) = length {
         if l != nbytes {
-            return Err(format!(
-                "external data length {l} does not match the tensor's {nbytes} bytes"
-            ));
+            return Err(format!("external data length {l} does not match the tensor's {nbytes} bytes"));
         }
     }
-    let mut f = std::fs::File::open(&file)
-        .map_err(|e| format!("external data file {}: {e}", file.display()))?;
-    f.seek(SeekFrom::Start(offset))
-        .map_err(|e| format!("external data file {}: {e}", file.display()))?;
+    let mut f = std::fs::File::open(&file).map_err(|e| format!("external data file {}: {e}", file.display()))?;
+    f.seek(SeekFrom::Start(offset)).map_err(|e| format!("external data file {}: {e}", file.display()))?;
     let mut buf = vec![0u8; nbytes];
     f.read_exact(&mut buf).map_err(|e| {
-        format!(
-            "external data file {} is too short for offset {offset} + {nbytes} bytes: {e}",
-            file.display()
-        )
+        format!("external data file {} is too short for offset {offset} + {nbytes} bytes: {e}", file.display())
     })?;
     Ok(buf)
 }
@@ -575,11 +461,7 @@ pub fn export(doc: &Document, model: &Model) -> Result<ModelProto> {
         while node.input.last().is_some_and(|s| s.is_empty()) && op.origin.is_none() {
             node.input.pop();
         }
-        node.output = model
-            .outputs(op_id)
-            .into_iter()
-            .map(|v| model.value(v).name.clone())
-            .collect();
+        node.output = model.outputs(op_id).into_iter().map(|v| model.value(v).name.clone()).collect();
         let is_constant = op.op_type == "Constant" && op.domain.is_empty();
         if is_constant {
             let out = model.value(model.output(op_id, 0));
@@ -658,11 +540,7 @@ pub fn export(doc: &Document, model: &Model) -> Result<ModelProto> {
     graph.initializer = inits;
 
     // Declared types: drop entries for removed values, update fixed dims that changed.
-    let by_name: HashMap<&str, Id> = model
-        .values()
-        .into_iter()
-        .map(|id| (model.value(id).name.as_str(), id))
-        .collect();
+    let by_name: HashMap<&str, Id> = model.values().into_iter().map(|id| (model.value(id).name.as_str(), id)).collect();
     let update = |vi: &mut ValueInfoProto| -> bool {
         let Some(&id) = by_name.get(vi.name.as_str()) else {
             return false;
@@ -674,8 +552,7 @@ pub fn export(doc: &Document, model: &Model) -> Result<ModelProto> {
     };
     graph.input.retain_mut(|vi| {
         let keep = update(vi);
-        keep && (model.inputs.iter().any(|&i| model.value(i).name == vi.name)
-            || live_inits.contains(&vi.name))
+        keep && (model.inputs.iter().any(|&i| model.value(i).name == vi.name) || live_inits.contains(&vi.name))
     });
     graph.output.retain_mut(|vi| update(vi));
     graph.value_info.retain_mut(|vi| update(vi));
@@ -684,8 +561,7 @@ pub fn export(doc: &Document, model: &Model) -> Result<ModelProto> {
 
 fn set_declared_dims(vi: &mut ValueInfoProto, declared: &[Dim]) {
     use onnx_protobuf::tensor_shape_proto::dimension::Value as D;
-    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) =
-        vi.type_.as_mut().and_then(|t| t.value.as_mut())
+    let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = vi.type_.as_mut().and_then(|t| t.value.as_mut())
     else {
         return;
     };
@@ -706,9 +582,7 @@ fn set_declared_dims(vi: &mut ValueInfoProto, declared: &[Dim]) {
 
 /// Serializes a document.
 pub fn to_bytes(proto: &ModelProto) -> Result<Vec<u8>> {
-    proto
-        .write_to_bytes()
-        .map_err(|e| Error::Other(format!("cannot encode the model: {e}")))
+    proto.write_to_bytes().map_err(|e| Error::Other(format!("cannot encode the model: {e}")))
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, renamed into
@@ -720,10 +594,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(
-            ".{}.",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-        ))
+        .prefix(&format!(".{}.", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")))
         .suffix(".tmp")
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;

@@ -142,28 +142,20 @@ pub fn run_passes(passes: &[&dyn Pass], cx: &mut Context, model: &mut Model) -> 
     for pass in passes {
         let t = Instant::now();
         pass.run(cx, model).map_err(|e| match e {
-            Error::Other(msg) => Error::Pass {
-                pass: pass.name().to_string(),
-                msg,
-            },
+            Error::Other(msg) => Error::Pass { pass: pass.name().to_string(), msg },
             e => e,
         })?;
-        cx.timings
-            .push((pass.name().to_string(), t.elapsed().as_secs_f64()));
+        cx.timings.push((pass.name().to_string(), t.elapsed().as_secs_f64()));
         if cfg!(any(debug_assertions, test)) {
-            model.validate().map_err(|msg| Error::Pass {
-                pass: pass.name().to_string(),
-                msg,
-            })?;
+            model.validate().map_err(|msg| Error::Pass { pass: pass.name().to_string(), msg })?;
         }
     }
     Ok(())
 }
 
 use crate::passes::{
-    discover_units::DiscoverUnits, eliminate_dead_nodes::EliminateDeadNodes,
-    infer_shapes::InferShapes, rewrite_graph::RewriteGraph, score_units::ScoreUnits,
-    select_units::SelectUnits, verify_rewrite::VerifyRewrite,
+    discover_units::DiscoverUnits, eliminate_dead_nodes::EliminateDeadNodes, infer_shapes::InferShapes,
+    rewrite_graph::RewriteGraph, score_units::ScoreUnits, select_units::SelectUnits, verify_rewrite::VerifyRewrite,
 };
 
 /// Import-side analysis: what `inspect` runs.

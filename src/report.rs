@@ -75,19 +75,12 @@ impl Report {
         let mut tensors: BTreeMap<UnitKind, BTreeSet<Id>> = BTreeMap::new();
         let mut groups = Vec::new();
         for (g, group) in cx.groups.iter().enumerate() {
-            let kept = cx
-                .keep
-                .as_ref()
-                .map(|k| k.kept_count(g))
-                .unwrap_or(group.count);
+            let kept = cx.keep.as_ref().map(|k| k.kept_count(g)).unwrap_or(group.count);
             let k = kinds.entry(group.kind).or_default();
             k.groups += 1;
             k.units.before += group.count;
             k.units.after += kept;
-            tensors
-                .entry(group.kind)
-                .or_default()
-                .extend(group.slices.iter().map(|s| s.tensor));
+            tensors.entry(group.kind).or_default().extend(group.slices.iter().map(|s| s.tensor));
             groups.push(GroupReport {
                 kind: group.kind,
                 layer: group.name.clone(),
@@ -106,10 +99,7 @@ impl Report {
                     .sum()
             };
             let k = kinds.entry(kind).or_default();
-            k.parameters = BeforeAfter {
-                before: count(dense),
-                after: count(model),
-            };
+            k.parameters = BeforeAfter { before: count(dense), after: count(model) };
         }
         let c = &cx.config;
         Report {
@@ -126,10 +116,7 @@ impl Report {
                 calib: c.calib.as_ref().map(|p| p.display().to_string()),
             },
             input_shapes: cx.input_shapes.clone(),
-            parameters: BeforeAfter {
-                before: dense.parameter_count(),
-                after: model.parameter_count(),
-            },
+            parameters: BeforeAfter { before: dense.parameter_count(), after: model.parameter_count() },
             kinds,
             groups,
             unprunable: cx.unprunable.clone(),
@@ -150,26 +137,10 @@ impl Report {
     /// The table `inspect` prints.
     pub fn inspect_text(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{}: {} parameters",
-            self.input,
-            human(self.parameters.before)
-        );
-        let _ = writeln!(
-            s,
-            "\n{:<8} {:>6} {:>11}  layer",
-            "kind", "units", "params/unit"
-        );
+        let _ = writeln!(s, "{}: {} parameters", self.input, human(self.parameters.before));
+        let _ = writeln!(s, "\n{:<8} {:>6} {:>11}  layer", "kind", "units", "params/unit");
         for g in &self.groups {
-            let _ = writeln!(
-                s,
-                "{:<8} {:>6} {:>11}  {}",
-                g.kind.name(),
-                g.units_before,
-                g.params_per_unit,
-                g.layer
-            );
+            let _ = writeln!(s, "{:<8} {:>6} {:>11}  {}", g.kind.name(), g.units_before, g.params_per_unit, g.layer);
         }
         for (k, v) in &self.kinds {
             let _ = writeln!(
@@ -190,11 +161,7 @@ impl Report {
         }
         if !self.opaque_ops.is_empty() {
             let ops: Vec<&str> = self.opaque_ops.keys().map(String::as_str).collect();
-            let _ = writeln!(
-                s,
-                "\nops without a rule (treated as opaque): {}",
-                ops.join(", ")
-            );
+            let _ = writeln!(s, "\nops without a rule (treated as opaque): {}", ops.join(", "));
         }
         s
     }
@@ -224,11 +191,7 @@ impl Report {
             pct(p.before, p.after)
         );
         if let Some(v) = &self.verification {
-            let worst = v
-                .outputs
-                .iter()
-                .map(|o| o.max_abs_diff)
-                .fold(0.0f64, f64::max);
+            let worst = v.outputs.iter().map(|o| o.max_abs_diff).fold(0.0f64, f64::max);
             let _ = writeln!(
                 s,
                 "verified slim == masked dense on {} samples ({} outputs, max abs diff {:.2e})",

@@ -2,8 +2,7 @@
 //! (slim vs masked dense) and reference outputs in tests.
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, TValue,
-    Tensor as TractTensor,
+    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, TValue, Tensor as TractTensor,
 };
 
 use crate::error::{Error, Result};
@@ -30,43 +29,26 @@ fn datum(dt: DType) -> DatumType {
 
 /// Runs an ONNX model (serialized, self-contained) on named inputs given in graph-input
 /// order; returns every output converted to f32, with its name.
-pub fn run(
-    model_bytes: &[u8],
-    inputs: &[(String, Tensor)],
-    output_names: &[String],
-) -> Result<Vec<(String, Tensor)>> {
-    let err = |e: tract_onnx::prelude::TractError| {
-        Error::Other(format!("tract could not run the model: {e:#}"))
-    };
+pub fn run(model_bytes: &[u8], inputs: &[(String, Tensor)], output_names: &[String]) -> Result<Vec<(String, Tensor)>> {
+    let err = |e: tract_onnx::prelude::TractError| Error::Other(format!("tract could not run the model: {e:#}"));
     let bytes = crate::onnx_io::strip_value_info(model_bytes)?;
-    let mut model = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
-        .map_err(err)?;
+    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(err)?;
     let mut values = tract_onnx::prelude::TVec::new();
     for (i, (_, t)) in inputs.iter().enumerate() {
         let dt = datum(t.dtype);
-        model = model
-            .with_input_fact(i, InferenceFact::dt_shape(dt, t.dims.clone()))
-            .map_err(err)?;
+        model = model.with_input_fact(i, InferenceFact::dt_shape(dt, t.dims.clone())).map_err(err)?;
         // SAFETY: the byte buffer's length equals numel * size_of(dt), checked by Tensor::new.
         let tt = unsafe { TractTensor::from_raw_dt(dt, &t.dims, &t.bytes) }.map_err(err)?;
         values.push(TValue::from(tt));
     }
-    let plan = model
-        .into_optimized()
-        .map_err(err)?
-        .into_runnable()
-        .map_err(err)?;
+    let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
     let outs = plan.run(values).map_err(err)?;
     let mut result = Vec::with_capacity(outs.len());
     for (k, o) in outs.iter().enumerate() {
         let f = o.cast_to::<f32>().map_err(err)?;
         let view = f.to_plain_array_view::<f32>().map_err(err)?;
         let data: Vec<f32> = view.iter().copied().collect();
-        let name = output_names
-            .get(k)
-            .cloned()
-            .unwrap_or_else(|| format!("output_{k}"));
+        let name = output_names.get(k).cloned().unwrap_or_else(|| format!("output_{k}"));
         result.push((name, Tensor::from_f32(view.shape().to_vec(), &data)));
     }
     Ok(result)

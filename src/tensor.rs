@@ -124,23 +124,14 @@ impl Tensor {
     pub fn new(dtype: DType, dims: Vec<usize>, bytes: Vec<u8>) -> Result<Tensor, SizeMismatch> {
         let expected = dims.iter().product::<usize>() * dtype.size();
         if expected != bytes.len() {
-            return Err(SizeMismatch {
-                dtype,
-                dims,
-                expected,
-                got: bytes.len(),
-            });
+            return Err(SizeMismatch { dtype, dims, expected, got: bytes.len() });
         }
         Ok(Tensor { dtype, dims, bytes })
     }
 
     pub fn zeros(dtype: DType, dims: Vec<usize>) -> Tensor {
         let n = dims.iter().product::<usize>() * dtype.size();
-        Tensor {
-            dtype,
-            dims,
-            bytes: vec![0; n],
-        }
+        Tensor { dtype, dims, bytes: vec![0; n] }
     }
 
     pub fn numel(&self) -> usize {
@@ -152,11 +143,7 @@ impl Tensor {
     }
 
     pub fn from_f32(dims: Vec<usize>, data: &[f32]) -> Tensor {
-        Tensor::from_f64_as(
-            DType::F32,
-            dims,
-            &data.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-        )
+        Tensor::from_f64_as(DType::F32, dims, &data.iter().map(|&x| x as f64).collect::<Vec<_>>())
     }
 
     pub fn from_i64(dims: Vec<usize>, data: &[i64]) -> Tensor {
@@ -240,19 +227,11 @@ impl Tensor {
         }
         if self.dtype.is_float() || to.is_float() {
             let v = self.to_f64_vec();
-            let v: Vec<f64> = if to == DType::Bool {
-                v.iter().map(|&x| (x != 0.0) as i64 as f64).collect()
-            } else {
-                v
-            };
+            let v: Vec<f64> = if to == DType::Bool { v.iter().map(|&x| (x != 0.0) as i64 as f64).collect() } else { v };
             Tensor::from_f64_as(to, self.dims.clone(), &v)
         } else {
             let v = self.to_i64_vec();
-            let v: Vec<i64> = if to == DType::Bool {
-                v.iter().map(|&x| (x != 0) as i64).collect()
-            } else {
-                v
-            };
+            let v: Vec<i64> = if to == DType::Bool { v.iter().map(|&x| (x != 0) as i64).collect() } else { v };
             Tensor::from_i64_as(to, self.dims.clone(), &v)
         }
     }
@@ -272,11 +251,7 @@ impl Tensor {
         }
         let mut dims = self.dims.clone();
         dims[axis] = indices.len();
-        Tensor {
-            dtype: self.dtype,
-            dims,
-            bytes,
-        }
+        Tensor { dtype: self.dtype, dims, bytes }
     }
 
     /// Sets the elements at `indices` along `axis` to zero, in place (0 is all-zero bytes

@@ -22,12 +22,7 @@ pub enum UnitKind {
 }
 
 impl UnitKind {
-    pub const ALL: [UnitKind; 4] = [
-        UnitKind::Filters,
-        UnitKind::Neurons,
-        UnitKind::Heads,
-        UnitKind::Experts,
-    ];
+    pub const ALL: [UnitKind; 4] = [UnitKind::Filters, UnitKind::Neurons, UnitKind::Heads, UnitKind::Experts];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -95,12 +90,7 @@ impl UnitGroup {
             .iter()
             .map(|s| {
                 let dims = &model.value(s.tensor).shape.clone().unwrap_or_default();
-                let rest: usize = dims
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != s.axis)
-                    .map(|(_, d)| d)
-                    .product();
+                let rest: usize = dims.iter().enumerate().filter(|(i, _)| *i != s.axis).map(|(_, d)| d).product();
                 rest * s.factor
             })
             .sum()
@@ -130,17 +120,10 @@ pub struct KeepSet {
 
 impl KeepSet {
     pub fn all(groups: &[UnitGroup]) -> KeepSet {
-        KeepSet {
-            keep: groups.iter().map(|g| vec![true; g.count]).collect(),
-        }
+        KeepSet { keep: groups.iter().map(|g| vec![true; g.count]).collect() }
     }
     pub fn pruned(&self, g: usize) -> Vec<usize> {
-        self.keep[g]
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| !**k)
-            .map(|(i, _)| i)
-            .collect()
+        self.keep[g].iter().enumerate().filter(|(_, k)| !**k).map(|(i, _)| i).collect()
     }
     pub fn kept_count(&self, g: usize) -> usize {
         self.keep[g].iter().filter(|k| **k).count()
@@ -152,9 +135,7 @@ impl KeepSet {
 
 /// Per (tensor, axis): the segments that groups own along that axis, for index mapping
 /// when several groups (concat) or several axes (a conv's in and out channels) meet.
-pub fn segments_by_tensor_axis(
-    groups: &[UnitGroup],
-) -> BTreeMap<(Id, usize), Vec<(usize, &Slice)>> {
+pub fn segments_by_tensor_axis(groups: &[UnitGroup]) -> BTreeMap<(Id, usize), Vec<(usize, &Slice)>> {
     let mut m: BTreeMap<(Id, usize), Vec<(usize, &Slice)>> = BTreeMap::new();
     for (gi, g) in groups.iter().enumerate() {
         for s in &g.slices {

@@ -29,17 +29,9 @@ fn run_ok(args: &[&str]) -> String {
 fn run_err(args: &[&str], code: i32) -> String {
     let out = bin().args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "plprune-onnx {args:?}: {err}"
-    );
+    assert_eq!(out.status.code(), Some(code), "plprune-onnx {args:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(
-        err.trim().lines().count(),
-        1,
-        "one-line error expected, got:\n{err}"
-    );
+    assert_eq!(err.trim().lines().count(), 1, "one-line error expected, got:\n{err}");
     err
 }
 
@@ -65,25 +57,15 @@ fn effnet_quarter_prune_and_inspect_agree() {
         "--masked-output",
         masked.to_str().unwrap(),
     ]);
-    assert!(
-        stdout.contains("filters") && stdout.contains("verified"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("filters") && stdout.contains("verified"), "{stdout}");
     let r = json(&report);
     let f = &r["kinds"]["filters"];
-    let (before, after) = (
-        f["parameters"]["before"].as_u64().unwrap(),
-        f["parameters"]["after"].as_u64().unwrap(),
-    );
-    assert!(
-        (after as f64) <= 0.8 * before as f64,
-        "conv-filter parameters {before} -> {after}: less than 20% removed"
-    );
+    let (before, after) = (f["parameters"]["before"].as_u64().unwrap(), f["parameters"]["after"].as_u64().unwrap());
+    assert!((after as f64) <= 0.8 * before as f64, "conv-filter parameters {before} -> {after}: less than 20% removed");
     assert_eq!(r["verification"]["passed"], true);
 
     // inspect on the pruned model finds the same groups with the new sizes.
-    let inspected: Value =
-        serde_json::from_str(&run_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
+    let inspected: Value = serde_json::from_str(&run_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
     let fi = &inspected["kinds"]["filters"];
     assert_eq!(fi["units"]["before"], f["units"]["after"]);
     assert_eq!(fi["parameters"]["before"], f["parameters"]["after"]);
@@ -94,14 +76,8 @@ fn effnet_quarter_prune_and_inspect_agree() {
 #[test]
 fn inspect_lists_groups_and_reasons() {
     let text = run_ok(&["inspect", shared("digits/vgg_bn.onnx").to_str().unwrap()]);
-    assert!(
-        text.contains("filters") && text.contains("/f/f.0/Conv"),
-        "{text}"
-    );
-    assert!(
-        text.contains("neurons") && text.contains("/c/c.1/Gemm"),
-        "{text}"
-    );
+    assert!(text.contains("filters") && text.contains("/f/f.0/Conv"), "{text}");
+    assert!(text.contains("neurons") && text.contains("/c/c.1/Gemm"), "{text}");
     // The classifier's outputs are the logits: not prunable, with the reason.
     assert!(text.contains("reaches graph output 'logits'"), "{text}");
 }
@@ -131,14 +107,8 @@ fn same_command_twice_gives_identical_bytes() {
         rep.as_object_mut().unwrap().remove("timings_s");
         outs.push((std::fs::read(&o).unwrap(), rep));
     }
-    assert!(
-        outs[0].0 == outs[1].0,
-        "models differ between identical runs"
-    );
-    assert_eq!(
-        outs[0].1, outs[1].1,
-        "reports differ between identical runs"
-    );
+    assert!(outs[0].0 == outs[1].0, "models differ between identical runs");
+    assert_eq!(outs[0].1, outs[1].1, "reports differ between identical runs");
 }
 
 #[test]
@@ -155,10 +125,7 @@ fn error_paths_are_one_line_and_nonzero() {
     let not_onnx = dir.join("not.onnx");
     std::fs::write(&not_onnx, b"this is a text file, not a model").unwrap();
     let e = run_err(&[not_onnx.to_str().unwrap(), "-o", outs], 2);
-    assert!(
-        e.contains("not.onnx") && e.contains("not a valid ONNX model"),
-        "{e}"
-    );
+    assert!(e.contains("not.onnx") && e.contains("not a valid ONNX model"), "{e}");
 
     let bytes = std::fs::read(&vgg).unwrap();
     let truncated = dir.join("truncated.onnx");
@@ -178,49 +145,18 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("bogus"), "{e}");
 
     // Calibration data of the wrong model: missing input, wrong dtype, wrong shape.
-    let e = run_err(
-        &[
-            vggs,
-            "--calib",
-            shared("minilm-l6/calib.npz").to_str().unwrap(),
-            "-o",
-            outs,
-        ],
-        2,
-    );
-    assert!(
-        e.contains("calib.npz") && e.contains("no array for model input 'x'"),
-        "{e}"
-    );
+    let e = run_err(&[vggs, "--calib", shared("minilm-l6/calib.npz").to_str().unwrap(), "-o", outs], 2);
+    assert!(e.contains("calib.npz") && e.contains("no array for model input 'x'"), "{e}");
     let mut arrays = std::collections::BTreeMap::new();
     arrays.insert(
         "x".to_string(),
-        plprune_onnx::tensor::Tensor::from_f64_as(
-            plprune_onnx::tensor::DType::F64,
-            vec![2, 1, 8, 8],
-            &[0.0; 128],
-        ),
+        plprune_onnx::tensor::Tensor::from_f64_as(plprune_onnx::tensor::DType::F64, vec![2, 1, 8, 8], &[0.0; 128]),
     );
     let wrong_dtype = dir.join("f64.npz");
     plprune_onnx::npz::write(&wrong_dtype, &arrays).unwrap();
-    let e = run_err(
-        &[vggs, "--calib", wrong_dtype.to_str().unwrap(), "-o", outs],
-        2,
-    );
-    assert!(
-        e.contains("f64.npz") && e.contains("float64") && e.contains("float32"),
-        "{e}"
-    );
-    let e = run_err(
-        &[
-            vggs,
-            "--calib",
-            shared("digits/train.npz").to_str().unwrap(),
-            "-o",
-            outs,
-        ],
-        2,
-    );
+    let e = run_err(&[vggs, "--calib", wrong_dtype.to_str().unwrap(), "-o", outs], 2);
+    assert!(e.contains("f64.npz") && e.contains("float64") && e.contains("float32"), "{e}");
+    let e = run_err(&[vggs, "--calib", shared("digits/train.npz").to_str().unwrap(), "-o", outs], 2);
     assert!(e.contains("train.npz") && e.contains("rank"), "{e}");
     assert!(!out.exists(), "a failed run must not write output");
 }

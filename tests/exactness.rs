@@ -37,44 +37,23 @@ fn run_case(c: &Case, ratio: f64) {
     let removed = 1.0 - k.parameters.after as f64 / k.parameters.before as f64;
     // Exact accounting stops at the first unit that reaches the target; protection
     // (one unit per layer) can only keep it from getting there at extreme ratios.
-    assert!(
-        removed >= ratio * 0.95,
-        "{} r={ratio}: removed only {removed:.3} of {} parameters",
-        c.name,
-        c.kind.name()
-    );
-    assert!(
-        removed < ratio + 0.1,
-        "{} r={ratio}: removed {removed:.3}, far above the ratio",
-        c.name
-    );
+    assert!(removed >= ratio * 0.95, "{} r={ratio}: removed only {removed:.3} of {} parameters", c.name, c.kind.name());
+    assert!(removed < ratio + 0.1, "{} r={ratio}: removed {removed:.3}, far above the ratio", c.name);
     assert!(report.parameters.after < report.parameters.before);
 
     let batch = s.cx.inputs.as_ref().unwrap().take(c.samples);
     let inputs = inputs_of(&batch, &s);
-    let names: Vec<String> = s
-        .model
-        .outputs
-        .iter()
-        .map(|&o| s.model.value(o).name.clone())
-        .collect();
+    let names: Vec<String> = s.model.outputs.iter().map(|&o| s.model.value(o).name.clone()).collect();
     let slim = s.model_bytes().unwrap();
     let masked = s.masked_bytes().unwrap();
     let worst = assert_same_outputs(&slim, &masked, &inputs, &names, 1e-4);
     // The masking must matter, or this test proves nothing.
     let dense = std::fs::read(shared(c.model)).unwrap();
     let moved = max_output_diff(&dense, &masked, &inputs, &names);
-    assert!(
-        moved > 100.0 * worst.max(1e-7),
-        "{} r={ratio}: pruning did not change the outputs ({moved})",
-        c.name
-    );
+    assert!(moved > 100.0 * worst.max(1e-7), "{} r={ratio}: pruning did not change the outputs ({moved})", c.name);
 
     let dir = out_dir("exactness");
-    let (sp, mp) = (
-        dir.join(format!("{}-{ratio}.onnx", c.name)),
-        dir.join(format!("{}-{ratio}-masked.onnx", c.name)),
-    );
+    let (sp, mp) = (dir.join(format!("{}-{ratio}.onnx", c.name)), dir.join(format!("{}-{ratio}-masked.onnx", c.name)));
     std::fs::write(&sp, &slim).unwrap();
     std::fs::write(&mp, &masked).unwrap();
     ort_check(&sp, &mp, Some(&shared(c.calib)), c.samples);

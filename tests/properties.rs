@@ -12,14 +12,7 @@ use plprune_onnx::{onnx_io, Config, Session};
 use proptest::prelude::*;
 
 fn session(path: &std::path::Path) -> Session {
-    let mut s = Session::open(
-        path,
-        Config {
-            verify: false,
-            ..Config::default()
-        },
-    )
-    .unwrap();
+    let mut s = Session::open(path, Config { verify: false, ..Config::default() }).unwrap();
     s.analyze().unwrap();
     s
 }
@@ -47,35 +40,15 @@ fn check_random_keep(path: &std::path::Path, seed: u64) {
     // Shapes: every sliced tensor lost exactly the pruned entries.
     for (g, group) in s.cx.groups.iter().enumerate() {
         for sl in &group.slices {
-            let dense =
-                s.cx.dense
-                    .as_ref()
-                    .unwrap()
-                    .value(sl.tensor)
-                    .data
-                    .as_ref()
-                    .unwrap()
-                    .dims[sl.axis];
+            let dense = s.cx.dense.as_ref().unwrap().value(sl.tensor).data.as_ref().unwrap().dims[sl.axis];
             let now = s.model.value(sl.tensor).data.as_ref().unwrap().dims[sl.axis];
             assert!(now <= dense - keep.pruned(g).len() * sl.factor);
         }
     }
     s.model.validate().unwrap();
-    let inputs =
-        plprune_onnx::calib::synthetic(&s.model, &s.cx.input_shapes, seed).ordered(&s.model);
-    let names: Vec<String> = s
-        .model
-        .outputs
-        .iter()
-        .map(|&o| s.model.value(o).name.clone())
-        .collect();
-    assert_same_outputs(
-        &s.model_bytes().unwrap(),
-        &s.masked_bytes().unwrap(),
-        &inputs,
-        &names,
-        1e-4,
-    );
+    let inputs = plprune_onnx::calib::synthetic(&s.model, &s.cx.input_shapes, seed).ordered(&s.model);
+    let names: Vec<String> = s.model.outputs.iter().map(|&o| s.model.value(o).name.clone()).collect();
+    assert_same_outputs(&s.model_bytes().unwrap(), &s.masked_bytes().unwrap(), &inputs, &names, 1e-4);
 }
 
 proptest! {
@@ -99,20 +72,12 @@ proptest! {
 
 #[test]
 fn keep_all_changes_nothing() {
-    for path in [
-        shared("digits/vgg_bn.onnx"),
-        fixture("conv_bn_residual.onnx"),
-        fixture("ffn_gelu.onnx"),
-    ] {
+    for path in [shared("digits/vgg_bn.onnx"), fixture("conv_bn_residual.onnx"), fixture("ffn_gelu.onnx")] {
         let mut s = session(&path);
         let before = s.model_bytes().unwrap();
         let keep = KeepSet::all(&s.cx.groups);
         s.apply(Some(keep)).unwrap();
-        assert!(
-            s.model_bytes().unwrap() == before,
-            "{}: keep-all changed the model",
-            path.display()
-        );
+        assert!(s.model_bytes().unwrap() == before, "{}: keep-all changed the model", path.display());
     }
 }
 
@@ -122,20 +87,10 @@ fn summary(m: &Model) -> Vec<String> {
         .into_iter()
         .map(|id| {
             let x = m.value(id);
-            format!(
-                "{} {:?} {:?} {:?}",
-                x.name,
-                x.kind,
-                x.dtype,
-                x.data.as_ref().map(|d| (&d.dims, d.bytes.len()))
-            )
+            format!("{} {:?} {:?} {:?}", x.name, x.kind, x.dtype, x.data.as_ref().map(|d| (&d.dims, d.bytes.len())))
         })
         .collect();
-    v.extend(
-        m.ops()
-            .into_iter()
-            .map(|o| format!("{} {}", m.op(o).op_type, m.op(o).name)),
-    );
+    v.extend(m.ops().into_iter().map(|o| format!("{} {}", m.op(o).op_type, m.op(o).name)));
     v
 }
 
@@ -154,11 +109,7 @@ fn import_export_round_trip_is_lossless() {
         let bytes = onnx_io::to_bytes(&proto).unwrap();
         // Everything but inlined external data is the source, field for field.
         if !path.ends_with("external_data.onnx") {
-            assert!(
-                bytes == onnx_io::to_bytes(&doc.proto).unwrap(),
-                "{}: export changed the file",
-                path.display()
-            );
+            assert!(bytes == onnx_io::to_bytes(&doc.proto).unwrap(), "{}: export changed the file", path.display());
         }
         let (_, again) = onnx_io::load_bytes(&bytes, &path).unwrap();
         assert_eq!(summary(&model), summary(&again), "{}", path.display());
@@ -170,11 +121,7 @@ fn typed_fields_external_data_and_raw_data_decode_alike() {
     let (_, typed) = onnx_io::load(&fixture("dtypes.onnx")).unwrap();
     let (_, ext) = onnx_io::load(&fixture("external_data.onnx")).unwrap();
     for name in ["fc2.weight", "fc2.bias", "fc1.weight"] {
-        let a = typed
-            .value(typed.value_id(name).unwrap())
-            .data
-            .clone()
-            .unwrap();
+        let a = typed.value(typed.value_id(name).unwrap()).data.clone().unwrap();
         let b = ext.value(ext.value_id(name).unwrap()).data.clone().unwrap();
         assert_eq!(a, b, "{name}");
     }

@@ -46,8 +46,7 @@ impl<'a> OpCtx<'a> {
 
     /// The fact at input `slot`, failing when that required input is missing.
     pub(crate) fn require(&self, slot: usize) -> Res<&'a Fact> {
-        self.input(slot)
-            .ok_or_else(|| self.err(format!("is missing its required input {slot}")))
+        self.input(slot).ok_or_else(|| self.err(format!("is missing its required input {slot}")))
     }
 
     pub(crate) fn dtype(&self, slot: usize) -> Option<DType> {
@@ -58,10 +57,7 @@ impl<'a> OpCtx<'a> {
     /// Shape of input `slot`: the known value's dims, else the fact's shape.
     pub(crate) fn shape(&self, slot: usize) -> Option<&'a [usize]> {
         let f = self.input(slot)?;
-        f.value
-            .as_ref()
-            .map(|v| v.dims.as_slice())
-            .or(f.shape.as_deref())
+        f.value.as_ref().map(|v| v.dims.as_slice()).or(f.shape.as_deref())
     }
 
     /// Known contents of input `slot`, checked for a byte count matching its dims (so the
@@ -93,10 +89,7 @@ impl<'a> OpCtx<'a> {
         match self.ints(slot)? {
             None => Ok(None),
             Some(v) if v.len() == 1 => Ok(Some(v[0])),
-            Some(v) => Err(self.err(format!(
-                "input {slot} must hold one element, not {}",
-                v.len()
-            ))),
+            Some(v) => Err(self.err(format!("input {slot} must hold one element, not {}", v.len()))),
         }
     }
 
@@ -122,8 +115,7 @@ impl<'a> OpCtx<'a> {
             None => Ok(default),
             Some(_) => {
                 let v = self.op.attr_i(name, 0);
-                usize::try_from(v)
-                    .map_err(|_| self.err(format!("attribute {name}={v} must be non-negative")))
+                usize::try_from(v).map_err(|_| self.err(format!("attribute {name}={v} must be non-negative")))
             }
         }
     }
@@ -131,20 +123,12 @@ impl<'a> OpCtx<'a> {
 
 /// A fact with no known value.
 pub(crate) fn fact(dtype: Option<DType>, shape: Option<Vec<usize>>) -> Fact {
-    Fact {
-        dtype,
-        shape,
-        value: None,
-    }
+    Fact { dtype, shape, value: None }
 }
 
 /// The fact for an output whose value may have been folded: with the value when there is
 /// one, else just dtype and shape.
-pub(crate) fn fact_or_value(
-    dtype: Option<DType>,
-    shape: Option<Vec<usize>>,
-    value: Option<Tensor>,
-) -> Fact {
+pub(crate) fn fact_or_value(dtype: Option<DType>, shape: Option<Vec<usize>>, value: Option<Tensor>) -> Fact {
     match value {
         Some(t) => Fact::of_tensor(t),
         None => fact(dtype, shape),
@@ -164,9 +148,7 @@ pub(crate) fn foldable(dims: &[usize]) -> bool {
 
 /// Converts integer dimensions (e.g. a folded shape tensor) to sizes; negatives are errors.
 pub(crate) fn to_dims(v: &[i64]) -> Res<Vec<usize>> {
-    v.iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("dimension {d} is negative")))
-        .collect()
+    v.iter().map(|&d| usize::try_from(d).map_err(|_| format!("dimension {d} is negative"))).collect()
 }
 
 /// Converts a size to i64 for arithmetic with signed attributes.
@@ -177,11 +159,7 @@ pub(crate) fn dim_i64(d: usize) -> i64 {
 /// Normalises an axis in `-rank..rank` to `0..rank`.
 pub(crate) fn norm_axis(axis: i64, rank: usize) -> Res<usize> {
     let r = dim_i64(rank);
-    let a = if axis < 0 {
-        axis.saturating_add(r)
-    } else {
-        axis
-    };
+    let a = if axis < 0 { axis.saturating_add(r) } else { axis };
     if (0..r).contains(&a) {
         Ok(a as usize)
     } else {
@@ -191,10 +169,7 @@ pub(crate) fn norm_axis(axis: i64, rank: usize) -> Res<usize> {
 
 /// Normalises a list of axes, rejecting duplicates; the result is sorted.
 pub(crate) fn norm_axes(axes: &[i64], rank: usize) -> Res<Vec<usize>> {
-    let mut out = axes
-        .iter()
-        .map(|&a| norm_axis(a, rank))
-        .collect::<Res<Vec<_>>>()?;
+    let mut out = axes.iter().map(|&a| norm_axis(a, rank)).collect::<Res<Vec<_>>>()?;
     out.sort_unstable();
     if out.windows(2).any(|w| w[0] == w[1]) {
         return Err(format!("axes {axes:?} contain a duplicate"));
@@ -257,9 +232,7 @@ pub(crate) fn for_each_index(dims: &[usize], mut f: impl FnMut(&[usize])) {
 pub(crate) fn offsets(dims: &[usize], strides: &[usize]) -> Vec<usize> {
     let mut out = Vec::with_capacity(numel(dims).unwrap_or(0).min(FOLD_LIMIT));
     for_each_index(dims, |idx| {
-        out.push(idx.iter().zip(strides).fold(0usize, |acc, (&i, &s)| {
-            acc.saturating_add(i.saturating_mul(s))
-        }))
+        out.push(idx.iter().zip(strides).fold(0usize, |acc, (&i, &s)| acc.saturating_add(i.saturating_mul(s))))
     });
     out
 }
@@ -270,12 +243,10 @@ pub(crate) fn broadcast_offsets(out: &[usize], inp: &[usize]) -> Vec<usize> {
     let off = out.len().saturating_sub(inp.len());
     let in_strides = strides(inp);
     let eff: Vec<usize> = (0..out.len())
-        .map(
-            |i| match i.checked_sub(off).and_then(|j| inp.get(j).map(|&d| (j, d))) {
-                Some((j, d)) if d != 1 => in_strides[j],
-                _ => 0,
-            },
-        )
+        .map(|i| match i.checked_sub(off).and_then(|j| inp.get(j).map(|&d| (j, d))) {
+            Some((j, d)) if d != 1 => in_strides[j],
+            _ => 0,
+        })
         .collect();
     offsets(out, &eff)
 }
@@ -285,12 +256,7 @@ pub(crate) fn elem(t: &Tensor, i: usize) -> Res<&[u8]> {
     let es = t.dtype.size();
     i.checked_mul(es)
         .and_then(|start| t.bytes.get(start..start.checked_add(es)?))
-        .ok_or_else(|| {
-            format!(
-                "element {i} is out of range for a tensor of shape {:?}",
-                t.dims
-            )
-        })
+        .ok_or_else(|| format!("element {i} is out of range for a tensor of shape {:?}", t.dims))
 }
 
 /// A tensor of shape `dims` whose element k is element `idx[k]` of `t` (bytes copied, so
@@ -307,31 +273,17 @@ pub(crate) fn gather_elems(t: &Tensor, dims: Vec<usize>, idx: &[usize]) -> Res<T
 /// lists): the folding of Slice, Split, Tile and Gather.
 pub(crate) fn select(t: &Tensor, picks: &[Vec<usize>]) -> Res<Tensor> {
     if picks.len() != t.rank() {
-        return Err(format!(
-            "cannot select {} axes from a tensor of rank {}",
-            picks.len(),
-            t.rank()
-        ));
+        return Err(format!("cannot select {} axes from a tensor of rank {}", picks.len(), t.rank()));
     }
     for (a, p) in picks.iter().enumerate() {
         if let Some(&bad) = p.iter().find(|&&i| i >= t.dims[a]) {
-            return Err(format!(
-                "index {bad} is out of range for axis {a} of size {}",
-                t.dims[a]
-            ));
+            return Err(format!("index {bad} is out of range for axis {a} of size {}", t.dims[a]));
         }
     }
     let st = strides(&t.dims);
     let dims: Vec<usize> = picks.iter().map(Vec::len).collect();
     let mut idx = Vec::with_capacity(numel(&dims).unwrap_or(0).min(FOLD_LIMIT));
-    for_each_index(&dims, |m| {
-        idx.push(
-            m.iter()
-                .enumerate()
-                .map(|(a, &i)| picks[a][i] * st[a])
-                .sum(),
-        )
-    });
+    for_each_index(&dims, |m| idx.push(m.iter().enumerate().map(|(a, &i)| picks[a][i] * st[a]).sum()));
     gather_elems(t, dims, &idx)
 }
 
@@ -390,11 +342,7 @@ pub(crate) mod tests {
     /// Runs the registered rule for `op` on `inputs` at `opset`.
     pub(crate) fn infer(op: &Op, inputs: Vec<Option<Fact>>, opset: i64) -> Res<Vec<Fact>> {
         let f = super::super::rule("", &op.op_type).expect("rule registered");
-        f(&OpCtx {
-            op,
-            inputs: &inputs,
-            opset,
-        })
+        f(&OpCtx { op, inputs: &inputs, opset })
     }
 
     pub(crate) fn shaped(dtype: DType, dims: &[usize]) -> Option<Fact> {
@@ -418,9 +366,7 @@ pub(crate) mod tests {
         assert_eq!(broadcast(&[&[2, 1, 3], &[4, 1]]).unwrap(), vec![2, 4, 3]);
         assert_eq!(broadcast(&[&[0], &[1]]).unwrap(), vec![0]);
         assert_eq!(broadcast(&[&[], &[5]]).unwrap(), vec![5]);
-        assert!(broadcast(&[&[2, 3], &[4]])
-            .unwrap_err()
-            .contains("cannot broadcast"));
+        assert!(broadcast(&[&[2, 3], &[4]]).unwrap_err().contains("cannot broadcast"));
         assert_eq!(broadcast_offsets(&[2, 3], &[3]), vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(broadcast_offsets(&[2, 3], &[2, 1]), vec![0, 0, 0, 1, 1, 1]);
     }
@@ -447,18 +393,10 @@ pub(crate) mod tests {
 
     #[test]
     fn malformed_value_is_an_error() {
-        let bad = Fact::of_tensor(Tensor {
-            dtype: DType::I64,
-            dims: vec![3],
-            bytes: vec![0; 8],
-        });
+        let bad = Fact::of_tensor(Tensor { dtype: DType::I64, dims: vec![3], bytes: vec![0; 8] });
         let o = op("Shape", vec![]);
         let inputs = [Some(bad)];
-        let ctx = OpCtx {
-            op: &o,
-            inputs: &inputs,
-            opset: 13,
-        };
+        let ctx = OpCtx { op: &o, inputs: &inputs, opset: 13 };
         assert!(ctx.value(0).is_err());
     }
 }

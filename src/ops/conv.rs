@@ -28,11 +28,9 @@ pub(crate) fn rule(op_type: &str) -> Option<InferFn> {
         "GlobalAveragePool" | "GlobalMaxPool" | "GlobalLpPool" => global_pool,
         "BatchNormalization" => batch_norm,
         "LayerNormalization" => layer_norm,
-        "InstanceNormalization"
-        | "GroupNormalization"
-        | "LpNormalization"
-        | "LRN"
-        | "MeanVarianceNormalization" => same_shape,
+        "InstanceNormalization" | "GroupNormalization" | "LpNormalization" | "LRN" | "MeanVarianceNormalization" => {
+            same_shape
+        }
         "Pad" => pad,
         "Resize" | "Upsample" => resize,
         _ => return None,
@@ -66,20 +64,13 @@ impl Window {
             match ctx.op.attr_ints(name) {
                 None => Ok(vec![1; rank]),
                 Some(v) if v.len() == rank && v.iter().all(|&x| x >= 1) => to_dims(v),
-                Some(v) => Err(ctx.err(format!(
-                    "attribute {name}={v:?} must hold {rank} positive values"
-                ))),
+                Some(v) => Err(ctx.err(format!("attribute {name}={v:?} must hold {rank} positive values"))),
             }
         };
         let pads = match ctx.op.attr_ints("pads") {
             None => vec![(0, 0); rank],
             Some(p) if p.len() == 2 * rank => (0..rank).map(|i| (p[i], p[i + rank])).collect(),
-            Some(p) => {
-                return Err(ctx.err(format!(
-                    "attribute pads={p:?} must hold {} values",
-                    2 * rank
-                )))
-            }
+            Some(p) => return Err(ctx.err(format!("attribute pads={p:?} must hold {} values", 2 * rank))),
         };
         let auto_pad = match ctx.op.attr_str("auto_pad").unwrap_or("NOTSET") {
             "NOTSET" | "" => AutoPad::NotSet,
@@ -107,16 +98,13 @@ impl Window {
                 input.len()
             ));
         }
-        (0..self.kernel.len())
-            .map(|i| self.output_at(i, dim_i64(input[i])))
-            .collect()
+        (0..self.kernel.len()).map(|i| self.output_at(i, dim_i64(input[i]))).collect()
     }
 
     fn output_at(&self, i: usize, size: i64) -> Res<usize> {
         let stride = dim_i64(self.strides[i]);
-        let span = dim_i64(self.dilations[i])
-            .saturating_mul(dim_i64(self.kernel[i]).saturating_sub(1))
-            .saturating_add(1);
+        let span =
+            dim_i64(self.dilations[i]).saturating_mul(dim_i64(self.kernel[i]).saturating_sub(1)).saturating_add(1);
         let (begin, end) = match self.auto_pad {
             AutoPad::SameUpper | AutoPad::SameLower => {
                 return usize::try_from(ceil_div(size, stride)).map_err(|e| e.to_string())
@@ -127,15 +115,9 @@ impl Window {
         let padded = size.saturating_add(begin).saturating_add(end);
         let room = padded.saturating_sub(span);
         if room < 0 {
-            return Err(format!(
-                "window of {span} on spatial axis {i} is larger than the padded input {padded}"
-            ));
+            return Err(format!("window of {span} on spatial axis {i} is larger than the padded input {padded}"));
         }
-        let mut n = if self.ceil_mode {
-            ceil_div(room, stride)
-        } else {
-            room / stride
-        } + 1;
+        let mut n = if self.ceil_mode { ceil_div(room, stride) } else { room / stride } + 1;
         if self.ceil_mode && (n - 1).saturating_mul(stride) >= size.saturating_add(begin) {
             n -= 1;
         }
@@ -159,9 +141,7 @@ fn kernel_shape(ctx: &OpCtx, weight_spatial: Option<&[usize]>) -> Res<Option<Vec
         (Some(k), w) => {
             let k = to_dims(k).map_err(|e| ctx.err(format!("kernel_shape: {e}")))?;
             if let Some(w) = w.filter(|&w| w != k.as_slice()) {
-                return Err(ctx.err(format!(
-                    "kernel_shape {k:?} does not match the weight's {w:?}"
-                )));
+                return Err(ctx.err(format!("kernel_shape {k:?} does not match the weight's {w:?}")));
             }
             Ok(Some(k))
         }
@@ -171,15 +151,9 @@ fn kernel_shape(ctx: &OpCtx, weight_spatial: Option<&[usize]>) -> Res<Option<Vec
 
 /// The input's batch and channel dims and spatial dims; Err when the rank is below 3 or
 /// not `expected` (when given).
-fn split_nc<'a>(
-    ctx: &OpCtx,
-    x: &'a [usize],
-    expected: Option<usize>,
-) -> Res<(usize, usize, &'a [usize])> {
+fn split_nc<'a>(ctx: &OpCtx, x: &'a [usize], expected: Option<usize>) -> Res<(usize, usize, &'a [usize])> {
     match x {
-        [n, c, spatial @ ..] if !spatial.is_empty() && expected.is_none_or(|r| r == x.len()) => {
-            Ok((*n, *c, spatial))
-        }
+        [n, c, spatial @ ..] if !spatial.is_empty() && expected.is_none_or(|r| r == x.len()) => Ok((*n, *c, spatial)),
         _ => Err(ctx.err(format!(
             "input of shape {x:?} has the wrong rank (expected {})",
             expected.map_or("3 or more".to_string(), |r| r.to_string())
@@ -191,9 +165,7 @@ fn split_nc<'a>(
 fn split_weight<'a>(ctx: &OpCtx, w: &'a [usize], rank: usize) -> Res<(usize, usize, &'a [usize])> {
     match w {
         [a, b, kernel @ ..] if w.len() == rank => Ok((*a, *b, kernel)),
-        _ => Err(ctx.err(format!(
-            "weight of shape {w:?} does not match an input of rank {rank}"
-        ))),
+        _ => Err(ctx.err(format!("weight of shape {w:?} does not match an input of rank {rank}"))),
     }
 }
 
@@ -207,9 +179,7 @@ fn group(ctx: &OpCtx) -> Res<usize> {
 /// Checks an optional per-channel input (bias) against `[channels]`.
 fn check_channels(ctx: &OpCtx, slot: usize, what: &str, channels: usize) -> Res<()> {
     match ctx.shape(slot) {
-        Some(s) if s != [channels] => Err(ctx.err(format!(
-            "{what} of shape {s:?} does not match {channels} channels"
-        ))),
+        Some(s) if s != [channels] => Err(ctx.err(format!("{what} of shape {s:?} does not match {channels} channels"))),
         _ => Ok(()),
     }
 }
@@ -217,11 +187,7 @@ fn check_channels(ctx: &OpCtx, slot: usize, what: &str, channels: usize) -> Res<
 fn conv(ctx: &OpCtx) -> Res<Vec<Fact>> {
     ctx.require(0)?;
     ctx.require(1)?;
-    let dtype = if ctx.op.op_type == "ConvInteger" {
-        Some(DType::I32)
-    } else {
-        ctx.dtype(0)
-    };
+    let dtype = if ctx.op.op_type == "ConvInteger" { Some(DType::I32) } else { ctx.dtype(0) };
     let group = group(ctx)?;
     let (Some(x), Some(w)) = (ctx.shape(0), ctx.shape(1)) else {
         return Ok(vec![fact(dtype, None)]);
@@ -229,14 +195,10 @@ fn conv(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let (n, c, spatial) = split_nc(ctx, x, None)?;
     let (m, c_per_group, w_spatial) = split_weight(ctx, w, x.len())?;
     if c_per_group.checked_mul(group) != Some(c) {
-        return Err(ctx.err(format!(
-            "input has {c} channels but the weight expects {c_per_group} × group {group}"
-        )));
+        return Err(ctx.err(format!("input has {c} channels but the weight expects {c_per_group} × group {group}")));
     }
     if m % group != 0 {
-        return Err(ctx.err(format!(
-            "{m} output channels are not divisible by group {group}"
-        )));
+        return Err(ctx.err(format!("{m} output channels are not divisible by group {group}")));
     }
     if ctx.op.op_type == "Conv" {
         check_channels(ctx, 2, "bias", m)?;
@@ -261,9 +223,7 @@ fn conv_transpose(ctx: &OpCtx) -> Res<Vec<Fact>> {
     if wc != c {
         return Err(ctx.err(format!("input has {c} channels but the weight has {wc}")));
     }
-    let m = m_per_group
-        .checked_mul(group)
-        .ok_or_else(|| ctx.err("output channel count overflows"))?;
+    let m = m_per_group.checked_mul(group).ok_or_else(|| ctx.err("output channel count overflows"))?;
     check_channels(ctx, 2, "bias", m)?;
     let kernel = kernel_shape(ctx, Some(w_spatial))?.unwrap_or_default();
     let window = Window::read(ctx, kernel)?;
@@ -273,9 +233,7 @@ fn conv_transpose(ctx: &OpCtx) -> Res<Vec<Fact>> {
         // Either the spatial shape or the full shape.
         let os = if os.len() == rank + 2 { &os[2..] } else { os };
         if os.len() != rank {
-            return Err(ctx.err(format!(
-                "output_shape {os:?} does not have {rank} spatial dims"
-            )));
+            return Err(ctx.err(format!("output_shape {os:?} does not have {rank} spatial dims")));
         }
         out.extend(to_dims(os).map_err(|e| ctx.err(e))?);
         return Ok(vec![fact(dtype, Some(out))]);
@@ -290,11 +248,7 @@ fn conv_transpose(ctx: &OpCtx) -> Res<Vec<Fact>> {
         let o = match window.auto_pad {
             AutoPad::SameUpper | AutoPad::SameLower => size.saturating_mul(stride),
             AutoPad::NotSet | AutoPad::Valid => {
-                let (b, e) = if window.auto_pad == AutoPad::Valid {
-                    (0, 0)
-                } else {
-                    window.pads[i]
-                };
+                let (b, e) = if window.auto_pad == AutoPad::Valid { (0, 0) } else { window.pads[i] };
                 let span = dim_i64(window.dilations[i])
                     .saturating_mul(dim_i64(window.kernel[i]).saturating_sub(1))
                     .saturating_add(1);
@@ -306,10 +260,7 @@ fn conv_transpose(ctx: &OpCtx) -> Res<Vec<Fact>> {
                     .saturating_sub(e)
             }
         };
-        out.push(
-            usize::try_from(o)
-                .map_err(|_| ctx.err(format!("spatial axis {i} would have negative size {o}")))?,
-        );
+        out.push(usize::try_from(o).map_err(|_| ctx.err(format!("spatial axis {i} would have negative size {o}")))?);
     }
     Ok(vec![fact(dtype, Some(out))])
 }
@@ -317,8 +268,7 @@ fn conv_transpose(ctx: &OpCtx) -> Res<Vec<Fact>> {
 fn pool(ctx: &OpCtx) -> Res<Vec<Fact>> {
     ctx.require(0)?;
     let dtype = ctx.dtype(0);
-    let kernel =
-        kernel_shape(ctx, None)?.ok_or_else(|| ctx.err("has no kernel_shape attribute"))?;
+    let kernel = kernel_shape(ctx, None)?.ok_or_else(|| ctx.err("has no kernel_shape attribute"))?;
     let window = Window::read(ctx, kernel)?;
     let shape = match ctx.shape(0) {
         Some(x) => {
@@ -330,10 +280,7 @@ fn pool(ctx: &OpCtx) -> Res<Vec<Fact>> {
         None => None,
     };
     // MaxPool's optional second output holds flat indices.
-    Ok(vec![
-        fact(dtype, shape.clone()),
-        fact(Some(DType::I64), shape),
-    ])
+    Ok(vec![fact(dtype, shape.clone()), fact(Some(DType::I64), shape)])
 }
 
 fn global_pool(ctx: &OpCtx) -> Res<Vec<Fact>> {
@@ -341,12 +288,7 @@ fn global_pool(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let shape = match ctx.shape(0) {
         Some(x) => {
             let (n, c, spatial) = split_nc(ctx, x, None)?;
-            Some(
-                [n, c]
-                    .into_iter()
-                    .chain(spatial.iter().map(|_| 1))
-                    .collect(),
-            )
+            Some([n, c].into_iter().chain(spatial.iter().map(|_| 1)).collect())
         }
         None => None,
     };
@@ -383,13 +325,7 @@ fn batch_norm(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let stats_dtype = ctx.dtype(3).or(ctx.dtype(0));
     let stat = fact(stats_dtype, channels.map(|c| vec![c]));
     // Y, then running mean / var (and, before opset 9, saved mean / var).
-    Ok(vec![
-        fact(ctx.dtype(0), shape.map(<[usize]>::to_vec)),
-        stat.clone(),
-        stat.clone(),
-        stat.clone(),
-        stat,
-    ])
+    Ok(vec![fact(ctx.dtype(0), shape.map(<[usize]>::to_vec)), stat.clone(), stat.clone(), stat.clone(), stat])
 }
 
 fn layer_norm(ctx: &OpCtx) -> Res<Vec<Fact>> {
@@ -400,31 +336,18 @@ fn layer_norm(ctx: &OpCtx) -> Res<Vec<Fact>> {
         code => i32::try_from(code).ok().and_then(DType::from_onnx),
     };
     let Some(x) = ctx.shape(0) else {
-        return Ok(vec![
-            fact(dtype, None),
-            fact(stash, None),
-            fact(stash, None),
-        ]);
+        return Ok(vec![fact(dtype, None), fact(stash, None), fact(stash, None)]);
     };
     let axis = norm_axis(ctx.op.attr_i("axis", -1), x.len()).map_err(|e| ctx.err(e))?;
     if let Some(s) = ctx.shape(1) {
         if broadcast(&[s, &x[axis..]]).ok().as_deref() != Some(&x[axis..]) {
-            return Err(ctx.err(format!(
-                "scale of shape {s:?} does not broadcast to the normalised dims {:?}",
-                &x[axis..]
-            )));
+            return Err(
+                ctx.err(format!("scale of shape {s:?} does not broadcast to the normalised dims {:?}", &x[axis..]))
+            );
         }
     }
-    let stats: Vec<usize> = x
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if i < axis { d } else { 1 })
-        .collect();
-    Ok(vec![
-        fact(dtype, Some(x.to_vec())),
-        fact(stash, Some(stats.clone())),
-        fact(stash, Some(stats)),
-    ])
+    let stats: Vec<usize> = x.iter().enumerate().map(|(i, &d)| if i < axis { d } else { 1 }).collect();
+    Ok(vec![fact(dtype, Some(x.to_vec())), fact(stash, Some(stats.clone())), fact(stash, Some(stats))])
 }
 
 fn pad(ctx: &OpCtx) -> Res<Vec<Fact>> {
@@ -451,11 +374,9 @@ fn pad(ctx: &OpCtx) -> Res<Vec<Fact>> {
     }
     let mut out = x.to_vec();
     for (i, &a) in axes.iter().enumerate() {
-        let size = dim_i64(x[a])
-            .saturating_add(pads[i])
-            .saturating_add(pads[i + axes.len()]);
-        out[a] = usize::try_from(size)
-            .map_err(|_| ctx.err(format!("axis {a} of size {} would become {size}", x[a])))?;
+        let size = dim_i64(x[a]).saturating_add(pads[i]).saturating_add(pads[i + axes.len()]);
+        out[a] =
+            usize::try_from(size).map_err(|_| ctx.err(format!("axis {a} of size {} would become {size}", x[a])))?;
     }
     Ok(vec![fact(dtype, Some(out))])
 }
@@ -469,20 +390,13 @@ fn resize(ctx: &OpCtx) -> Res<Vec<Fact>> {
         return unknown;
     };
     // Resize-10 and Upsample-9 have scales at slot 1; Resize-11+ has roi, scales, sizes.
-    let (scales_slot, sizes_slot) = if ctx.op.op_type == "Upsample" || ctx.opset < 11 {
-        (1, None)
-    } else {
-        (2, Some(3))
-    };
+    let (scales_slot, sizes_slot) =
+        if ctx.op.op_type == "Upsample" || ctx.opset < 11 { (1, None) } else { (2, Some(3)) };
     let axes = match ctx.op.attr_ints("axes") {
         Some(a) => norm_axes(a, x.len()).map_err(|e| ctx.err(e))?,
         None => (0..x.len()).collect(),
     };
-    let stretch = ctx
-        .op
-        .attr_str("keep_aspect_ratio_policy")
-        .unwrap_or("stretch")
-        == "stretch";
+    let stretch = ctx.op.attr_str("keep_aspect_ratio_policy").unwrap_or("stretch") == "stretch";
     let crop = ctx.op.attr_str("coordinate_transformation_mode") == Some("tf_crop_and_resize");
     if !stretch || crop {
         return unknown;
@@ -516,11 +430,7 @@ fn resize(ctx: &OpCtx) -> Res<Vec<Fact>> {
         return Err(ctx.err("has neither scales nor sizes"));
     };
     if scales.len() != axes.len() {
-        return Err(ctx.err(format!(
-            "has {} scales for {} axes",
-            scales.len(),
-            axes.len()
-        )));
+        return Err(ctx.err(format!("has {} scales for {} axes", scales.len(), axes.len())));
     }
     for (&a, s) in axes.iter().zip(scales) {
         let d = (x[a] as f64 * s).floor();
@@ -547,87 +457,35 @@ mod tests {
 
     #[test]
     fn conv_strides_pads_group() {
-        let c = conv_op(vec![
-            ("strides", Attr::Ints(vec![2, 2])),
-            ("pads", Attr::Ints(vec![3, 3, 3, 3])),
-        ]);
+        let c = conv_op(vec![("strides", Attr::Ints(vec![2, 2])), ("pads", Attr::Ints(vec![3, 3, 3, 3]))]);
         let r = infer(
             &c,
-            vec![
-                shaped(DType::F32, &[1, 3, 224, 224]),
-                shaped(DType::F32, &[64, 3, 7, 7]),
-                shaped(DType::F32, &[64]),
-            ],
+            vec![shaped(DType::F32, &[1, 3, 224, 224]), shaped(DType::F32, &[64, 3, 7, 7]), shaped(DType::F32, &[64])],
             13,
         )
         .unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 64, 112, 112]));
         // Depthwise 3×3, stride 1, pad 1.
-        let dw = conv_op(vec![
-            ("group", Attr::Int(32)),
-            ("pads", Attr::Ints(vec![1, 1, 1, 1])),
-        ]);
-        let r = infer(
-            &dw,
-            vec![
-                shaped(DType::F32, &[2, 32, 56, 56]),
-                shaped(DType::F32, &[32, 1, 3, 3]),
-            ],
-            13,
-        )
-        .unwrap();
+        let dw = conv_op(vec![("group", Attr::Int(32)), ("pads", Attr::Ints(vec![1, 1, 1, 1]))]);
+        let r = infer(&dw, vec![shaped(DType::F32, &[2, 32, 56, 56]), shaped(DType::F32, &[32, 1, 3, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 32, 56, 56]));
         // Grouped, dilated, 1-D.
-        let g = conv_op(vec![
-            ("group", Attr::Int(2)),
-            ("dilations", Attr::Ints(vec![2])),
-        ]);
-        let r = infer(
-            &g,
-            vec![
-                shaped(DType::F32, &[1, 8, 20]),
-                shaped(DType::F32, &[6, 4, 3]),
-            ],
-            13,
-        )
-        .unwrap();
+        let g = conv_op(vec![("group", Attr::Int(2)), ("dilations", Attr::Ints(vec![2]))]);
+        let r = infer(&g, vec![shaped(DType::F32, &[1, 8, 20]), shaped(DType::F32, &[6, 4, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 6, 16]));
-        let e = infer(
-            &g,
-            vec![
-                shaped(DType::F32, &[1, 8, 20]),
-                shaped(DType::F32, &[6, 8, 3]),
-            ],
-            13,
-        )
-        .unwrap_err();
+        let e = infer(&g, vec![shaped(DType::F32, &[1, 8, 20]), shaped(DType::F32, &[6, 8, 3])], 13).unwrap_err();
         assert!(e.contains("channels"), "{e}");
         let e = infer(
             &c,
-            vec![
-                shaped(DType::F32, &[1, 3, 224, 224]),
-                shaped(DType::F32, &[64, 3, 7, 7]),
-                shaped(DType::F32, &[32]),
-            ],
+            vec![shaped(DType::F32, &[1, 3, 224, 224]), shaped(DType::F32, &[64, 3, 7, 7]), shaped(DType::F32, &[32])],
             13,
         )
         .unwrap_err();
         assert!(e.contains("bias"), "{e}");
-        assert!(infer(
-            &c,
-            vec![
-                shaped(DType::F32, &[1, 3, 2, 2]),
-                shaped(DType::F32, &[64, 3, 9, 9])
-            ],
-            13
-        )
-        .is_err());
+        assert!(infer(&c, vec![shaped(DType::F32, &[1, 3, 2, 2]), shaped(DType::F32, &[64, 3, 9, 9])], 13).is_err());
         assert!(infer(
             &conv_op(vec![("strides", Attr::Ints(vec![0, 1]))]),
-            vec![
-                shaped(DType::F32, &[1, 3, 8, 8]),
-                shaped(DType::F32, &[4, 3, 3, 3])
-            ],
+            vec![shaped(DType::F32, &[1, 3, 8, 8]), shaped(DType::F32, &[4, 3, 3, 3])],
             13
         )
         .is_err());
@@ -637,33 +495,15 @@ mod tests {
 
     #[test]
     fn conv_auto_pad() {
-        let same = conv_op(vec![
-            ("auto_pad", Attr::String(b"SAME_UPPER".to_vec())),
-            ("strides", Attr::Ints(vec![2, 2])),
-        ]);
-        let r = infer(
-            &same,
-            vec![
-                shaped(DType::F32, &[1, 3, 225, 224]),
-                shaped(DType::F32, &[8, 3, 3, 3]),
-            ],
-            13,
-        )
-        .unwrap();
+        let same =
+            conv_op(vec![("auto_pad", Attr::String(b"SAME_UPPER".to_vec())), ("strides", Attr::Ints(vec![2, 2]))]);
+        let r =
+            infer(&same, vec![shaped(DType::F32, &[1, 3, 225, 224]), shaped(DType::F32, &[8, 3, 3, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 8, 113, 112]));
-        let valid = conv_op(vec![
-            ("auto_pad", Attr::String(b"VALID".to_vec())),
-            ("pads", Attr::Ints(vec![5, 5, 5, 5])),
-        ]);
-        let r = infer(
-            &valid,
-            vec![
-                shaped(DType::F32, &[1, 3, 10, 10]),
-                shaped(DType::F32, &[8, 3, 3, 3]),
-            ],
-            13,
-        )
-        .unwrap();
+        let valid =
+            conv_op(vec![("auto_pad", Attr::String(b"VALID".to_vec())), ("pads", Attr::Ints(vec![5, 5, 5, 5]))]);
+        let r =
+            infer(&valid, vec![shaped(DType::F32, &[1, 3, 10, 10]), shaped(DType::F32, &[8, 3, 3, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 8, 8, 8]));
     }
 
@@ -677,32 +517,10 @@ mod tests {
                 ("output_padding", Attr::Ints(vec![1, 1])),
             ],
         );
-        let r = infer(
-            &ct,
-            vec![
-                shaped(DType::F32, &[1, 16, 8, 8]),
-                shaped(DType::F32, &[16, 4, 3, 3]),
-            ],
-            13,
-        )
-        .unwrap();
+        let r = infer(&ct, vec![shaped(DType::F32, &[1, 16, 8, 8]), shaped(DType::F32, &[16, 4, 3, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 4, 16, 16]));
-        let os = op(
-            "ConvTranspose",
-            vec![
-                ("group", Attr::Int(2)),
-                ("output_shape", Attr::Ints(vec![30, 31])),
-            ],
-        );
-        let r = infer(
-            &os,
-            vec![
-                shaped(DType::F32, &[1, 16, 8, 8]),
-                shaped(DType::F32, &[16, 4, 3, 3]),
-            ],
-            13,
-        )
-        .unwrap();
+        let os = op("ConvTranspose", vec![("group", Attr::Int(2)), ("output_shape", Attr::Ints(vec![30, 31]))]);
+        let r = infer(&os, vec![shaped(DType::F32, &[1, 16, 8, 8]), shaped(DType::F32, &[16, 4, 3, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 8, 30, 31]));
     }
 
@@ -719,10 +537,7 @@ mod tests {
             )
         };
         let x = shaped(DType::F32, &[1, 64, 112, 112]);
-        assert_eq!(
-            infer(&mk(0), vec![x.clone()], 12).unwrap()[0].shape,
-            Some(vec![1, 64, 55, 55])
-        );
+        assert_eq!(infer(&mk(0), vec![x.clone()], 12).unwrap()[0].shape, Some(vec![1, 64, 55, 55]));
         let r = infer(&mk(1), vec![x], 12).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 64, 56, 56]));
         assert_eq!(r[1], fact(Some(DType::I64), Some(vec![1, 64, 56, 56])));
@@ -736,49 +551,22 @@ mod tests {
                 ("ceil_mode", Attr::Int(1)),
             ],
         );
-        assert_eq!(
-            infer(&p, vec![shaped(DType::F32, &[1, 1, 5])], 12).unwrap()[0].shape,
-            Some(vec![1, 1, 3])
-        );
-        let avg = op(
-            "AveragePool",
-            vec![
-                ("kernel_shape", Attr::Ints(vec![2, 2])),
-                ("strides", Attr::Ints(vec![2, 2])),
-            ],
-        );
-        assert_eq!(
-            infer(&avg, vec![shaped(DType::F32, &[1, 3, 7, 7])], 12).unwrap()[0].shape,
-            Some(vec![1, 3, 3, 3])
-        );
+        assert_eq!(infer(&p, vec![shaped(DType::F32, &[1, 1, 5])], 12).unwrap()[0].shape, Some(vec![1, 1, 3]));
+        let avg =
+            op("AveragePool", vec![("kernel_shape", Attr::Ints(vec![2, 2])), ("strides", Attr::Ints(vec![2, 2]))]);
+        assert_eq!(infer(&avg, vec![shaped(DType::F32, &[1, 3, 7, 7])], 12).unwrap()[0].shape, Some(vec![1, 3, 3, 3]));
         assert!(infer(&avg, vec![shaped(DType::F32, &[1, 3, 7])], 12).is_err());
-        assert!(infer(
-            &op("MaxPool", vec![]),
-            vec![shaped(DType::F32, &[1, 3, 7, 7])],
-            12
-        )
-        .is_err());
+        assert!(infer(&op("MaxPool", vec![]), vec![shaped(DType::F32, &[1, 3, 7, 7])], 12).is_err());
     }
 
     #[test]
     fn global_pool_and_norms() {
-        let r = infer(
-            &op("GlobalAveragePool", vec![]),
-            vec![shaped(DType::F32, &[2, 512, 7, 7])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("GlobalAveragePool", vec![]), vec![shaped(DType::F32, &[2, 512, 7, 7])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 512, 1, 1]));
         let c = |n: usize| shaped(DType::F32, &[n]);
         let r = infer(
             &op("BatchNormalization", vec![]),
-            vec![
-                shaped(DType::F32, &[2, 16, 5, 5]),
-                c(16),
-                c(16),
-                c(16),
-                c(16),
-            ],
+            vec![shaped(DType::F32, &[2, 16, 5, 5]), c(16), c(16), c(16), c(16)],
             15,
         )
         .unwrap();
@@ -786,102 +574,47 @@ mod tests {
         assert_eq!(r[1].shape, Some(vec![16]));
         assert!(infer(
             &op("BatchNormalization", vec![]),
-            vec![
-                shaped(DType::F32, &[2, 16, 5, 5]),
-                c(8),
-                c(16),
-                c(16),
-                c(16)
-            ],
+            vec![shaped(DType::F32, &[2, 16, 5, 5]), c(8), c(16), c(16), c(16)],
             15
         )
         .is_err());
         let ln = op("LayerNormalization", vec![("axis", Attr::Int(-1))]);
-        let r = infer(
-            &ln,
-            vec![shaped(DType::F32, &[2, 7, 768]), c(768), c(768)],
-            17,
-        )
-        .unwrap();
+        let r = infer(&ln, vec![shaped(DType::F32, &[2, 7, 768]), c(768), c(768)], 17).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 7, 768]));
         assert_eq!(r[1].shape, Some(vec![2, 7, 1]));
         assert!(infer(&ln, vec![shaped(DType::F32, &[2, 7, 768]), c(512)], 17).is_err());
-        let inorm = infer(
-            &op("InstanceNormalization", vec![]),
-            vec![shaped(DType::F32, &[1, 4, 9]), c(4), c(4)],
-            13,
-        )
-        .unwrap();
+        let inorm =
+            infer(&op("InstanceNormalization", vec![]), vec![shaped(DType::F32, &[1, 4, 9]), c(4), c(4)], 13).unwrap();
         assert_eq!(inorm[0].shape, Some(vec![1, 4, 9]));
     }
 
     #[test]
     fn pad_both_forms() {
         let x = shaped(DType::F32, &[1, 3, 4, 4]);
-        let r = infer(
-            &op("Pad", vec![]),
-            vec![x.clone(), ints(&[8], &[0, 0, 1, 2, 0, 0, 1, 2])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Pad", vec![]), vec![x.clone(), ints(&[8], &[0, 0, 1, 2, 0, 0, 1, 2])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 3, 6, 8]));
-        let r = infer(
-            &op(
-                "Pad",
-                vec![("pads", Attr::Ints(vec![0, 0, 0, -1, 0, 0, 0, -1]))],
-            ),
-            vec![x.clone()],
-            2,
-        )
-        .unwrap();
+        let r =
+            infer(&op("Pad", vec![("pads", Attr::Ints(vec![0, 0, 0, -1, 0, 0, 0, -1]))]), vec![x.clone()], 2).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 3, 4, 2]));
-        let r = infer(
-            &op("Pad", vec![]),
-            vec![x.clone(), ints(&[2], &[1, 1]), None, ints(&[1], &[-1])],
-            18,
-        )
-        .unwrap();
+        let r = infer(&op("Pad", vec![]), vec![x.clone(), ints(&[2], &[1, 1]), None, ints(&[1], &[-1])], 18).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 3, 4, 6]));
         assert!(infer(&op("Pad", vec![]), vec![x.clone(), ints(&[2], &[1, 1])], 13).is_err());
-        assert!(infer(
-            &op("Pad", vec![]),
-            vec![x, ints(&[8], &[0, 0, 0, -9, 0, 0, 0, 0])],
-            13
-        )
-        .is_err());
+        assert!(infer(&op("Pad", vec![]), vec![x, ints(&[8], &[0, 0, 0, -9, 0, 0, 0, 0])], 13).is_err());
     }
 
     #[test]
     fn resize_scales_and_sizes() {
         let x = shaped(DType::F32, &[1, 3, 10, 10]);
-        let r = infer(
-            &op("Resize", vec![]),
-            vec![x.clone(), None, floats(&[4], &[1.0, 1.0, 2.0, 2.5])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Resize", vec![]), vec![x.clone(), None, floats(&[4], &[1.0, 1.0, 2.0, 2.5])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 3, 20, 25]));
         let r = infer(
             &op("Resize", vec![]),
-            vec![
-                x.clone(),
-                floats(&[0], &[]),
-                floats(&[0], &[]),
-                ints(&[4], &[1, 3, 7, 7]),
-            ],
+            vec![x.clone(), floats(&[0], &[]), floats(&[0], &[]), ints(&[4], &[1, 3, 7, 7])],
             13,
         )
         .unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 3, 7, 7]));
-        let r = infer(
-            &op(
-                "Upsample",
-                vec![("scales", Attr::Floats(vec![1.0, 1.0, 2.0, 2.0]))],
-            ),
-            vec![x],
-            7,
-        )
-        .unwrap();
+        let r = infer(&op("Upsample", vec![("scales", Attr::Floats(vec![1.0, 1.0, 2.0, 2.0]))]), vec![x], 7).unwrap();
         assert_eq!(r[0].shape, Some(vec![1, 3, 20, 20]));
     }
 }

@@ -16,15 +16,14 @@ use crate::tensor::{DType, Tensor};
 
 pub(crate) fn rule(op_type: &str) -> Option<InferFn> {
     Some(match op_type {
-        "Abs" | "Neg" | "Sqrt" | "Exp" | "Log" | "Relu" | "Sigmoid" | "Tanh" | "Erf"
-        | "Reciprocal" | "Floor" | "Ceil" | "Round" | "Sign" | "Sin" | "Cos" | "Tan" | "Asin"
-        | "Acos" | "Atan" | "Sinh" | "Cosh" | "Asinh" | "Acosh" | "Atanh" | "Softplus"
-        | "Softsign" | "LeakyRelu" | "Elu" | "Selu" | "Celu" | "HardSigmoid" | "HardSwish"
-        | "Mish" | "ThresholdedRelu" | "Gelu" | "Shrink" | "Not" | "BitwiseNot" | "Trilu" => unary,
+        "Abs" | "Neg" | "Sqrt" | "Exp" | "Log" | "Relu" | "Sigmoid" | "Tanh" | "Erf" | "Reciprocal" | "Floor"
+        | "Ceil" | "Round" | "Sign" | "Sin" | "Cos" | "Tan" | "Asin" | "Acos" | "Atan" | "Sinh" | "Cosh" | "Asinh"
+        | "Acosh" | "Atanh" | "Softplus" | "Softsign" | "LeakyRelu" | "Elu" | "Selu" | "Celu" | "HardSigmoid"
+        | "HardSwish" | "Mish" | "ThresholdedRelu" | "Gelu" | "Shrink" | "Not" | "BitwiseNot" | "Trilu" => unary,
         "IsNaN" | "IsInf" => is_special,
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "PRelu" | "BitShift" | "Min" | "Max"
-        | "Sum" | "Mean" | "Equal" | "Greater" | "Less" | "GreaterOrEqual" | "LessOrEqual"
-        | "And" | "Or" | "Xor" | "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" => nary,
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "PRelu" | "BitShift" | "Min" | "Max" | "Sum" | "Mean"
+        | "Equal" | "Greater" | "Less" | "GreaterOrEqual" | "LessOrEqual" | "And" | "Or" | "Xor" | "BitwiseAnd"
+        | "BitwiseOr" | "BitwiseXor" => nary,
         "Where" => where_,
         "Clip" => clip,
         "Cast" => cast,
@@ -87,10 +86,7 @@ fn fold_unary(op: &str, x: &Tensor) -> Option<Tensor> {
 /// IsNaN / IsInf: same shape, Bool.
 fn is_special(ctx: &OpCtx) -> Res<Vec<Fact>> {
     ctx.require(0)?;
-    Ok(vec![fact(
-        Some(DType::Bool),
-        ctx.shape(0).map(<[usize]>::to_vec),
-    )])
+    Ok(vec![fact(Some(DType::Bool), ctx.shape(0).map(<[usize]>::to_vec))])
 }
 
 /// A broadcasting binary operation, as folding applies it element by element.
@@ -128,9 +124,7 @@ impl BinOp {
             "Mul" => BinOp::Mul,
             "Div" => BinOp::Div,
             "Pow" => BinOp::Pow,
-            "Mod" => BinOp::Mod {
-                fmod: ctx.op.attr_i("fmod", 0) != 0,
-            },
+            "Mod" => BinOp::Mod { fmod: ctx.op.attr_i("fmod", 0) != 0 },
             "Min" => BinOp::Min,
             "Max" => BinOp::Max,
             "PRelu" => BinOp::PRelu,
@@ -241,10 +235,7 @@ fn nary(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let variadic = matches!(ctx.op.op_type.as_str(), "Min" | "Max" | "Sum" | "Mean");
     let n = ctx.inputs.len();
     if (variadic && n == 0) || (!variadic && n != 2) {
-        return Err(ctx.err(format!(
-            "takes {} inputs, not {n}",
-            if variadic { "one or more" } else { "two" }
-        )));
+        return Err(ctx.err(format!("takes {} inputs, not {n}", if variadic { "one or more" } else { "two" })));
     }
     for i in 0..n {
         ctx.require(i)?;
@@ -252,11 +243,7 @@ fn nary(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let same_types = !matches!(ctx.op.op_type.as_str(), "Pow" | "PRelu");
     let in_dtype = common_dtype(ctx, &(0..n).collect::<Vec<_>>(), same_types)?;
     let op = BinOp::of(ctx);
-    let out_dtype = if op.is_some_and(BinOp::bool_result) {
-        Some(DType::Bool)
-    } else {
-        in_dtype
-    };
+    let out_dtype = if op.is_some_and(BinOp::bool_result) { Some(DType::Bool) } else { in_dtype };
 
     let shapes: Option<Vec<&[usize]>> = (0..n).map(|i| ctx.shape(i)).collect();
     let Some(shapes) = shapes else {
@@ -290,19 +277,10 @@ fn common_dtype(ctx: &OpCtx, slots: &[usize], strict: bool) -> Res<Option<DType>
 }
 
 /// Folds `op` over `values` broadcast to `shape`, left to right.
-fn fold_nary(
-    op: BinOp,
-    values: &[&Tensor],
-    shape: &[usize],
-    dtype: DType,
-    mean: bool,
-) -> Option<Tensor> {
+fn fold_nary(op: BinOp, values: &[&Tensor], shape: &[usize], dtype: DType, mean: bool) -> Option<Tensor> {
     let first = values.first()?;
     let float = first.dtype.is_float();
-    let maps: Vec<Vec<usize>> = values
-        .iter()
-        .map(|v| broadcast_offsets(shape, &v.dims))
-        .collect();
+    let maps: Vec<Vec<usize>> = values.iter().map(|v| broadcast_offsets(shape, &v.dims)).collect();
     let len = maps.first().map_or(0, Vec::len);
     let nums = if float {
         let vals: Vec<Vec<f64>> = values.iter().map(|v| v.to_f64_vec()).collect();
@@ -341,12 +319,7 @@ fn where_(ctx: &OpCtx) -> Res<Vec<Fact>> {
     };
     let shape = broadcast(&[c, x, y]).map_err(|e| ctx.err(e))?;
     let mut value = None;
-    if let (true, Some(c), Some(x), Some(y)) = (
-        foldable(&shape),
-        ctx.value(0)?,
-        ctx.value(1)?,
-        ctx.value(2)?,
-    ) {
+    if let (true, Some(c), Some(x), Some(y)) = (foldable(&shape), ctx.value(0)?, ctx.value(1)?, ctx.value(2)?) {
         let (mc, mx, my) = (
             broadcast_offsets(&shape, &c.dims),
             broadcast_offsets(&shape, &x.dims),
@@ -354,11 +327,7 @@ fn where_(ctx: &OpCtx) -> Res<Vec<Fact>> {
         );
         let mut bytes = Vec::with_capacity(mc.len() * x.dtype.size());
         for k in 0..mc.len() {
-            let picked = if c.get_i64(mc[k]) != 0 {
-                elem(x, mx[k])?
-            } else {
-                elem(y, my[k])?
-            };
+            let picked = if c.get_i64(mc[k]) != 0 { elem(x, mx[k])? } else { elem(y, my[k])? };
             bytes.extend_from_slice(picked);
         }
         value = Tensor::new(x.dtype, shape.clone(), bytes).ok();
@@ -376,18 +345,11 @@ fn clip(ctx: &OpCtx) -> Res<Vec<Fact>> {
         if ctx.input(slot).is_some() {
             return Ok(match ctx.value(slot)? {
                 Some(t) if t.numel() == 1 => Some(Some(t.get_f64(0))),
-                Some(t) => {
-                    return Err(ctx.err(format!(
-                        "bound input {slot} must be a scalar, not shape {:?}",
-                        t.dims
-                    )))
-                }
+                Some(t) => return Err(ctx.err(format!("bound input {slot} must be a scalar, not shape {:?}", t.dims))),
                 None => None,
             });
         }
-        Ok(Some(
-            ctx.op.attr(attr).map(|_| ctx.op.attr_f(attr, 0.0) as f64),
-        ))
+        Ok(Some(ctx.op.attr(attr).map(|_| ctx.op.attr_f(attr, 0.0) as f64)))
     };
     let (lo, hi) = (bound(1, "min")?, bound(2, "max")?);
     let value = match (ctx.value(0)?, lo, hi) {
@@ -449,37 +411,15 @@ mod tests {
 
     #[test]
     fn broadcast_add_and_mismatch() {
-        let r = infer(
-            &op("Add", vec![]),
-            vec![shaped(DType::F32, &[2, 1, 3]), shaped(DType::F32, &[4, 3])],
-            13,
-        )
-        .unwrap();
+        let r =
+            infer(&op("Add", vec![]), vec![shaped(DType::F32, &[2, 1, 3]), shaped(DType::F32, &[4, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 4, 3]));
         assert_eq!(r[0].dtype, Some(DType::F32));
-        let e = infer(
-            &op("Mul", vec![]),
-            vec![shaped(DType::F32, &[2, 3]), shaped(DType::F32, &[4])],
-            13,
-        )
-        .unwrap_err();
-        assert!(
-            e.starts_with("Mul cannot broadcast shapes [2, 3] and [4]"),
-            "{e}"
-        );
-        let e = infer(
-            &op("Add", vec![]),
-            vec![shaped(DType::F32, &[2]), shaped(DType::I64, &[2])],
-            13,
-        )
-        .unwrap_err();
+        let e = infer(&op("Mul", vec![]), vec![shaped(DType::F32, &[2, 3]), shaped(DType::F32, &[4])], 13).unwrap_err();
+        assert!(e.starts_with("Mul cannot broadcast shapes [2, 3] and [4]"), "{e}");
+        let e = infer(&op("Add", vec![]), vec![shaped(DType::F32, &[2]), shaped(DType::I64, &[2])], 13).unwrap_err();
         assert!(e.contains("differ"), "{e}");
-        let r = infer(
-            &op("Add", vec![]),
-            vec![unknown(), shaped(DType::F32, &[4])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Add", vec![]), vec![unknown(), shaped(DType::F32, &[4])], 13).unwrap();
         assert_eq!(r[0], fact(Some(DType::F32), None));
     }
 
@@ -488,40 +428,20 @@ mod tests {
         let a = ints(&[4], &[7, -7, 7, -7]);
         let b = ints(&[4], &[2, 2, -2, -2]);
         let div = infer(&op("Div", vec![]), vec![a.clone(), b.clone()], 13).unwrap();
-        assert_eq!(
-            div[0].value.as_ref().unwrap().to_i64_vec(),
-            vec![3, -3, -3, 3]
-        );
+        assert_eq!(div[0].value.as_ref().unwrap().to_i64_vec(), vec![3, -3, -3, 3]);
         let m = infer(&op("Mod", vec![]), vec![a.clone(), b.clone()], 13).unwrap();
-        assert_eq!(
-            m[0].value.as_ref().unwrap().to_i64_vec(),
-            vec![1, 1, -1, -1]
-        );
-        let m = infer(
-            &op("Mod", vec![("fmod", Attr::Int(1))]),
-            vec![a.clone(), b.clone()],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            m[0].value.as_ref().unwrap().to_i64_vec(),
-            vec![1, -1, 1, -1]
-        );
+        assert_eq!(m[0].value.as_ref().unwrap().to_i64_vec(), vec![1, 1, -1, -1]);
+        let m = infer(&op("Mod", vec![("fmod", Attr::Int(1))]), vec![a.clone(), b.clone()], 13).unwrap();
+        assert_eq!(m[0].value.as_ref().unwrap().to_i64_vec(), vec![1, -1, 1, -1]);
         let mul = infer(&op("Mul", vec![]), vec![a.clone(), ints(&[], &[3])], 13).unwrap();
-        assert_eq!(
-            mul[0].value.as_ref().unwrap().to_i64_vec(),
-            vec![21, -21, 21, -21]
-        );
+        assert_eq!(mul[0].value.as_ref().unwrap().to_i64_vec(), vec![21, -21, 21, -21]);
         let by_zero = infer(&op("Div", vec![]), vec![a.clone(), ints(&[], &[0])], 13).unwrap();
         assert_eq!(by_zero[0].value, None);
         assert_eq!(by_zero[0].shape, Some(vec![4]));
         let mx = infer(&op("Max", vec![]), vec![a.clone(), b, ints(&[1], &[0])], 13).unwrap();
         assert_eq!(mx[0].value.as_ref().unwrap().to_i64_vec(), vec![7, 2, 7, 0]);
         let neg = infer(&op("Neg", vec![]), vec![a], 13).unwrap();
-        assert_eq!(
-            neg[0].value.as_ref().unwrap().to_i64_vec(),
-            vec![-7, 7, -7, 7]
-        );
+        assert_eq!(neg[0].value.as_ref().unwrap().to_i64_vec(), vec![-7, 7, -7, 7]);
     }
 
     #[test]
@@ -530,82 +450,38 @@ mod tests {
         let s = infer(&op("Sqrt", vec![]), vec![floats(&[2], &[4.0, 9.0])], 13).unwrap();
         assert_eq!(s[0].value.as_ref().unwrap().to_f32_vec(), vec![2.0, 3.0]);
         let a = infer(&op("Abs", vec![]), vec![x.clone()], 13).unwrap();
-        assert_eq!(
-            a[0].value.as_ref().unwrap().to_f32_vec(),
-            vec![4.0, 9.0, 1.0]
-        );
-        let g = infer(
-            &op("Greater", vec![]),
-            vec![x.clone(), floats(&[], &[0.0])],
-            13,
-        )
-        .unwrap();
+        assert_eq!(a[0].value.as_ref().unwrap().to_f32_vec(), vec![4.0, 9.0, 1.0]);
+        let g = infer(&op("Greater", vec![]), vec![x.clone(), floats(&[], &[0.0])], 13).unwrap();
         let g = g[0].value.as_ref().unwrap();
         assert_eq!((g.dtype, g.to_i64_vec()), (DType::Bool, vec![1, 1, 0]));
-        let e = infer(
-            &op("Equal", vec![]),
-            vec![ints(&[2], &[1, 2]), ints(&[2], &[1, 3])],
-            13,
-        )
-        .unwrap();
+        let e = infer(&op("Equal", vec![]), vec![ints(&[2], &[1, 2]), ints(&[2], &[1, 3])], 13).unwrap();
         assert_eq!(e[0].value.as_ref().unwrap().to_i64_vec(), vec![1, 0]);
-        let bools = |v: &[i64]| {
-            Some(Fact::of_tensor(Tensor::from_i64_as(
-                DType::Bool,
-                vec![v.len()],
-                v,
-            )))
-        };
+        let bools = |v: &[i64]| Some(Fact::of_tensor(Tensor::from_i64_as(DType::Bool, vec![v.len()], v)));
         let n = infer(&op("Not", vec![]), vec![bools(&[1, 0])], 13).unwrap();
         assert_eq!(n[0].value.as_ref().unwrap().to_i64_vec(), vec![0, 1]);
         let o = infer(&op("Or", vec![]), vec![bools(&[1, 0]), bools(&[0, 0])], 13).unwrap();
         assert_eq!(o[0].value.as_ref().unwrap().to_i64_vec(), vec![1, 0]);
-        let mean = infer(
-            &op("Mean", vec![]),
-            vec![x.clone(), floats(&[1], &[2.0])],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            mean[0].value.as_ref().unwrap().to_f32_vec(),
-            vec![3.0, 5.5, 0.5]
-        );
+        let mean = infer(&op("Mean", vec![]), vec![x.clone(), floats(&[1], &[2.0])], 13).unwrap();
+        assert_eq!(mean[0].value.as_ref().unwrap().to_f32_vec(), vec![3.0, 5.5, 0.5]);
     }
 
     #[test]
     fn where_broadcasts_and_folds() {
-        let c = Some(Fact::of_tensor(Tensor::from_i64_as(
-            DType::Bool,
-            vec![2, 1],
-            &[1, 0],
-        )));
-        let r = infer(
-            &op("Where", vec![]),
-            vec![c.clone(), ints(&[3], &[1, 2, 3]), ints(&[], &[-1])],
-            13,
-        )
-        .unwrap();
+        let c = Some(Fact::of_tensor(Tensor::from_i64_as(DType::Bool, vec![2, 1], &[1, 0])));
+        let r = infer(&op("Where", vec![]), vec![c.clone(), ints(&[3], &[1, 2, 3]), ints(&[], &[-1])], 13).unwrap();
         let v = r[0].value.as_ref().unwrap();
         assert_eq!(v.dims, vec![2, 3]);
         assert_eq!(v.to_i64_vec(), vec![1, 2, 3, -1, -1, -1]);
         let r = infer(
             &op("Where", vec![]),
-            vec![
-                shaped(DType::Bool, &[4, 1]),
-                shaped(DType::F32, &[5]),
-                shaped(DType::F32, &[1]),
-            ],
+            vec![shaped(DType::Bool, &[4, 1]), shaped(DType::F32, &[5]), shaped(DType::F32, &[1])],
             13,
         )
         .unwrap();
         assert_eq!(r[0].shape, Some(vec![4, 5]));
         assert!(infer(
             &op("Where", vec![]),
-            vec![
-                shaped(DType::Bool, &[4]),
-                shaped(DType::F32, &[5]),
-                shaped(DType::F32, &[1])
-            ],
+            vec![shaped(DType::Bool, &[4]), shaped(DType::F32, &[5]), shaped(DType::F32, &[1])],
             13
         )
         .is_err());
@@ -614,61 +490,22 @@ mod tests {
     #[test]
     fn clip_both_forms() {
         let x = floats(&[3], &[-2.0, 0.5, 9.0]);
-        let r = infer(
-            &op("Clip", vec![]),
-            vec![x.clone(), floats(&[], &[0.0]), floats(&[], &[6.0])],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            r[0].value.as_ref().unwrap().to_f32_vec(),
-            vec![0.0, 0.5, 6.0]
-        );
-        let r = infer(
-            &op("Clip", vec![("min", Attr::Float(-1.0))]),
-            vec![x.clone()],
-            6,
-        )
-        .unwrap();
-        assert_eq!(
-            r[0].value.as_ref().unwrap().to_f32_vec(),
-            vec![-1.0, 0.5, 9.0]
-        );
-        let r = infer(
-            &op("Clip", vec![]),
-            vec![x, None, Some(Fact::default())],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            (r[0].shape.clone(), r[0].value.is_none()),
-            (Some(vec![3]), true)
-        );
+        let r = infer(&op("Clip", vec![]), vec![x.clone(), floats(&[], &[0.0]), floats(&[], &[6.0])], 13).unwrap();
+        assert_eq!(r[0].value.as_ref().unwrap().to_f32_vec(), vec![0.0, 0.5, 6.0]);
+        let r = infer(&op("Clip", vec![("min", Attr::Float(-1.0))]), vec![x.clone()], 6).unwrap();
+        assert_eq!(r[0].value.as_ref().unwrap().to_f32_vec(), vec![-1.0, 0.5, 9.0]);
+        let r = infer(&op("Clip", vec![]), vec![x, None, Some(Fact::default())], 13).unwrap();
+        assert_eq!((r[0].shape.clone(), r[0].value.is_none()), (Some(vec![3]), true));
     }
 
     #[test]
     fn cast_and_cast_like() {
-        let r = infer(
-            &op("Cast", vec![("to", Attr::Int(7))]),
-            vec![floats(&[2], &[1.7, -2.5])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Cast", vec![("to", Attr::Int(7))]), vec![floats(&[2], &[1.7, -2.5])], 13).unwrap();
         let v = r[0].value.as_ref().unwrap();
         assert_eq!((v.dtype, v.to_i64_vec()), (DType::I64, vec![1, -2]));
-        let r = infer(
-            &op("CastLike", vec![]),
-            vec![ints(&[1], &[3]), shaped(DType::F16, &[1])],
-            15,
-        )
-        .unwrap();
+        let r = infer(&op("CastLike", vec![]), vec![ints(&[1], &[3]), shaped(DType::F16, &[1])], 15).unwrap();
         assert_eq!(r[0].value.as_ref().unwrap().dtype, DType::F16);
-        let r = infer(
-            &op("Cast", vec![("to", Attr::Int(8))]),
-            vec![shaped(DType::F32, &[2])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Cast", vec![("to", Attr::Int(8))]), vec![shaped(DType::F32, &[2])], 13).unwrap();
         assert_eq!(r[0], fact(None, Some(vec![2])));
     }
 }

@@ -25,11 +25,7 @@ pub(crate) fn rule(op_type: &str) -> Option<InferFn> {
 fn matmul(ctx: &OpCtx) -> Res<Vec<Fact>> {
     ctx.require(0)?;
     ctx.require(1)?;
-    let dtype = if ctx.op.op_type == "MatMulInteger" {
-        Some(DType::I32)
-    } else {
-        ctx.dtype(0)
-    };
+    let dtype = if ctx.op.op_type == "MatMulInteger" { Some(DType::I32) } else { ctx.dtype(0) };
     let shape = match (ctx.shape(0), ctx.shape(1)) {
         (Some(a), Some(b)) => Some(matmul_shape(a, b).map_err(|e| ctx.err(e))?),
         _ => None,
@@ -52,9 +48,7 @@ pub(crate) fn matmul_shape(a: &[usize], b: &[usize]) -> Res<Vec<usize>> {
         None => (n, None, b_rest),
     };
     if k_a != k_b {
-        return Err(format!(
-            "inner dimensions {k_a} and {k_b} differ (shapes {a:?} and {b:?})"
-        ));
+        return Err(format!("inner dimensions {k_a} and {k_b} differ (shapes {a:?} and {b:?})"));
     }
     let mut out = broadcast(&[a_batch, b_batch]).map_err(|e| format!("batch dimensions: {e}"))?;
     out.extend(m);
@@ -72,20 +66,10 @@ fn gemm(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let (&[a0, a1], &[b0, b1]) = (a, b) else {
         return Err(ctx.err(format!("needs 2-D A and B, got shapes {a:?} and {b:?}")));
     };
-    let (m, k_a) = if ctx.op.attr_i("transA", 0) != 0 {
-        (a1, a0)
-    } else {
-        (a0, a1)
-    };
-    let (k_b, n) = if ctx.op.attr_i("transB", 0) != 0 {
-        (b1, b0)
-    } else {
-        (b0, b1)
-    };
+    let (m, k_a) = if ctx.op.attr_i("transA", 0) != 0 { (a1, a0) } else { (a0, a1) };
+    let (k_b, n) = if ctx.op.attr_i("transB", 0) != 0 { (b1, b0) } else { (b0, b1) };
     if k_a != k_b {
-        return Err(ctx.err(format!(
-            "inner dimensions {k_a} and {k_b} differ (A {a:?}, B {b:?})"
-        )));
+        return Err(ctx.err(format!("inner dimensions {k_a} and {k_b} differ (A {a:?}, B {b:?})")));
     }
     if let Some(c) = ctx.shape(2) {
         if c.len() > 2 || broadcast(&[c, &[m, n]]).ok().as_deref() != Some(&[m, n][..]) {
@@ -125,20 +109,13 @@ impl Term {
 }
 
 fn einsum(ctx: &OpCtx) -> Res<Vec<Fact>> {
-    let equation = ctx
-        .op
-        .attr_str("equation")
-        .ok_or_else(|| ctx.err("has no 'equation' attribute"))?;
+    let equation = ctx.op.attr_str("equation").ok_or_else(|| ctx.err("has no 'equation' attribute"))?;
     let eq: String = equation.chars().filter(|c| !c.is_whitespace()).collect();
     let (lhs, rhs) = match eq.split_once("->") {
         Some((l, r)) => (l, Some(r)),
         None => (eq.as_str(), None),
     };
-    let terms = lhs
-        .split(',')
-        .map(Term::parse)
-        .collect::<Res<Vec<_>>>()
-        .map_err(|e| ctx.err(e))?;
+    let terms = lhs.split(',').map(Term::parse).collect::<Res<Vec<_>>>().map_err(|e| ctx.err(e))?;
     if terms.len() != ctx.inputs.len() {
         return Err(ctx.err(format!(
             "equation '{equation}' has {} operands but the node has {} inputs",
@@ -170,13 +147,7 @@ fn einsum_shape(terms: &[Term], shapes: &[&[usize]], rhs: Option<&str>) -> Res<V
             Some(_) => s.len().checked_sub(t.labels.len()),
             None => (s.len() == t.labels.len()).then_some(0),
         }
-        .ok_or_else(|| {
-            format!(
-                "operand {i} has rank {} but its term has {} labels",
-                s.len(),
-                t.labels.len()
-            )
-        })?;
+        .ok_or_else(|| format!("operand {i} has rank {} but its term has {} labels", s.len(), t.labels.len()))?;
         let at = t.ellipsis.unwrap_or(t.labels.len());
         ellipsis_shapes.push(&s[at..at + n_ell]);
         let label_dims = s[..at].iter().chain(&s[at + n_ell..]);
@@ -195,15 +166,8 @@ fn einsum_shape(terms: &[Term], shapes: &[&[usize]], rhs: Option<&str>) -> Res<V
         Some(r) => Term::parse(r)?,
         None => {
             // Implicit form: the labels that occur once, in alphabetical order.
-            let labels: Vec<char> = counts
-                .iter()
-                .filter(|&(_, &n)| n == 1)
-                .map(|(&c, _)| c)
-                .collect();
-            Term {
-                labels,
-                ellipsis: terms.iter().any(|t| t.ellipsis.is_some()).then_some(0),
-            }
+            let labels: Vec<char> = counts.iter().filter(|&(_, &n)| n == 1).map(|(&c, _)| c).collect();
+            Term { labels, ellipsis: terms.iter().any(|t| t.ellipsis.is_some()).then_some(0) }
         }
     };
     let mut shape = Vec::with_capacity(out.labels.len() + ell.len());
@@ -211,11 +175,7 @@ fn einsum_shape(terms: &[Term], shapes: &[&[usize]], rhs: Option<&str>) -> Res<V
         if out.ellipsis == Some(j) {
             shape.extend(&ell);
         }
-        shape.push(
-            *sizes
-                .get(c)
-                .ok_or_else(|| format!("output label '{c}' does not occur in any operand"))?,
-        );
+        shape.push(*sizes.get(c).ok_or_else(|| format!("output label '{c}' does not occur in any operand"))?);
     }
     if out.ellipsis == Some(out.labels.len()) {
         shape.extend(&ell);
@@ -232,39 +192,21 @@ mod tests {
     use crate::ir::Attr;
 
     fn mm(a: &[usize], b: &[usize]) -> Res<Vec<Fact>> {
-        infer(
-            &op("MatMul", vec![]),
-            vec![shaped(DType::F32, a), shaped(DType::F32, b)],
-            13,
-        )
+        infer(&op("MatMul", vec![]), vec![shaped(DType::F32, a), shaped(DType::F32, b)], 13)
     }
 
     #[test]
     fn matmul_broadcasts_batch_dims() {
-        assert_eq!(
-            mm(&[8, 1, 128, 64], &[12, 64, 32]).unwrap()[0].shape,
-            Some(vec![8, 12, 128, 32])
-        );
-        assert_eq!(
-            mm(&[2, 384, 768], &[768, 3072]).unwrap()[0].shape,
-            Some(vec![2, 384, 3072])
-        );
+        assert_eq!(mm(&[8, 1, 128, 64], &[12, 64, 32]).unwrap()[0].shape, Some(vec![8, 12, 128, 32]));
+        assert_eq!(mm(&[2, 384, 768], &[768, 3072]).unwrap()[0].shape, Some(vec![2, 384, 3072]));
         assert_eq!(mm(&[5], &[3, 5, 7]).unwrap()[0].shape, Some(vec![3, 7]));
         assert_eq!(mm(&[3, 5], &[5]).unwrap()[0].shape, Some(vec![3]));
         assert_eq!(mm(&[5], &[5]).unwrap()[0].shape, Some(vec![]));
         let e = mm(&[1, 384], &[512, 10]).unwrap_err();
-        assert!(
-            e.starts_with("MatMul inner dimensions 384 and 512 differ"),
-            "{e}"
-        );
+        assert!(e.starts_with("MatMul inner dimensions 384 and 512 differ"), "{e}");
         assert!(mm(&[2, 3, 4], &[5, 4, 6]).is_err());
         assert!(mm(&[], &[3]).is_err());
-        let r = infer(
-            &op("MatMul", vec![]),
-            vec![unknown(), shaped(DType::F32, &[4, 4])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("MatMul", vec![]), vec![unknown(), shaped(DType::F32, &[4, 4])], 13).unwrap();
         assert_eq!(r[0].shape, None);
     }
 
@@ -273,77 +215,38 @@ mod tests {
         let g = op("Gemm", vec![("transB", Attr::Int(1))]);
         let r = infer(
             &g,
-            vec![
-                shaped(DType::F32, &[4, 512]),
-                shaped(DType::F32, &[1000, 512]),
-                shaped(DType::F32, &[1000]),
-            ],
+            vec![shaped(DType::F32, &[4, 512]), shaped(DType::F32, &[1000, 512]), shaped(DType::F32, &[1000])],
             13,
         )
         .unwrap();
         assert_eq!(r[0].shape, Some(vec![4, 1000]));
+        assert!(infer(&g, vec![shaped(DType::F32, &[4, 512]), shaped(DType::F32, &[512, 1000])], 13).is_err());
         assert!(infer(
             &g,
-            vec![
-                shaped(DType::F32, &[4, 512]),
-                shaped(DType::F32, &[512, 1000])
-            ],
-            13
-        )
-        .is_err());
-        assert!(infer(
-            &g,
-            vec![
-                shaped(DType::F32, &[4, 512]),
-                shaped(DType::F32, &[10, 512]),
-                shaped(DType::F32, &[7])
-            ],
+            vec![shaped(DType::F32, &[4, 512]), shaped(DType::F32, &[10, 512]), shaped(DType::F32, &[7])],
             13
         )
         .is_err());
         let ta = op("Gemm", vec![("transA", Attr::Int(1))]);
-        let r = infer(
-            &ta,
-            vec![shaped(DType::F32, &[3, 4]), shaped(DType::F32, &[3, 5])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&ta, vec![shaped(DType::F32, &[3, 4]), shaped(DType::F32, &[3, 5])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![4, 5]));
     }
 
     fn es(eq: &str, shapes: &[&[usize]]) -> Res<Vec<usize>> {
-        let o = op(
-            "Einsum",
-            vec![("equation", Attr::String(eq.as_bytes().to_vec()))],
-        );
-        let r = infer(
-            &o,
-            shapes.iter().map(|s| shaped(DType::F32, s)).collect(),
-            12,
-        )?;
+        let o = op("Einsum", vec![("equation", Attr::String(eq.as_bytes().to_vec()))]);
+        let r = infer(&o, shapes.iter().map(|s| shaped(DType::F32, s)).collect(), 12)?;
         Ok(r[0].shape.clone().unwrap())
     }
 
     #[test]
     fn einsum_forms() {
-        assert_eq!(
-            es("bij,bjk->bik", &[&[2, 3, 4], &[2, 4, 5]]).unwrap(),
-            vec![2, 3, 5]
-        );
+        assert_eq!(es("bij,bjk->bik", &[&[2, 3, 4], &[2, 4, 5]]).unwrap(), vec![2, 3, 5]);
         assert_eq!(es("ij,jk->ik", &[&[3, 4], &[4, 5]]).unwrap(), vec![3, 5]);
-        assert_eq!(
-            es("bsd,edh->bseh", &[&[2, 7, 16], &[4, 16, 8]]).unwrap(),
-            vec![2, 7, 4, 8]
-        );
+        assert_eq!(es("bsd,edh->bseh", &[&[2, 7, 16], &[4, 16, 8]]).unwrap(), vec![2, 7, 4, 8]);
         assert_eq!(es("ij,jk", &[&[3, 4], &[4, 5]]).unwrap(), vec![3, 5]);
-        assert_eq!(
-            es("...ij,...jk->...ik", &[&[6, 3, 4], &[4, 5]]).unwrap(),
-            vec![6, 3, 5]
-        );
+        assert_eq!(es("...ij,...jk->...ik", &[&[6, 3, 4], &[4, 5]]).unwrap(), vec![6, 3, 5]);
         assert_eq!(es("ii->i", &[&[3, 3]]).unwrap(), vec![3]);
-        assert!(es("ij,jk->ik", &[&[3, 4], &[5, 5]])
-            .unwrap_err()
-            .contains("label 'j'"));
+        assert!(es("ij,jk->ik", &[&[3, 4], &[5, 5]]).unwrap_err().contains("label 'j'"));
         assert!(es("ij->ix", &[&[3, 4]]).is_err());
         assert!(es("ijk->i", &[&[3, 4]]).is_err());
         assert!(es("ij,jk->ik", &[&[3, 4]]).is_err());

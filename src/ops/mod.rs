@@ -37,18 +37,10 @@ pub struct Fact {
 
 impl Fact {
     pub fn of_tensor(t: Tensor) -> Fact {
-        Fact {
-            dtype: Some(t.dtype),
-            shape: Some(t.dims.clone()),
-            value: Some(t),
-        }
+        Fact { dtype: Some(t.dtype), shape: Some(t.dims.clone()), value: Some(t) }
     }
     pub fn shaped(dtype: Option<DType>, shape: Vec<usize>) -> Fact {
-        Fact {
-            dtype,
-            shape: Some(shape),
-            value: None,
-        }
+        Fact { dtype, shape: Some(shape), value: None }
     }
 }
 
@@ -184,31 +176,13 @@ mod tests {
             v[self.below(v.len())].clone()
         }
         fn int(&mut self) -> i64 {
-            self.pick(&[
-                -3,
-                -2,
-                -1,
-                0,
-                0,
-                1,
-                1,
-                2,
-                3,
-                4,
-                7,
-                i64::MIN,
-                i64::MAX,
-                -9223372036854775807,
-                1 << 40,
-            ])
+            self.pick(&[-3, -2, -1, 0, 0, 1, 1, 2, 3, 4, 7, i64::MIN, i64::MAX, -9223372036854775807, 1 << 40])
         }
         fn ints(&mut self) -> Vec<i64> {
             (0..self.below(5)).map(|_| self.int()).collect()
         }
         fn dims(&mut self) -> Vec<usize> {
-            (0..self.below(5))
-                .map(|_| self.pick(&[0, 1, 1, 2, 3, 4]))
-                .collect()
+            (0..self.below(5)).map(|_| self.pick(&[0, 1, 1, 2, 3, 4])).collect()
         }
         fn tensor(&mut self) -> Tensor {
             let dims = self.dims();
@@ -216,20 +190,10 @@ mod tests {
             match self.below(4) {
                 0 => Tensor::from_f32(
                     dims,
-                    &(0..n)
-                        .map(|_| self.pick(&[-2.5, 0.0, 1.0, 3.0, f32::NAN, f32::INFINITY]))
-                        .collect::<Vec<_>>(),
+                    &(0..n).map(|_| self.pick(&[-2.5, 0.0, 1.0, 3.0, f32::NAN, f32::INFINITY])).collect::<Vec<_>>(),
                 ),
-                1 => Tensor::from_i64_as(
-                    DType::Bool,
-                    dims,
-                    &(0..n).map(|_| self.below(2) as i64).collect::<Vec<_>>(),
-                ),
-                2 => Tensor {
-                    dtype: DType::I64,
-                    dims,
-                    bytes: vec![0; self.below(9)],
-                },
+                1 => Tensor::from_i64_as(DType::Bool, dims, &(0..n).map(|_| self.below(2) as i64).collect::<Vec<_>>()),
+                2 => Tensor { dtype: DType::I64, dims, bytes: vec![0; self.below(9)] },
                 _ => Tensor::from_i64(dims, &(0..n).map(|_| self.int()).collect::<Vec<_>>()),
             }
         }
@@ -237,10 +201,7 @@ mod tests {
             match self.below(6) {
                 0 => None,
                 1 => Some(Fact::default()),
-                2 => Some(Fact::shaped(
-                    Some(self.pick(&[DType::F32, DType::I64, DType::Bool])),
-                    self.dims(),
-                )),
+                2 => Some(Fact::shaped(Some(self.pick(&[DType::F32, DType::I64, DType::Bool])), self.dims())),
                 _ => Some(Fact::of_tensor(self.tensor())),
             }
         }
@@ -282,14 +243,10 @@ mod tests {
                 "value_ints",
             ]);
             let value = match name {
-                "auto_pad" => Attr::String(
-                    self.pick(&["SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET", "X"])
-                        .into(),
-                ),
-                "equation" => Attr::String(
-                    self.pick(&["ij,jk->ik", "...i,i", "ab->ba", "i...->...", "a,,b", "é->"])
-                        .into(),
-                ),
+                "auto_pad" => Attr::String(self.pick(&["SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET", "X"]).into()),
+                "equation" => {
+                    Attr::String(self.pick(&["ij,jk->ik", "...i,i", "ab->ba", "i...->...", "a,,b", "é->"]).into())
+                }
                 "value" => Attr::Tensor(self.tensor()),
                 "scales" => Attr::Floats(vec![1.0, f32::NAN, -2.0, 1e30]),
                 "min" => Attr::Float(-1.0),
@@ -311,11 +268,7 @@ mod tests {
                 let o = op(op_type, attrs);
                 let inputs: Vec<Option<Fact>> = (0..rng.below(6)).map(|_| rng.fact()).collect();
                 let opset = rng.pick(&[1, 7, 11, 13, 18]);
-                let _ = f(&OpCtx {
-                    op: &o,
-                    inputs: &inputs,
-                    opset,
-                });
+                let _ = f(&OpCtx { op: &o, inputs: &inputs, opset });
             }
         }
         assert!(rule("com.microsoft", "Attention").is_none());

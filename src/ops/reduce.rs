@@ -10,16 +10,14 @@
 //! 12, which changes values only. Reductions fold when the input is known and small (in i64
 //! for integer dtypes, f64 for floats); ArgMax, TopK, Softmax and CumSum are not folded.
 
-use super::common::{
-    fact, fact_or_value, foldable, norm_axes, norm_axis, numel, offsets, strides, Arg, Nums, Res,
-};
+use super::common::{fact, fact_or_value, foldable, norm_axes, norm_axis, numel, offsets, strides, Arg, Nums, Res};
 use super::{Fact, InferFn, OpCtx};
 use crate::tensor::{DType, Tensor};
 
 pub(crate) fn rule(op_type: &str) -> Option<InferFn> {
     Some(match op_type {
-        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1"
-        | "ReduceL2" | "ReduceSumSquare" | "ReduceLogSumExp" => reduce,
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
+        | "ReduceSumSquare" | "ReduceLogSumExp" => reduce,
         "ArgMax" | "ArgMin" => arg_extreme,
         "TopK" => top_k,
         "Softmax" | "LogSoftmax" | "Hardmax" => softmax,
@@ -142,24 +140,16 @@ fn reduce(ctx: &OpCtx) -> Res<Vec<Fact>> {
         Arg::Known(_) | Arg::Absent => (0..x.len()).collect(),
         Arg::Unknown => return Ok(vec![fact(dtype, None)]),
     };
-    let keep: Vec<usize> = x
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-        .collect();
+    let keep: Vec<usize> = x.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
     let out = if ctx.op.attr_i("keepdims", 1) != 0 {
         keep.clone()
     } else {
-        x.iter()
-            .enumerate()
-            .filter(|(i, _)| !axes.contains(i))
-            .map(|(_, &d)| d)
-            .collect()
+        x.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
     };
     let value = match (ctx.value(0)?, Reducer::of(&ctx.op.op_type)) {
-        (Some(t), Some(r)) if foldable(&t.dims) => r
-            .fold(t, &axes, &keep)
-            .and_then(|v| Tensor::new(v.dtype, out.clone(), v.bytes).ok()),
+        (Some(t), Some(r)) if foldable(&t.dims) => {
+            r.fold(t, &axes, &keep).and_then(|v| Tensor::new(v.dtype, out.clone(), v.bytes).ok())
+        }
         _ => None,
     };
     Ok(vec![fact_or_value(dtype, Some(out), value)])
@@ -183,20 +173,13 @@ fn arg_extreme(ctx: &OpCtx) -> Res<Vec<Fact>> {
     };
     let a = norm_axis(ctx.op.attr_i("axis", 0), x.len()).map_err(|e| ctx.err(e))?;
     let keep = ctx.op.attr_i("keepdims", 1) != 0;
-    Ok(vec![fact(
-        Some(DType::I64),
-        Some(along_axis(x, a, keep, 1)),
-    )])
+    Ok(vec![fact(Some(DType::I64), Some(along_axis(x, a, keep, 1)))])
 }
 
 fn top_k(ctx: &OpCtx) -> Res<Vec<Fact>> {
     ctx.require(0)?;
     let dtype = ctx.dtype(0);
-    let k = if ctx.input(1).is_some() {
-        ctx.scalar_i64(1)?
-    } else {
-        ctx.op.attr("k").map(|_| ctx.op.attr_i("k", 0))
-    };
+    let k = if ctx.input(1).is_some() { ctx.scalar_i64(1)? } else { ctx.op.attr("k").map(|_| ctx.op.attr_i("k", 0)) };
     let (Some(x), Some(k)) = (ctx.shape(0), k) else {
         return Ok(vec![fact(dtype, None), fact(Some(DType::I64), None)]);
     };
@@ -204,17 +187,9 @@ fn top_k(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let k = usize::try_from(k)
         .ok()
         .filter(|&k| k <= x[a])
-        .ok_or_else(|| {
-            ctx.err(format!(
-                "k={k} is out of range for axis {a} of size {}",
-                x[a]
-            ))
-        })?;
+        .ok_or_else(|| ctx.err(format!("k={k} is out of range for axis {a} of size {}", x[a])))?;
     let out = along_axis(x, a, true, k);
-    Ok(vec![
-        fact(dtype, Some(out.clone())),
-        fact(Some(DType::I64), Some(out)),
-    ])
+    Ok(vec![fact(dtype, Some(out.clone())), fact(Some(DType::I64), Some(out))])
 }
 
 fn softmax(ctx: &OpCtx) -> Res<Vec<Fact>> {
@@ -248,20 +223,10 @@ mod tests {
         let m = op("ReduceMean", vec![("axes", Attr::Ints(vec![-1]))]);
         let r = infer(&m, vec![shaped(DType::F32, &[2, 7, 768])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 7, 1]));
-        let m = op(
-            "ReduceMax",
-            vec![("axes", Attr::Ints(vec![0, 2])), ("keepdims", Attr::Int(0))],
-        );
-        assert_eq!(
-            infer(&m, vec![shaped(DType::F32, &[2, 7, 768])], 13).unwrap()[0].shape,
-            Some(vec![7])
-        );
-        let all = infer(
-            &op("ReduceL2", vec![("keepdims", Attr::Int(0))]),
-            vec![floats(&[2], &[3.0, 4.0])],
-            13,
-        )
-        .unwrap();
+        let m = op("ReduceMax", vec![("axes", Attr::Ints(vec![0, 2])), ("keepdims", Attr::Int(0))]);
+        assert_eq!(infer(&m, vec![shaped(DType::F32, &[2, 7, 768])], 13).unwrap()[0].shape, Some(vec![7]));
+        let all =
+            infer(&op("ReduceL2", vec![("keepdims", Attr::Int(0))]), vec![floats(&[2], &[3.0, 4.0])], 13).unwrap();
         assert_eq!(all[0].value.as_ref().unwrap().to_f32_vec(), vec![5.0]);
         assert!(infer(
             &op("ReduceMean", vec![("axes", Attr::Ints(vec![3]))]),
@@ -270,19 +235,9 @@ mod tests {
         )
         .is_err());
         // ReduceSum already takes axes as an input at opset 13.
-        let s = infer(
-            &op("ReduceSum", vec![]),
-            vec![ints(&[2, 3], &[1, 2, 3, 4, 5, 6]), ints(&[1], &[1])],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            (
-                s[0].shape.clone(),
-                s[0].value.as_ref().unwrap().to_i64_vec()
-            ),
-            (Some(vec![2, 1]), vec![6, 15])
-        );
+        let s =
+            infer(&op("ReduceSum", vec![]), vec![ints(&[2, 3], &[1, 2, 3, 4, 5, 6]), ints(&[1], &[1])], 13).unwrap();
+        assert_eq!((s[0].shape.clone(), s[0].value.as_ref().unwrap().to_i64_vec()), (Some(vec![2, 1]), vec![6, 15]));
     }
 
     #[test]
@@ -292,32 +247,14 @@ mod tests {
         let r = infer(&p, vec![x.clone(), ints(&[1], &[0])], 18).unwrap();
         assert_eq!(r[0].value.as_ref().unwrap().to_i64_vec(), vec![4, 10, 18]);
         let r = infer(&p, vec![x.clone()], 18).unwrap();
-        assert_eq!(
-            (
-                r[0].shape.clone(),
-                r[0].value.as_ref().unwrap().to_i64_vec()
-            ),
-            (Some(vec![]), vec![720])
-        );
+        assert_eq!((r[0].shape.clone(), r[0].value.as_ref().unwrap().to_i64_vec()), (Some(vec![]), vec![720]));
         let noop = op("ReduceSum", vec![("noop_with_empty_axes", Attr::Int(1))]);
         let r = infer(&noop, vec![x.clone(), ints(&[0], &[])], 18).unwrap();
-        assert_eq!(
-            r[0].value.as_ref().unwrap().to_i64_vec(),
-            vec![1, 2, 3, 4, 5, 6]
-        );
-        let r = infer(
-            &op("ReduceMean", vec![]),
-            vec![shaped(DType::F32, &[2, 3, 4]), ints(&[2], &[1, 2])],
-            18,
-        )
-        .unwrap();
+        assert_eq!(r[0].value.as_ref().unwrap().to_i64_vec(), vec![1, 2, 3, 4, 5, 6]);
+        let r =
+            infer(&op("ReduceMean", vec![]), vec![shaped(DType::F32, &[2, 3, 4]), ints(&[2], &[1, 2])], 18).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 1, 1]));
-        let r = infer(
-            &op("ReduceMean", vec![]),
-            vec![shaped(DType::F32, &[2, 3, 4]), unknown()],
-            18,
-        )
-        .unwrap();
+        let r = infer(&op("ReduceMean", vec![]), vec![shaped(DType::F32, &[2, 3, 4]), unknown()], 18).unwrap();
         assert_eq!(r[0].shape, None);
         let r = infer(&op("ReduceMin", vec![]), vec![x, ints(&[1], &[-1])], 18).unwrap();
         assert_eq!(r[0].value.as_ref().unwrap().to_i64_vec(), vec![1, 4]);
@@ -327,41 +264,23 @@ mod tests {
     fn arg_top_k_softmax_cumsum() {
         let x = shaped(DType::F32, &[4, 10]);
         let r = infer(
-            &op(
-                "ArgMax",
-                vec![("axis", Attr::Int(1)), ("select_last_index", Attr::Int(1))],
-            ),
+            &op("ArgMax", vec![("axis", Attr::Int(1)), ("select_last_index", Attr::Int(1))]),
             vec![x.clone()],
             13,
         )
         .unwrap();
         assert_eq!(r[0], fact(Some(DType::I64), Some(vec![4, 1])));
-        let r = infer(
-            &op("ArgMin", vec![("keepdims", Attr::Int(0))]),
-            vec![x.clone()],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("ArgMin", vec![("keepdims", Attr::Int(0))]), vec![x.clone()], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![10]));
         let r = infer(&op("TopK", vec![]), vec![x.clone(), ints(&[1], &[3])], 11).unwrap();
         assert_eq!(r[0], fact(Some(DType::F32), Some(vec![4, 3])));
         assert_eq!(r[1], fact(Some(DType::I64), Some(vec![4, 3])));
-        let r = infer(
-            &op("TopK", vec![("k", Attr::Int(2)), ("axis", Attr::Int(0))]),
-            vec![x.clone()],
-            1,
-        )
-        .unwrap();
+        let r = infer(&op("TopK", vec![("k", Attr::Int(2)), ("axis", Attr::Int(0))]), vec![x.clone()], 1).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 10]));
         assert!(infer(&op("TopK", vec![]), vec![x.clone(), ints(&[1], &[11])], 11).is_err());
         let r = infer(&op("Softmax", vec![]), vec![x.clone()], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![4, 10]));
-        assert!(infer(
-            &op("Softmax", vec![("axis", Attr::Int(2))]),
-            vec![x.clone()],
-            13
-        )
-        .is_err());
+        assert!(infer(&op("Softmax", vec![("axis", Attr::Int(2))]), vec![x.clone()], 13).is_err());
         let r = infer(&op("CumSum", vec![]), vec![x.clone(), ints(&[], &[1])], 14).unwrap();
         assert_eq!(r[0].shape, Some(vec![4, 10]));
         assert!(infer(&op("CumSum", vec![]), vec![x, ints(&[], &[2])], 14).is_err());

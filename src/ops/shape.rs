@@ -16,8 +16,8 @@
 //! older opset), the input wins.
 
 use super::common::{
-    broadcast, broadcast_offsets, dim_i64, fact, fact_or_value, foldable, gather_elems, norm_axes,
-    norm_axis, numel, offsets, select, strides, to_dims, Arg, Nums, Res,
+    broadcast, broadcast_offsets, dim_i64, fact, fact_or_value, foldable, gather_elems, norm_axes, norm_axis, numel,
+    offsets, select, strides, to_dims, Arg, Nums, Res,
 };
 use super::{Fact, InferFn, OpCtx};
 use crate::ir::Attr;
@@ -75,20 +75,9 @@ fn shape_of(ctx: &OpCtx) -> Res<Vec<Fact>> {
     };
     let r = dim_i64(x.len());
     let clamp = |v: i64| (if v < 0 { v.saturating_add(r) } else { v }).clamp(0, r) as usize;
-    let (start, end) = (
-        clamp(ctx.op.attr_i("start", 0)),
-        clamp(ctx.op.attr_i("end", r)),
-    );
-    let dims: Vec<i64> = x
-        .get(start..end.max(start))
-        .unwrap_or(&[])
-        .iter()
-        .map(|&d| dim_i64(d))
-        .collect();
-    Ok(vec![Fact::of_tensor(Tensor::from_i64(
-        vec![dims.len()],
-        &dims,
-    ))])
+    let (start, end) = (clamp(ctx.op.attr_i("start", 0)), clamp(ctx.op.attr_i("end", r)));
+    let dims: Vec<i64> = x.get(start..end.max(start)).unwrap_or(&[]).iter().map(|&d| dim_i64(d)).collect();
+    Ok(vec![Fact::of_tensor(Tensor::from_i64(vec![dims.len()], &dims))])
 }
 
 fn size(ctx: &OpCtx) -> Res<Vec<Fact>> {
@@ -114,11 +103,7 @@ fn reshape(ctx: &OpCtx) -> Res<Vec<Fact>> {
 
 /// Resolves a Reshape target: 0 copies the input dim (unless `allowzero`), one -1 is
 /// inferred. None when the result depends on an unknown input shape.
-fn reshape_dims(
-    input: Option<&[usize]>,
-    target: &[i64],
-    allowzero: bool,
-) -> Res<Option<Vec<usize>>> {
+fn reshape_dims(input: Option<&[usize]>, target: &[i64], allowzero: bool) -> Res<Option<Vec<usize>>> {
     let mut out = Vec::with_capacity(target.len());
     let mut inferred = None;
     for (i, &t) in target.iter().enumerate() {
@@ -130,18 +115,12 @@ fn reshape_dims(
                 out.push(1);
             }
             0 if !allowzero => match input {
-                Some(x) => out.push(*x.get(i).ok_or_else(|| {
-                    format!(
-                        "target {target:?} copies dim {i} of a rank-{} input",
-                        x.len()
-                    )
-                })?),
+                Some(x) => out.push(
+                    *x.get(i).ok_or_else(|| format!("target {target:?} copies dim {i} of a rank-{} input", x.len()))?,
+                ),
                 None => return Ok(None),
             },
-            d => out.push(
-                usize::try_from(d)
-                    .map_err(|_| format!("target {target:?} has an invalid dimension {d}"))?,
-            ),
+            d => out.push(usize::try_from(d).map_err(|_| format!("target {target:?} has an invalid dimension {d}"))?),
         }
     }
     let Some(x) = input else {
@@ -165,14 +144,10 @@ fn flatten(ctx: &OpCtx) -> Res<Vec<Fact>> {
     };
     // The axis may be anything in -rank..=rank.
     let (axis, r) = (ctx.op.attr_i("axis", 1), dim_i64(x.len()));
-    let a = usize::try_from(if axis < 0 {
-        axis.saturating_add(r)
-    } else {
-        axis
-    })
-    .ok()
-    .filter(|&a| a <= x.len())
-    .ok_or_else(|| ctx.err(format!("axis {axis} is out of range for rank {r}")))?;
+    let a = usize::try_from(if axis < 0 { axis.saturating_add(r) } else { axis })
+        .ok()
+        .filter(|&a| a <= x.len())
+        .ok_or_else(|| ctx.err(format!("axis {axis} is out of range for rank {r}")))?;
     let (outer, inner) = (numel(&x[..a]), numel(&x[a..]));
     let (Some(outer), Some(inner)) = (outer, inner) else {
         return Err(ctx.err(format!("of shape {x:?} overflows")));
@@ -192,10 +167,7 @@ fn transpose(ctx: &OpCtx) -> Res<Vec<Fact>> {
             let mut sorted = p.clone();
             sorted.sort_unstable();
             if !sorted.iter().copied().eq(0..x.len()) {
-                return Err(ctx.err(format!(
-                    "perm {p:?} is not a permutation of the {} axes",
-                    x.len()
-                )));
+                return Err(ctx.err(format!("perm {p:?} is not a permutation of the {} axes", x.len())));
             }
             p
         }
@@ -223,21 +195,13 @@ fn squeeze(ctx: &OpCtx) -> Res<Vec<Fact>> {
         Arg::Known(a) => {
             let a = norm_axes(&a, x.len()).map_err(|e| ctx.err(e))?;
             if let Some(&bad) = a.iter().find(|&&i| x[i] != 1) {
-                return Err(ctx.err(format!(
-                    "axis {bad} of shape {x:?} has size {}, not 1",
-                    x[bad]
-                )));
+                return Err(ctx.err(format!("axis {bad} of shape {x:?} has size {}, not 1", x[bad])));
             }
             a
         }
         _ => (0..x.len()).filter(|&i| x[i] == 1).collect(),
     };
-    let out = x
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !drop.contains(i))
-        .map(|(_, &d)| d)
-        .collect();
+    let out = x.iter().enumerate().filter(|(i, _)| !drop.contains(i)).map(|(_, &d)| d).collect();
     Ok(vec![relabel(ctx, Some(out))?])
 }
 
@@ -254,15 +218,8 @@ fn unsqueeze(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let rank = x.len() + axes.len();
     let axes = norm_axes(&axes, rank).map_err(|e| ctx.err(e))?;
     let mut dims = x.iter();
-    let out = (0..rank)
-        .map(|i| {
-            if axes.contains(&i) {
-                Some(1)
-            } else {
-                dims.next().copied()
-            }
-        })
-        .collect::<Option<Vec<_>>>();
+    let out =
+        (0..rank).map(|i| if axes.contains(&i) { Some(1) } else { dims.next().copied() }).collect::<Option<Vec<_>>>();
     Ok(vec![relabel(ctx, out)?])
 }
 
@@ -287,28 +244,17 @@ fn concat(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let a = norm_axis(axis, first.len()).map_err(|e| ctx.err(e))?;
     let mut out = first.to_vec();
     for s in &shapes[1..] {
-        let compatible = s.len() == first.len()
-            && s.iter()
-                .zip(first)
-                .enumerate()
-                .all(|(i, (x, y))| i == a || x == y);
+        let compatible = s.len() == first.len() && s.iter().zip(first).enumerate().all(|(i, (x, y))| i == a || x == y);
         if !compatible {
-            return Err(ctx.err(format!(
-                "inputs of shapes {first:?} and {s:?} differ off axis {a}"
-            )));
+            return Err(ctx.err(format!("inputs of shapes {first:?} and {s:?} differ off axis {a}")));
         }
-        out[a] = out[a]
-            .checked_add(s[a])
-            .ok_or_else(|| ctx.err("output size overflows"))?;
+        out[a] = out[a].checked_add(s[a]).ok_or_else(|| ctx.err("output size overflows"))?;
     }
     let values: Option<Vec<&Tensor>> = (0..n).map(|i| ctx.value(i)).collect::<Res<_>>()?;
     let value = match values {
         Some(vs) if foldable(&out) => {
             if let Some(v) = vs.iter().find(|v| v.dtype != vs[0].dtype) {
-                return Err(ctx.err(format!(
-                    "input types {} and {} differ",
-                    vs[0].dtype, v.dtype
-                )));
+                return Err(ctx.err(format!("input types {} and {} differ", vs[0].dtype, v.dtype)));
             }
             // Each input contributes a run of dims[a..] elements per outer index.
             let outer = numel(&out[..a]).unwrap_or(0);
@@ -353,12 +299,7 @@ fn slice(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let dtype = ctx.dtype(0);
     let unknown = || Ok(vec![fact(dtype, None)]);
     let arg = |name: &str, slot: usize| ctx.ints_arg(name, slot);
-    let (starts, ends, axes, steps) = (
-        arg("starts", 1)?,
-        arg("ends", 2)?,
-        arg("axes", 3)?,
-        arg("steps", 4)?,
-    );
+    let (starts, ends, axes, steps) = (arg("starts", 1)?, arg("ends", 2)?, arg("axes", 3)?, arg("steps", 4)?);
     if [&starts, &ends, &axes, &steps].contains(&&Arg::Unknown) {
         return unknown();
     }
@@ -383,17 +324,14 @@ fn slice(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let mut picks: Vec<(i128, i128, usize)> = x.iter().map(|&d| (0, 1, d)).collect();
     for i in 0..n {
         let a = norm_axis(axes[i], x.len()).map_err(|e| ctx.err(e))?;
-        let (first, count) =
-            slice_range(x[a], starts[i], ends[i], steps[i]).map_err(|e| ctx.err(e))?;
+        let (first, count) = slice_range(x[a], starts[i], ends[i], steps[i]).map_err(|e| ctx.err(e))?;
         picks[a] = (first, steps[i] as i128, count);
     }
     let out: Vec<usize> = picks.iter().map(|p| p.2).collect();
     let value = match ctx.value(0)? {
         Some(t) if foldable(&out) => {
-            let lists: Vec<Vec<usize>> = picks
-                .iter()
-                .map(|&(f, st, c)| (0..c).map(|k| (f + k as i128 * st) as usize).collect())
-                .collect();
+            let lists: Vec<Vec<usize>> =
+                picks.iter().map(|&(f, st, c)| (0..c).map(|k| (f + k as i128 * st) as usize).collect()).collect();
             Some(select(t, &lists).map_err(|e| ctx.err(e))?)
         }
         _ => None,
@@ -405,11 +343,7 @@ fn split(ctx: &OpCtx) -> Res<Vec<Fact>> {
     ctx.require(0)?;
     let dtype = ctx.dtype(0);
     let sizes = ctx.ints_arg("split", 1)?;
-    let num_outputs = ctx
-        .op
-        .attr("num_outputs")
-        .map(|_| ctx.attr_usize("num_outputs", 0))
-        .transpose()?;
+    let num_outputs = ctx.op.attr("num_outputs").map(|_| ctx.attr_usize("num_outputs", 0)).transpose()?;
     if let Some(n) = num_outputs.filter(|&n| n > MAX_OUTPUTS) {
         return Err(ctx.err(format!("num_outputs={n} is implausibly large")));
     }
@@ -476,12 +410,7 @@ fn gather(ctx: &OpCtx) -> Res<Vec<Fact>> {
         return Ok(vec![fact(dtype, None)]);
     };
     let a = norm_axis(ctx.op.attr_i("axis", 0), x.len()).map_err(|e| ctx.err(e))?;
-    let out: Vec<usize> = x[..a]
-        .iter()
-        .chain(ind)
-        .chain(&x[a + 1..])
-        .copied()
-        .collect();
+    let out: Vec<usize> = x[..a].iter().chain(ind).chain(&x[a + 1..]).copied().collect();
     let Some(indices) = ctx.ints(1)? else {
         return Ok(vec![fact(dtype, Some(out))]);
     };
@@ -493,11 +422,7 @@ fn gather(ctx: &OpCtx) -> Res<Vec<Fact>> {
             usize::try_from(j)
                 .ok()
                 .filter(|&j| j < x[a])
-                .ok_or_else(|| {
-                    ctx.err(format!(
-                        "index {i} is out of range for axis {a} of size {d}"
-                    ))
-                })
+                .ok_or_else(|| ctx.err(format!("index {i} is out of range for axis {a} of size {d}")))
         })
         .collect::<Res<Vec<_>>>()?;
     let value = match ctx.value(0)? {
@@ -520,9 +445,7 @@ fn gather_elements(ctx: &OpCtx) -> Res<Vec<Fact>> {
         return Ok(vec![fact(dtype, None)]);
     };
     if x.len() != ind.len() {
-        return Err(ctx.err(format!(
-            "data of shape {x:?} and indices of shape {ind:?} differ in rank"
-        )));
+        return Err(ctx.err(format!("data of shape {x:?} and indices of shape {ind:?} differ in rank")));
     }
     norm_axis(ctx.op.attr_i("axis", 0), x.len()).map_err(|e| ctx.err(e))?;
     Ok(vec![fact(dtype, Some(ind.to_vec()))])
@@ -540,24 +463,16 @@ fn gather_nd(ctx: &OpCtx) -> Res<Vec<Fact>> {
         return Err(ctx.err("indices must have rank 1 or more"));
     };
     let tail = b.checked_add(k).and_then(|t| x.get(t..)).ok_or_else(|| {
-        ctx.err(format!(
-            "indices of shape {ind:?} index too many dims of data {x:?} (batch_dims {b})"
-        ))
+        ctx.err(format!("indices of shape {ind:?} index too many dims of data {x:?} (batch_dims {b})"))
     })?;
-    Ok(vec![fact(
-        dtype,
-        Some(lead.iter().chain(tail).copied().collect()),
-    )])
+    Ok(vec![fact(dtype, Some(lead.iter().chain(tail).copied().collect()))])
 }
 
 fn scatter(ctx: &OpCtx) -> Res<Vec<Fact>> {
     for i in 0..3 {
         ctx.require(i)?;
     }
-    Ok(vec![fact(
-        ctx.dtype(0),
-        ctx.shape(0).map(<[usize]>::to_vec),
-    )])
+    Ok(vec![fact(ctx.dtype(0), ctx.shape(0).map(<[usize]>::to_vec))])
 }
 
 fn expand(ctx: &OpCtx) -> Res<Vec<Fact>> {
@@ -570,9 +485,9 @@ fn expand(ctx: &OpCtx) -> Res<Vec<Fact>> {
     let target = to_dims(&target).map_err(|e| ctx.err(e))?;
     let out = broadcast(&[x, &target]).map_err(|e| ctx.err(e))?;
     let value = match ctx.value(0)? {
-        Some(t) if foldable(&out) => Some(
-            gather_elems(t, out.clone(), &broadcast_offsets(&out, x)).map_err(|e| ctx.err(e))?,
-        ),
+        Some(t) if foldable(&out) => {
+            Some(gather_elems(t, out.clone(), &broadcast_offsets(&out, x)).map_err(|e| ctx.err(e))?)
+        }
         _ => None,
     };
     Ok(vec![fact_or_value(dtype, Some(out), value)])
@@ -597,11 +512,7 @@ fn tile(ctx: &OpCtx) -> Res<Vec<Fact>> {
         .ok_or_else(|| ctx.err("output size overflows"))?;
     let value = match ctx.value(0)? {
         Some(t) if foldable(&out) => {
-            let picks: Vec<Vec<usize>> = out
-                .iter()
-                .zip(x)
-                .map(|(&o, &d)| (0..o).map(|j| j % d).collect())
-                .collect();
+            let picks: Vec<Vec<usize>> = out.iter().zip(x).map(|(&o, &d)| (0..o).map(|j| j % d).collect()).collect();
             Some(select(t, &picks).map_err(|e| ctx.err(e))?)
         }
         _ => None,
@@ -613,12 +524,7 @@ fn constant_of_shape(ctx: &OpCtx) -> Res<Vec<Fact>> {
     ctx.require(0)?;
     let fill = match ctx.op.attr("value") {
         Some(Attr::Tensor(t)) if t.numel() == 1 && t.bytes.len() == t.dtype.size() => t.clone(),
-        Some(Attr::Tensor(t)) => {
-            return Err(ctx.err(format!(
-                "value must hold one element, not shape {:?}",
-                t.dims
-            )))
-        }
+        Some(Attr::Tensor(t)) => return Err(ctx.err(format!("value must hold one element, not shape {:?}", t.dims))),
         _ => Tensor::zeros(DType::F32, vec![1]),
     };
     let Some(dims) = ctx.ints(0)? else {
@@ -642,12 +548,7 @@ fn range(ctx: &OpCtx) -> Res<Vec<Fact>> {
     for i in 0..3 {
         match ctx.value(i)? {
             Some(t) if t.numel() == 1 => scalars.push(t),
-            Some(t) => {
-                return Err(ctx.err(format!(
-                    "input {i} must be a scalar, not shape {:?}",
-                    t.dims
-                )))
-            }
+            Some(t) => return Err(ctx.err(format!("input {i} must be a scalar, not shape {:?}", t.dims))),
             None => return Ok(vec![fact(dtype, None)]),
         }
     }
@@ -661,11 +562,7 @@ fn range(ctx: &OpCtx) -> Res<Vec<Fact>> {
         }
         n as usize
     } else {
-        let (s, l, d) = (
-            start.get_i64(0) as i128,
-            limit.get_i64(0) as i128,
-            delta.get_i64(0) as i128,
-        );
+        let (s, l, d) = (start.get_i64(0) as i128, limit.get_i64(0) as i128, delta.get_i64(0) as i128);
         if d == 0 {
             return Err(ctx.err("delta 0 is invalid"));
         }
@@ -680,16 +577,9 @@ fn range(ctx: &OpCtx) -> Res<Vec<Fact>> {
         Nums::Float((0..count).map(|k| s + k as f64 * d).collect())
     } else {
         let (s, d) = (start.get_i64(0), delta.get_i64(0));
-        Nums::Int(
-            (0..count)
-                .map(|k| s.wrapping_add((k as i64).wrapping_mul(d)))
-                .collect(),
-        )
+        Nums::Int((0..count).map(|k| s.wrapping_add((k as i64).wrapping_mul(d))).collect())
     };
-    Ok(vec![Fact::of_tensor(
-        nums.into_tensor(dtype, vec![count])
-            .map_err(|e| ctx.err(e))?,
-    )])
+    Ok(vec![Fact::of_tensor(nums.into_tensor(dtype, vec![count]).map_err(|e| ctx.err(e))?)])
 }
 
 fn identity(ctx: &OpCtx) -> Res<Vec<Fact>> {
@@ -703,15 +593,9 @@ fn dropout(ctx: &OpCtx) -> Res<Vec<Fact>> {
     // Folds as the identity only when it is known not to be in training mode.
     let inference = match ctx.input(2) {
         None => true,
-        Some(_) => ctx
-            .value(2)?
-            .is_some_and(|t| t.numel() == 1 && t.get_i64(0) == 0),
+        Some(_) => ctx.value(2)?.is_some_and(|t| t.numel() == 1 && t.get_i64(0) == 0),
     };
-    let y = if inference {
-        relabel(ctx, shape.clone())?
-    } else {
-        fact(ctx.dtype(0), shape.clone())
-    };
+    let y = if inference { relabel(ctx, shape.clone())? } else { fact(ctx.dtype(0), shape.clone()) };
     Ok(vec![y, fact(Some(DType::Bool), shape)])
 }
 
@@ -724,19 +608,16 @@ fn constant(ctx: &OpCtx) -> Res<Vec<Fact>> {
         op.attr("value_int"),
         op.attr("value_ints"),
     ) {
-        (Some(Attr::Tensor(t)), ..) => Tensor::new(t.dtype, t.dims.clone(), t.bytes.clone())
-            .map_err(|e| ctx.err(format!("value: {e}")))?,
+        (Some(Attr::Tensor(t)), ..) => {
+            Tensor::new(t.dtype, t.dims.clone(), t.bytes.clone()).map_err(|e| ctx.err(format!("value: {e}")))?
+        }
         (Some(_), ..) => return Ok(vec![Fact::default()]),
         (_, Some(Attr::Float(f)), ..) => Tensor::from_f32(vec![], &[*f]),
         (_, _, Some(Attr::Floats(f)), ..) => Tensor::from_f32(vec![f.len()], f),
         (_, _, _, Some(Attr::Int(i)), _) => Tensor::scalar_i64(*i),
         (_, _, _, _, Some(Attr::Ints(v))) => Tensor::from_i64(vec![v.len()], v),
         _ => {
-            return match (
-                op.attr("value_string"),
-                op.attr("value_strings"),
-                op.attr("sparse_value"),
-            ) {
+            return match (op.attr("value_string"), op.attr("value_strings"), op.attr("sparse_value")) {
                 (Some(_), ..) => Ok(vec![fact(None, Some(vec![]))]),
                 (_, Some(Attr::Strings(s)), _) => Ok(vec![fact(None, Some(vec![s.len()]))]),
                 (_, _, Some(_)) => Ok(vec![Fact::default()]),
@@ -767,32 +648,14 @@ mod tests {
         let x = shaped(DType::F32, &[2, 128, 768]);
         let shape = infer(&op("Shape", vec![]), vec![x.clone()], 13).unwrap();
         assert_eq!(val(&shape[0]), vec![2, 128, 768]);
-        let batch = infer(
-            &op("Gather", vec![("axis", Attr::Int(0))]),
-            vec![Some(shape[0].clone()), ints(&[], &[0])],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            (batch[0].shape.clone(), val(&batch[0])),
-            (Some(vec![]), vec![2])
-        );
-        let seq = infer(
-            &op("Gather", vec![]),
-            vec![Some(shape[0].clone()), ints(&[], &[-2])],
-            13,
-        )
-        .unwrap();
+        let batch =
+            infer(&op("Gather", vec![("axis", Attr::Int(0))]), vec![Some(shape[0].clone()), ints(&[], &[0])], 13)
+                .unwrap();
+        assert_eq!((batch[0].shape.clone(), val(&batch[0])), (Some(vec![]), vec![2]));
+        let seq = infer(&op("Gather", vec![]), vec![Some(shape[0].clone()), ints(&[], &[-2])], 13).unwrap();
         assert_eq!(val(&seq[0]), vec![128]);
-        let unsq = |f: &Fact| {
-            infer(
-                &op("Unsqueeze", vec![]),
-                vec![Some(f.clone()), ints(&[1], &[0])],
-                13,
-            )
-            .unwrap()
-            .remove(0)
-        };
+        let unsq =
+            |f: &Fact| infer(&op("Unsqueeze", vec![]), vec![Some(f.clone()), ints(&[1], &[0])], 13).unwrap().remove(0);
         let (b, s) = (unsq(&batch[0]), unsq(&seq[0]));
         assert_eq!(b.shape, Some(vec![1]));
         let cat = infer(
@@ -802,21 +665,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(val(&cat[0]), vec![2, 128, 12, -1]);
-        let r = infer(
-            &op("Reshape", vec![]),
-            vec![x.clone(), Some(cat[0].clone())],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Reshape", vec![]), vec![x.clone(), Some(cat[0].clone())], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 128, 12, 64]));
         assert_eq!(r[0].dtype, Some(DType::F32));
         // Reshape with 0 (copy) and -1, and the errors.
-        let r = infer(
-            &op("Reshape", vec![]),
-            vec![x.clone(), ints(&[3], &[0, 0, -1])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Reshape", vec![]), vec![x.clone(), ints(&[3], &[0, 0, -1])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 128, 768]));
         let r = infer(
             &op("Reshape", vec![("allowzero", Attr::Int(1))]),
@@ -825,80 +678,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r[0].shape, Some(vec![4, 0]));
-        assert!(infer(
-            &op("Reshape", vec![]),
-            vec![x.clone(), ints(&[2], &[-1, 7])],
-            13
-        )
-        .is_err());
-        assert!(infer(
-            &op("Reshape", vec![]),
-            vec![x.clone(), ints(&[2], &[-1, -1])],
-            13
-        )
-        .is_err());
-        assert!(infer(
-            &op("Reshape", vec![]),
-            vec![x.clone(), ints(&[2], &[5, 5])],
-            13
-        )
-        .is_err());
-        let r = infer(
-            &op("Reshape", vec![]),
-            vec![unknown(), ints(&[2], &[4, 5])],
-            13,
-        )
-        .unwrap();
+        assert!(infer(&op("Reshape", vec![]), vec![x.clone(), ints(&[2], &[-1, 7])], 13).is_err());
+        assert!(infer(&op("Reshape", vec![]), vec![x.clone(), ints(&[2], &[-1, -1])], 13).is_err());
+        assert!(infer(&op("Reshape", vec![]), vec![x.clone(), ints(&[2], &[5, 5])], 13).is_err());
+        let r = infer(&op("Reshape", vec![]), vec![unknown(), ints(&[2], &[4, 5])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![4, 5]));
-        let r = infer(
-            &op("Reshape", vec![("shape", Attr::Ints(vec![-1]))]),
-            vec![ints(&[2, 2], &[1, 2, 3, 4])],
-            4,
-        )
-        .unwrap();
-        assert_eq!(
-            (r[0].shape.clone(), val(&r[0])),
-            (Some(vec![4]), vec![1, 2, 3, 4])
-        );
+        let r = infer(&op("Reshape", vec![("shape", Attr::Ints(vec![-1]))]), vec![ints(&[2, 2], &[1, 2, 3, 4])], 4)
+            .unwrap();
+        assert_eq!((r[0].shape.clone(), val(&r[0])), (Some(vec![4]), vec![1, 2, 3, 4]));
     }
 
     #[test]
     fn shape_start_end_and_size() {
         let x = shaped(DType::F32, &[2, 3, 4, 5]);
-        let s = infer(
-            &op(
-                "Shape",
-                vec![("start", Attr::Int(1)), ("end", Attr::Int(-1))],
-            ),
-            vec![x.clone()],
-            15,
-        )
-        .unwrap();
+        let s =
+            infer(&op("Shape", vec![("start", Attr::Int(1)), ("end", Attr::Int(-1))]), vec![x.clone()], 15).unwrap();
         assert_eq!(val(&s[0]), vec![3, 4]);
-        let s = infer(
-            &op(
-                "Shape",
-                vec![("start", Attr::Int(-10)), ("end", Attr::Int(10))],
-            ),
-            vec![x.clone()],
-            15,
-        )
-        .unwrap();
+        let s =
+            infer(&op("Shape", vec![("start", Attr::Int(-10)), ("end", Attr::Int(10))]), vec![x.clone()], 15).unwrap();
         assert_eq!(val(&s[0]), vec![2, 3, 4, 5]);
-        let s = infer(
-            &op(
-                "Shape",
-                vec![("start", Attr::Int(3)), ("end", Attr::Int(1))],
-            ),
-            vec![x.clone()],
-            15,
-        )
-        .unwrap();
+        let s = infer(&op("Shape", vec![("start", Attr::Int(3)), ("end", Attr::Int(1))]), vec![x.clone()], 15).unwrap();
         assert_eq!(s[0].shape, Some(vec![0]));
-        assert_eq!(
-            val(&infer(&op("Size", vec![]), vec![x], 13).unwrap()[0]),
-            vec![120]
-        );
+        assert_eq!(val(&infer(&op("Size", vec![]), vec![x], 13).unwrap()[0]), vec![120]);
     }
 
     #[test]
@@ -906,101 +707,40 @@ mod tests {
         let x = ints(&[2, 5], &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let big = 9223372036854775807;
         // x[:, 1:] with the INT64_MAX sentinel.
-        let r = infer(
-            &op("Slice", vec![]),
-            vec![
-                x.clone(),
-                ints(&[1], &[1]),
-                ints(&[1], &[big]),
-                ints(&[1], &[1]),
-            ],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            (r[0].shape.clone(), val(&r[0])),
-            (Some(vec![2, 4]), vec![1, 2, 3, 4, 6, 7, 8, 9])
-        );
+        let r =
+            infer(&op("Slice", vec![]), vec![x.clone(), ints(&[1], &[1]), ints(&[1], &[big]), ints(&[1], &[1])], 13)
+                .unwrap();
+        assert_eq!((r[0].shape.clone(), val(&r[0])), (Some(vec![2, 4]), vec![1, 2, 3, 4, 6, 7, 8, 9]));
         // x[:, ::-2] with -INT64_MAX as the end.
         let r = infer(
             &op("Slice", vec![]),
-            vec![
-                x.clone(),
-                ints(&[1], &[-1]),
-                ints(&[1], &[-big]),
-                ints(&[1], &[-1]),
-                ints(&[1], &[-2]),
-            ],
+            vec![x.clone(), ints(&[1], &[-1]), ints(&[1], &[-big]), ints(&[1], &[-1]), ints(&[1], &[-2])],
             13,
         )
         .unwrap();
         assert_eq!(val(&r[0]), vec![4, 2, 0, 9, 7, 5]);
         // x[-1:, :-1] with default axes; i64::MIN start clamps to 0.
-        let r = infer(
-            &op("Slice", vec![]),
-            vec![
-                x.clone(),
-                ints(&[2], &[-1, i64::MIN]),
-                ints(&[2], &[big, -1]),
-            ],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Slice", vec![]), vec![x.clone(), ints(&[2], &[-1, i64::MIN]), ints(&[2], &[big, -1])], 13)
+            .unwrap();
         assert_eq!(val(&r[0]), vec![5, 6, 7, 8]);
         // Empty result and the attribute form of opset 1.
-        let r = infer(
-            &op("Slice", vec![]),
-            vec![
-                x.clone(),
-                ints(&[1], &[3]),
-                ints(&[1], &[1]),
-                ints(&[1], &[1]),
-            ],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Slice", vec![]), vec![x.clone(), ints(&[1], &[3]), ints(&[1], &[1]), ints(&[1], &[1])], 13)
+            .unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 0]));
         let a = op(
             "Slice",
-            vec![
-                ("starts", Attr::Ints(vec![1])),
-                ("ends", Attr::Ints(vec![2])),
-                ("axes", Attr::Ints(vec![0])),
-            ],
+            vec![("starts", Attr::Ints(vec![1])), ("ends", Attr::Ints(vec![2])), ("axes", Attr::Ints(vec![0]))],
         );
-        assert_eq!(
-            val(&infer(&a, vec![x.clone()], 1).unwrap()[0]),
-            vec![5, 6, 7, 8, 9]
-        );
+        assert_eq!(val(&infer(&a, vec![x.clone()], 1).unwrap()[0]), vec![5, 6, 7, 8, 9]);
         assert!(infer(
             &op("Slice", vec![]),
-            vec![
-                x.clone(),
-                ints(&[1], &[0]),
-                ints(&[1], &[1]),
-                ints(&[1], &[0]),
-                ints(&[1], &[0])
-            ],
+            vec![x.clone(), ints(&[1], &[0]), ints(&[1], &[1]), ints(&[1], &[0]), ints(&[1], &[0])],
             13
         )
         .is_err());
-        assert!(infer(
-            &op("Slice", vec![]),
-            vec![
-                x.clone(),
-                ints(&[1], &[0]),
-                ints(&[1], &[1]),
-                ints(&[1], &[2])
-            ],
-            13
-        )
-        .is_err());
-        let r = infer(
-            &op("Slice", vec![]),
-            vec![x, ints(&[1], &[0]), unknown(), ints(&[1], &[0])],
-            13,
-        )
-        .unwrap();
+        assert!(infer(&op("Slice", vec![]), vec![x.clone(), ints(&[1], &[0]), ints(&[1], &[1]), ints(&[1], &[2])], 13)
+            .is_err());
+        let r = infer(&op("Slice", vec![]), vec![x, ints(&[1], &[0]), unknown(), ints(&[1], &[0])], 13).unwrap();
         assert_eq!(r[0].shape, None);
     }
 
@@ -1008,41 +748,14 @@ mod tests {
     fn squeeze_unsqueeze_both_opsets() {
         let x = ints(&[1, 3, 1], &[7, 8, 9]);
         let attr = op("Squeeze", vec![("axes", Attr::Ints(vec![0]))]);
-        assert_eq!(
-            infer(&attr, vec![x.clone()], 11).unwrap()[0].shape,
-            Some(vec![3, 1])
-        );
-        let r = infer(
-            &op("Squeeze", vec![]),
-            vec![x.clone(), ints(&[1], &[-1])],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            (r[0].shape.clone(), val(&r[0])),
-            (Some(vec![1, 3]), vec![7, 8, 9])
-        );
-        assert_eq!(
-            infer(&op("Squeeze", vec![]), vec![x.clone()], 13).unwrap()[0].shape,
-            Some(vec![3])
-        );
-        assert!(infer(
-            &op("Squeeze", vec![]),
-            vec![x.clone(), ints(&[1], &[1])],
-            13
-        )
-        .is_err());
+        assert_eq!(infer(&attr, vec![x.clone()], 11).unwrap()[0].shape, Some(vec![3, 1]));
+        let r = infer(&op("Squeeze", vec![]), vec![x.clone(), ints(&[1], &[-1])], 13).unwrap();
+        assert_eq!((r[0].shape.clone(), val(&r[0])), (Some(vec![1, 3]), vec![7, 8, 9]));
+        assert_eq!(infer(&op("Squeeze", vec![]), vec![x.clone()], 13).unwrap()[0].shape, Some(vec![3]));
+        assert!(infer(&op("Squeeze", vec![]), vec![x.clone(), ints(&[1], &[1])], 13).is_err());
         let u = op("Unsqueeze", vec![("axes", Attr::Ints(vec![0, -1]))]);
-        assert_eq!(
-            infer(&u, vec![x.clone()], 11).unwrap()[0].shape,
-            Some(vec![1, 1, 3, 1, 1])
-        );
-        let r = infer(
-            &op("Unsqueeze", vec![]),
-            vec![shaped(DType::F32, &[3, 4]), ints(&[2], &[1, 3])],
-            13,
-        )
-        .unwrap();
+        assert_eq!(infer(&u, vec![x.clone()], 11).unwrap()[0].shape, Some(vec![1, 1, 3, 1, 1]));
+        let r = infer(&op("Unsqueeze", vec![]), vec![shaped(DType::F32, &[3, 4]), ints(&[2], &[1, 3])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![3, 1, 4, 1]));
         assert!(infer(&op("Unsqueeze", vec![]), vec![x.clone()], 13).is_err());
         assert!(infer(&op("Unsqueeze", vec![]), vec![x, ints(&[1], &[5])], 13).is_err());
@@ -1052,36 +765,18 @@ mod tests {
     fn transpose_flatten_concat() {
         let x = ints(&[2, 3], &[0, 1, 2, 3, 4, 5]);
         let r = infer(&op("Transpose", vec![]), vec![x.clone()], 13).unwrap();
-        assert_eq!(
-            (r[0].shape.clone(), val(&r[0])),
-            (Some(vec![3, 2]), vec![0, 3, 1, 4, 2, 5])
-        );
+        assert_eq!((r[0].shape.clone(), val(&r[0])), (Some(vec![3, 2]), vec![0, 3, 1, 4, 2, 5]));
         let p = op("Transpose", vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
         assert_eq!(
             infer(&p, vec![shaped(DType::F32, &[2, 7, 12, 64])], 13).unwrap()[0].shape,
             Some(vec![2, 12, 7, 64])
         );
         assert!(infer(&p, vec![shaped(DType::F32, &[2, 7, 12])], 13).is_err());
-        let f = infer(
-            &op("Flatten", vec![]),
-            vec![shaped(DType::F32, &[2, 512, 1, 1])],
-            13,
-        )
-        .unwrap();
+        let f = infer(&op("Flatten", vec![]), vec![shaped(DType::F32, &[2, 512, 1, 1])], 13).unwrap();
         assert_eq!(f[0].shape, Some(vec![2, 512]));
-        let f = infer(
-            &op("Flatten", vec![("axis", Attr::Int(0))]),
-            vec![x.clone()],
-            13,
-        )
-        .unwrap();
+        let f = infer(&op("Flatten", vec![("axis", Attr::Int(0))]), vec![x.clone()], 13).unwrap();
         assert_eq!(f[0].shape, Some(vec![1, 6]));
-        let f = infer(
-            &op("Flatten", vec![("axis", Attr::Int(-1))]),
-            vec![x.clone()],
-            13,
-        )
-        .unwrap();
+        let f = infer(&op("Flatten", vec![("axis", Attr::Int(-1))]), vec![x.clone()], 13).unwrap();
         assert_eq!(f[0].shape, Some(vec![2, 3]));
         let c = op("Concat", vec![("axis", Attr::Int(1))]);
         let r = infer(&c, vec![x.clone(), ints(&[2, 1], &[9, 9])], 13).unwrap();
@@ -1093,63 +788,26 @@ mod tests {
     #[test]
     fn split_forms() {
         let x = ints(&[6], &[0, 1, 2, 3, 4, 5]);
-        let r = infer(
-            &op("Split", vec![]),
-            vec![x.clone(), ints(&[2], &[2, 4])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Split", vec![]), vec![x.clone(), ints(&[2], &[2, 4])], 13).unwrap();
         assert_eq!((val(&r[0]), val(&r[1])), (vec![0, 1], vec![2, 3, 4, 5]));
-        let r = infer(
-            &op("Split", vec![("split", Attr::Ints(vec![3, 3]))]),
-            vec![x.clone()],
-            11,
-        )
-        .unwrap();
+        let r = infer(&op("Split", vec![("split", Attr::Ints(vec![3, 3]))]), vec![x.clone()], 11).unwrap();
         assert_eq!(r.len(), 2);
-        let r = infer(
-            &op("Split", vec![("num_outputs", Attr::Int(4))]),
-            vec![x.clone()],
-            18,
-        )
-        .unwrap();
-        assert_eq!(
-            r.iter()
-                .map(|f| f.shape.clone().unwrap()[0])
-                .collect::<Vec<_>>(),
-            vec![2, 2, 2, 0]
-        );
-        assert!(infer(
-            &op("Split", vec![]),
-            vec![x.clone(), ints(&[2], &[2, 2])],
-            13
-        )
-        .is_err());
+        let r = infer(&op("Split", vec![("num_outputs", Attr::Int(4))]), vec![x.clone()], 18).unwrap();
+        assert_eq!(r.iter().map(|f| f.shape.clone().unwrap()[0]).collect::<Vec<_>>(), vec![2, 2, 2, 0]);
+        assert!(infer(&op("Split", vec![]), vec![x.clone(), ints(&[2], &[2, 2])], 13).is_err());
         assert!(infer(&op("Split", vec![]), vec![x], 13).unwrap().is_empty());
     }
 
     #[test]
     fn gather_variants() {
         let x = shaped(DType::F32, &[30522, 768]);
-        let r = infer(
-            &op("Gather", vec![]),
-            vec![x.clone(), shaped(DType::I64, &[2, 128])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Gather", vec![]), vec![x.clone(), shaped(DType::I64, &[2, 128])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 128, 768]));
         assert!(infer(&op("Gather", vec![]), vec![x, ints(&[1], &[30522])], 13).is_err());
         let t = ints(&[2, 3], &[0, 1, 2, 3, 4, 5]);
-        let r = infer(
-            &op("Gather", vec![("axis", Attr::Int(1))]),
-            vec![t.clone(), ints(&[2, 1], &[-1, 0])],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            (r[0].shape.clone(), val(&r[0])),
-            (Some(vec![2, 2, 1]), vec![2, 0, 5, 3])
-        );
+        let r =
+            infer(&op("Gather", vec![("axis", Attr::Int(1))]), vec![t.clone(), ints(&[2, 1], &[-1, 0])], 13).unwrap();
+        assert_eq!((r[0].shape.clone(), val(&r[0])), (Some(vec![2, 2, 1]), vec![2, 0, 5, 3]));
         let r = infer(
             &op("GatherElements", vec![("axis", Attr::Int(1))]),
             vec![t.clone(), shaped(DType::I64, &[2, 5])],
@@ -1157,134 +815,51 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r[0].shape, Some(vec![2, 5]));
-        let r = infer(
-            &op("GatherND", vec![]),
-            vec![shaped(DType::F32, &[4, 5, 6]), shaped(DType::I64, &[3, 2])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("GatherND", vec![]), vec![shaped(DType::F32, &[4, 5, 6]), shaped(DType::I64, &[3, 2])], 13)
+            .unwrap();
         assert_eq!(r[0].shape, Some(vec![3, 6]));
     }
 
     #[test]
     fn expand_tile_constant_of_shape_range() {
-        let r = infer(
-            &op("Expand", vec![]),
-            vec![ints(&[3, 1], &[1, 2, 3]), ints(&[3], &[2, 1, 2])],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            (r[0].shape.clone(), val(&r[0])),
-            (
-                Some(vec![2, 3, 2]),
-                vec![1, 1, 2, 2, 3, 3, 1, 1, 2, 2, 3, 3]
-            )
-        );
-        assert!(infer(
-            &op("Expand", vec![]),
-            vec![shaped(DType::F32, &[3]), ints(&[1], &[4])],
-            13
-        )
-        .is_err());
-        let r = infer(
-            &op("Tile", vec![]),
-            vec![ints(&[2], &[1, 2]), ints(&[1], &[3])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Expand", vec![]), vec![ints(&[3, 1], &[1, 2, 3]), ints(&[3], &[2, 1, 2])], 13).unwrap();
+        assert_eq!((r[0].shape.clone(), val(&r[0])), (Some(vec![2, 3, 2]), vec![1, 1, 2, 2, 3, 3, 1, 1, 2, 2, 3, 3]));
+        assert!(infer(&op("Expand", vec![]), vec![shaped(DType::F32, &[3]), ints(&[1], &[4])], 13).is_err());
+        let r = infer(&op("Tile", vec![]), vec![ints(&[2], &[1, 2]), ints(&[1], &[3])], 13).unwrap();
         assert_eq!(val(&r[0]), vec![1, 2, 1, 2, 1, 2]);
-        let r = infer(
-            &op("ConstantOfShape", vec![]),
-            vec![ints(&[2], &[2, 3])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("ConstantOfShape", vec![]), vec![ints(&[2], &[2, 3])], 13).unwrap();
         let v = r[0].value.as_ref().unwrap();
-        assert_eq!(
-            (v.dtype, v.dims.clone(), v.to_f32_vec()),
-            (DType::F32, vec![2, 3], vec![0.0; 6])
-        );
-        let one = op(
-            "ConstantOfShape",
-            vec![("value", Attr::Tensor(Tensor::from_i64(vec![1], &[1])))],
-        );
+        assert_eq!((v.dtype, v.dims.clone(), v.to_f32_vec()), (DType::F32, vec![2, 3], vec![0.0; 6]));
+        let one = op("ConstantOfShape", vec![("value", Attr::Tensor(Tensor::from_i64(vec![1], &[1])))]);
         let r = infer(&one, vec![ints(&[1], &[3])], 13).unwrap();
         assert_eq!(val(&r[0]), vec![1, 1, 1]);
         let r = infer(&one, vec![ints(&[0], &[])], 13).unwrap();
         assert_eq!(r[0].shape, Some(vec![]));
         assert!(infer(&one, vec![ints(&[1], &[-3])], 13).is_err());
-        let r = infer(
-            &op("Range", vec![]),
-            vec![ints(&[], &[0]), ints(&[], &[10]), ints(&[], &[3])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Range", vec![]), vec![ints(&[], &[0]), ints(&[], &[10]), ints(&[], &[3])], 13).unwrap();
         assert_eq!(val(&r[0]), vec![0, 3, 6, 9]);
-        let r = infer(
-            &op("Range", vec![]),
-            vec![ints(&[], &[5]), ints(&[], &[0]), ints(&[], &[-2])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Range", vec![]), vec![ints(&[], &[5]), ints(&[], &[0]), ints(&[], &[-2])], 13).unwrap();
         assert_eq!(val(&r[0]), vec![5, 3, 1]);
-        let r = infer(
-            &op("Range", vec![]),
-            vec![
-                floats(&[], &[0.0]),
-                floats(&[], &[1.0]),
-                floats(&[], &[0.25]),
-            ],
-            13,
-        )
-        .unwrap();
-        assert_eq!(
-            r[0].value.as_ref().unwrap().to_f32_vec(),
-            vec![0.0, 0.25, 0.5, 0.75]
-        );
-        assert!(infer(
-            &op("Range", vec![]),
-            vec![ints(&[], &[0]), ints(&[], &[1]), ints(&[], &[0])],
-            13
-        )
-        .is_err());
-        let r = infer(
-            &op("Range", vec![]),
-            vec![ints(&[], &[0]), shaped(DType::I64, &[]), ints(&[], &[1])],
-            13,
-        )
-        .unwrap();
+        let r = infer(&op("Range", vec![]), vec![floats(&[], &[0.0]), floats(&[], &[1.0]), floats(&[], &[0.25])], 13)
+            .unwrap();
+        assert_eq!(r[0].value.as_ref().unwrap().to_f32_vec(), vec![0.0, 0.25, 0.5, 0.75]);
+        assert!(infer(&op("Range", vec![]), vec![ints(&[], &[0]), ints(&[], &[1]), ints(&[], &[0])], 13).is_err());
+        let r =
+            infer(&op("Range", vec![]), vec![ints(&[], &[0]), shaped(DType::I64, &[]), ints(&[], &[1])], 13).unwrap();
         assert_eq!(r[0], fact(Some(DType::I64), None));
     }
 
     #[test]
     fn identity_dropout_constant() {
         let x = ints(&[2], &[4, 5]);
-        assert_eq!(
-            val(&infer(&op("Identity", vec![]), vec![x.clone()], 13).unwrap()[0]),
-            vec![4, 5]
-        );
+        assert_eq!(val(&infer(&op("Identity", vec![]), vec![x.clone()], 13).unwrap()[0]), vec![4, 5]);
         let d = infer(&op("Dropout", vec![]), vec![x], 13).unwrap();
         assert_eq!(val(&d[0]), vec![4, 5]);
         assert_eq!(d[1], fact(Some(DType::Bool), Some(vec![2])));
-        let c = infer(
-            &op("Constant", vec![("value_ints", Attr::Ints(vec![1, 2]))]),
-            vec![],
-            13,
-        )
-        .unwrap();
+        let c = infer(&op("Constant", vec![("value_ints", Attr::Ints(vec![1, 2]))]), vec![], 13).unwrap();
         assert_eq!(val(&c[0]), vec![1, 2]);
-        let bad = Tensor {
-            dtype: DType::F32,
-            dims: vec![4],
-            bytes: vec![0; 3],
-        };
-        assert!(infer(
-            &op("Constant", vec![("value", Attr::Tensor(bad))]),
-            vec![],
-            13
-        )
-        .is_err());
+        let bad = Tensor { dtype: DType::F32, dims: vec![4], bytes: vec![0; 3] };
+        assert!(infer(&op("Constant", vec![("value", Attr::Tensor(bad))]), vec![], 13).is_err());
         assert!(infer(&op("Constant", vec![]), vec![], 13).is_err());
     }
 }
