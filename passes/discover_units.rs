@@ -14,14 +14,18 @@
 //! Anything that cannot be proven channel-separable — a graph output, LayerNorm or
 //! Softmax over the channel axis, a reshape that splits channels, an op without a rule,
 //! a weight shared with a node outside the group — makes the space unprunable, and the
-//! reason is recorded for `inspect`. Assumes InferShapes ran (shapes are concrete).
+//! reason is recorded for `inspect`. A reshape that splits a projection's channels into
+//! (heads, head_dim) turns its space into a space of attention heads, each owning head_dim
+//! channels; the attention matmuls tie Q, K and V heads, and the merge reshape hands them to
+//! the output projection's rows. MoE experts are matched separately (`crate::experts`).
+//! Assumes InferShapes ran (shapes are concrete).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::error::Result;
 use crate::ir::{Id, Model, IMPLICIT_SLOT};
 use crate::pipeline::{Context, Pass};
-use crate::units::{Role, ShapeEdit, Slice, UnitGroup, UnitKind, Unprunable};
+use crate::units::{Role, ShapeEdit, ShapeTarget, Slice, UnitGroup, UnitKind, Unprunable};
 
 pub struct DiscoverUnits;
 
@@ -31,7 +35,10 @@ impl Pass for DiscoverUnits {
     }
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
-        let (groups, unprunable) = discover(model);
+        let (mut groups, mut unprunable) = discover(model);
+        let (experts, blocked) = crate::experts::discover(model);
+        groups.extend(experts);
+        unprunable.extend(blocked);
         cx.groups = groups;
         cx.unprunable = unprunable;
         Ok(())
@@ -337,6 +344,10 @@ impl<'m> Analysis<'m> {
             "MatMul" => {
                 let (a, b) = (ins.first().copied().flatten(), ins.get(1).copied().flatten());
                 let bd = self.static_dims(b);
+                let a_static = a.is_some_and(|a| model.value(a).data.is_some());
+                if !laid.is_empty() && bd.is_none() && !a_static {
+                    return self.visit_batched_matmul(op, laid);
+                }
                 if in_l(1).is_some() {
                     return Err("channels are the right operand of a MatMul".into());
                 }
@@ -685,22 +696,145 @@ impl<'m> Analysis<'m> {
             }
             acc *= d;
         }
-        let (axis, m) = k.ok_or("splits or moves the channel axis")?;
-        let segs = l.segs.iter().map(|s| Seg { space: s.space, offset: s.offset * m, factor: s.factor * m }).collect();
-        let nl = Layout { axis, segs };
+        let nl = match k {
+            Some((axis, m)) => Layout {
+                axis,
+                segs: l
+                    .segs
+                    .iter()
+                    .map(|s| Seg { space: s.space, offset: s.offset * m, factor: s.factor * m })
+                    .collect(),
+            },
+            None => self.split_heads(&l, &ish, &osh)?,
+        };
+        let axis = nl.axis;
         if model.op(op).op_type == "Reshape" {
             let shape_v = ins.get(1).copied().flatten().ok_or("Reshape without a shape")?;
             let target = model.value(shape_v).known().ok_or("Reshape target is not known")?.to_i64_vec();
             let lit = *target.get(axis).ok_or("Reshape target too short")?;
             if lit > 0 {
-                let (t, e) =
+                let target =
                     shape_source(model, shape_v, axis).ok_or("the channel count is hard-coded in a computed shape")?;
                 for s in &nl.segs {
-                    self.shape_edits.push((s.space, ShapeEdit { tensor: t, element: e, factor: s.factor }));
+                    self.shape_edits.push((s.space, ShapeEdit { target: target.clone(), factor: s.factor }));
                 }
             }
         }
         self.set_layout(outs[0], nl);
+        Ok(())
+    }
+
+    /// A reshape that splits the channel axis into (heads, head_dim): the space becomes a
+    /// space of heads, each owning `head_dim` consecutive channels of every coupled tensor.
+    fn split_heads(&mut self, l: &Layout, ish: &[usize], osh: &[usize]) -> std::result::Result<Layout, String> {
+        let [seg] = l.segs.as_slice() else { return Err("splits a concatenation of channel groups".into()) };
+        if seg.offset != 0 {
+            return Err("splits part of the channel axis".into());
+        }
+        let outer: usize = ish[..l.axis].iter().product();
+        let inner_in: usize = ish[l.axis + 1..].iter().product();
+        let c = ish[l.axis];
+        let mut acc = 1usize;
+        for (k, &d) in osh.iter().enumerate() {
+            let inner_out: usize = osh[k + 1..].iter().product();
+            if acc == outer && d > 1 && inner_in > 0 && inner_out % inner_in == 0 && d * inner_out == c * inner_in {
+                let per_head = inner_out / inner_in; // channels per head
+                if per_head % seg.factor != 0 {
+                    return Err("head size does not align with the channel groups".into());
+                }
+                let q = per_head / seg.factor;
+                let root = self.find(seg.space);
+                if self.spaces[root].channels % q != 0 || self.spaces[root].channels / q != d {
+                    return Err("head split does not match the channel count".into());
+                }
+                self.coarsen(root, q);
+                return Ok(Layout { axis: k, segs: vec![Seg { space: seg.space, offset: 0, factor: 1 }] });
+            }
+            acc *= d;
+        }
+        Err("splits or moves the channel axis".into())
+    }
+
+    /// Groups `q` consecutive units of a space (and its tied spaces) into one head.
+    fn coarsen(&mut self, root: usize, q: usize) {
+        if q == 1 && self.spaces[root].kind == UnitKind::Heads {
+            return;
+        }
+        let members: Vec<usize> = (0..self.spaces.len()).filter(|&s| self.find(s) == root).collect();
+        for &m in &members {
+            self.spaces[m].channels /= q;
+            self.spaces[m].kind = UnitKind::Heads;
+        }
+        for (s, sl) in self.slices.iter_mut() {
+            if members.contains(s) {
+                sl.factor *= q;
+            }
+        }
+        for (s, e) in self.shape_edits.iter_mut() {
+            if members.contains(s) {
+                e.factor *= q;
+            }
+        }
+        for l in self.layouts.values_mut() {
+            for seg in l.segs.iter_mut() {
+                if members.contains(&seg.space) {
+                    seg.factor *= q;
+                }
+            }
+        }
+    }
+
+    /// MatMul of two activations (attention scores, context): channels may ride on a batch
+    /// axis (the head axis) of either operand; both operands' heads are tied.
+    fn visit_batched_matmul(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let ins = model.inputs(op);
+        let out = model.outputs(op)[0];
+        let ro = self.shape(out)?.len();
+        let mut target: Option<(usize, Layout)> = None;
+        for (slot, l) in laid {
+            let v = ins[*slot].ok_or("missing input")?;
+            let r = self.shape(v)?.len();
+            if r < 3 || l.axis + 2 >= r {
+                return Err("channels are a contracted or row axis of a MatMul of two activations".into());
+            }
+            let ax = l.axis + ro - r;
+            match &target {
+                None => target = Some((ax, l.clone())),
+                Some((a, f)) => {
+                    if *a != ax || f.segs.len() != l.segs.len() {
+                        return Err("heads of the two operands do not line up".into());
+                    }
+                    let pairs: Vec<(usize, usize)> =
+                        f.segs.iter().zip(&l.segs).map(|(x, y)| (x.space, y.space)).collect();
+                    for ((x, y), (sx, sy)) in f.segs.iter().zip(&l.segs).zip(pairs) {
+                        let (rx, ry) = (self.find(sx), self.find(sy));
+                        if x.offset != y.offset
+                            || x.factor != y.factor
+                            || self.spaces[rx].channels != self.spaces[ry].channels
+                        {
+                            return Err("heads of the two operands do not line up".into());
+                        }
+                        self.union(sx, sy);
+                    }
+                }
+            }
+        }
+        let (ax, l) = target.ok_or("no channels")?;
+        // An operand without heads must broadcast over the head axis.
+        for (slot, v) in ins.iter().enumerate() {
+            let Some(v) = *v else { continue };
+            if laid.iter().any(|(s, _)| *s == slot) {
+                continue;
+            }
+            let sh = self.shape(v)?;
+            if let Some(local) = (ax + sh.len()).checked_sub(ro) {
+                if sh[local] != 1 {
+                    return Err(format!("'{}' spans the heads but belongs to no unit group", model.value(v).name));
+                }
+            }
+        }
+        self.set_layout(out, Layout { axis: ax, segs: l.segs });
         Ok(())
     }
 
@@ -829,18 +963,22 @@ impl<'m> Analysis<'m> {
                 slices,
                 shape_edits,
                 depthwise,
+                owned: Vec::new(),
+                routing: None,
             });
         }
         (groups, unprunable)
     }
 }
 
-/// Follows element `element` of a shape vector back to the static tensor that holds it as
-/// a literal (through Concat, Unsqueeze, Cast, Identity).
-pub fn shape_source(model: &Model, v: Id, element: usize) -> Option<(Id, usize)> {
+/// Follows element `element` of a shape vector back to where it can be rewritten: a
+/// literal in a static tensor (through Concat, Unsqueeze, Cast, Identity), or, when a
+/// Concat assembles it from a computed scalar (e.g. `Shape(x)[2]`, the hidden size), that
+/// Concat input, which the rewrite replaces by a literal.
+pub fn shape_source(model: &Model, v: Id, element: usize) -> Option<ShapeTarget> {
     let val = model.value(v);
     if val.data.is_some() {
-        return Some((v, element));
+        return Some(ShapeTarget::Element { tensor: v, element });
     }
     let (p, _) = model.producer(v)?;
     let op = model.op(p);
@@ -848,10 +986,14 @@ pub fn shape_source(model: &Model, v: Id, element: usize) -> Option<(Id, usize)>
     match op.op_type.as_str() {
         "Concat" => {
             let mut off = 0;
-            for i in ins.iter().flatten() {
-                let n = model.value(*i).shape.as_ref()?.iter().product::<usize>();
+            for (slot, i) in ins.iter().enumerate() {
+                let i = (*i)?;
+                let n = model.value(i).shape.as_ref()?.iter().product::<usize>();
                 if element < off + n {
-                    return shape_source(model, *i, element - off);
+                    return shape_source(model, i, element - off).or_else(|| {
+                        let known = model.value(i).known().is_some();
+                        (n == 1 && known).then_some(ShapeTarget::ConcatInput { op: p, slot })
+                    });
                 }
                 off += n;
             }

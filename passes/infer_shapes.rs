@@ -6,12 +6,13 @@
 //! constant values, so shape subgraphs (Shape → Gather → Unsqueeze → Concat → Reshape)
 //! resolve to literal shapes. An op without a rule is opaque: its outputs stay unknown and
 //! the op is listed, never an error. A rule that finds inconsistent inputs is an error
-//! naming the node. Running it again after a rewrite re-checks the slim graph.
+//! naming the node. Running it again after a rewrite re-checks the slim graph, and declared
+//! fixed dimensions (value_info, outputs) that the rewrite changed follow the new shapes.
 
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::ir::{Dim, Model, ValueKind};
+use crate::ir::{Dim, Id, Model, ValueKind};
 use crate::ops::{self, Fact, OpCtx, FOLD_LIMIT};
 use crate::pipeline::{Context, Pass};
 
@@ -31,7 +32,34 @@ impl Pass for InferShapes {
             e => e,
         })?;
         cx.opaque_ops.extend(opaque);
+        if let Some(dense) = &cx.dense {
+            update_declared(model, dense);
+        }
         Ok(())
+    }
+}
+
+/// Declared fixed dimensions that equalled the dense shape follow the slim shape.
+pub fn update_declared(model: &mut Model, dense: &Model) {
+    for v in model.values() {
+        let val = model.value(v);
+        let (Some(decl), Some(new), Some(old)) =
+            (val.declared.clone(), val.shape.clone(), dense_shape(dense, model, v))
+        else {
+            continue;
+        };
+        if decl.len() != new.len() || old.len() != new.len() {
+            continue;
+        }
+        let updated: Vec<Dim> = decl
+            .iter()
+            .enumerate()
+            .map(|(k, d)| match d {
+                Dim::Fixed(x) if *x as usize == old[k] && new[k] != old[k] => Dim::Fixed(new[k] as i64),
+                d => d.clone(),
+            })
+            .collect();
+        model.value_mut(v).declared = Some(updated);
     }
 }
 
@@ -146,4 +174,10 @@ pub fn infer(model: &mut Model, input_shapes: &BTreeMap<String, Vec<usize>>) -> 
         }
     }
     Ok(opaque)
+}
+
+/// The dense shape of the value named like `v`, if it existed before the rewrite.
+fn dense_shape<'a>(dense: &'a Model, model: &Model, v: Id) -> Option<&'a Vec<usize>> {
+    let id = dense.value_id(&model.value(v).name)?;
+    dense.value(id).shape.as_ref()
 }

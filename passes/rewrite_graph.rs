@@ -5,16 +5,15 @@
 //! and output channels belonging to different groups). Then the dependent attributes and
 //! shape constants follow: depthwise convs get `group` = their new channel count, and every
 //! Reshape literal that counts a group's channels shrinks by `factor` per pruned unit.
-//! Shapes are re-inferred and declared fixed dimensions that changed are updated, so the
-//! exported `value_info` stays valid. The dense model is kept in the context: the
-//! verification builds the masked reference from it.
-
-use std::collections::BTreeMap;
+//! Removed experts are bypassed in their Add chain and the kept ones renumbered. Shapes
+//! are re-inferred after dead-node elimination (InferShapes, which also updates declared
+//! fixed dimensions). The dense model is kept in the context: the verification builds the
+//! masked reference from it.
 
 use crate::error::{Error, Result};
-use crate::ir::{Attr, Dim, Id, Model};
+use crate::ir::{Attr, Id, Model, Value, ValueKind};
 use crate::pipeline::{Context, Pass};
-use crate::units::{segments_by_tensor_axis, KeepSet, Role, UnitGroup};
+use crate::units::{segments_by_tensor_axis, KeepSet, Role, Routing, ShapeTarget, UnitGroup};
 
 pub struct RewriteGraph;
 
@@ -26,12 +25,7 @@ impl Pass for RewriteGraph {
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let keep = cx.keep.clone().ok_or_else(|| Error::Other("no selection to apply".into()))?;
         cx.dense = Some(model.clone());
-        rewrite(model, &cx.groups, &keep)?;
-        let dense_shapes: BTreeMap<Id, Vec<usize>> =
-            model.values().into_iter().filter_map(|v| model.value(v).shape.clone().map(|s| (v, s))).collect();
-        crate::passes::infer_shapes::infer(model, &cx.input_shapes)?;
-        update_declared(model, &dense_shapes);
-        Ok(())
+        rewrite(model, &cx.groups, &keep)
     }
 }
 
@@ -65,15 +59,22 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
             continue;
         }
         for e in &group.shape_edits {
-            let v = model.value(e.tensor);
+            let (tensor, element) = match e.target {
+                ShapeTarget::Element { tensor, element } => (tensor, element),
+                ShapeTarget::ConcatInput { op, slot } => (literal_input(model, op, slot)?, 0),
+            };
+            let v = model.value(tensor);
             let mut vals = v.data.as_ref().map(|t| t.to_i64_vec()).unwrap_or_default();
             let dt = v.data.as_ref().map(|t| (t.dtype, t.dims.clone()));
-            let (Some(x), Some((dtype, dims))) = (vals.get_mut(e.element), dt) else {
-                return Err(Error::Other(format!("shape constant '{}' has no element {}", v.name, e.element)));
+            let (Some(x), Some((dtype, dims))) = (vals.get_mut(element), dt) else {
+                return Err(Error::Other(format!("shape constant '{}' has no element {element}", v.name)));
             };
             *x -= pruned * e.factor as i64;
             let t = crate::tensor::Tensor::from_i64_as(dtype, dims, &vals);
-            model.value_mut(e.tensor).set_data(t);
+            model.value_mut(tensor).set_data(t);
+        }
+        if let Some(r) = &group.routing {
+            reroute(model, r, &keep.keep[g])?;
         }
         for &op in &group.depthwise {
             let w = model.input(op, 1).ok_or_else(|| Error::Other("depthwise conv lost its weight".into()))?;
@@ -84,30 +85,68 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
     Ok(())
 }
 
-/// Declared fixed dimensions that equalled the dense shape follow the slim shape.
-fn update_declared(model: &mut Model, dense: &BTreeMap<Id, Vec<usize>>) {
-    for v in model.values() {
-        let val = model.value(v);
-        let (Some(decl), Some(new), Some(old)) = (val.declared.clone(), val.shape.clone(), dense.get(&v)) else {
-            continue;
-        };
-        if decl.len() != new.len() || old.len() != new.len() {
+/// Expert removal: kept experts' gate slices are renumbered to their rank among the kept,
+/// removed experts' terms are bypassed in the Add chain (their branches then die).
+fn reroute(model: &mut Model, r: &Routing, keep: &[bool]) -> Result<()> {
+    let mut rank = 0i64;
+    for (e, &kept) in keep.iter().enumerate() {
+        let slice = r.gate_slices[e];
+        if kept {
+            for (slot, value) in [(1usize, rank), (2, rank + 1)] {
+                let v = literal_input(model, slice, slot)?;
+                let t = model.value(v).data.clone().ok_or_else(|| Error::Other("gate index vanished".into()))?;
+                model.value_mut(v).set_data(crate::tensor::Tensor::from_i64_as(t.dtype, t.dims.clone(), &[value]));
+            }
+            rank += 1;
             continue;
         }
-        let updated: Vec<Dim> = decl
-            .iter()
-            .enumerate()
-            .map(|(k, d)| match d {
-                Dim::Fixed(x) if *x as usize == old[k] && new[k] != old[k] => Dim::Fixed(new[k] as i64),
-                d => d.clone(),
-            })
-            .collect();
-        model.value_mut(v).declared = Some(updated);
+        // Add(a, gated_e) -> a: consumers of the sum read the other term directly. The Add
+        // is looked up now, not at discovery: an earlier bypass may have moved the term.
+        let term = model.output(r.gate_muls[e], 0);
+        let add = match model.consumers(term)[..] {
+            [(add, _)] if model.op(add).op_type == "Add" => add,
+            _ => return Err(Error::Other(format!("expert {e}'s gated output no longer feeds one Add"))),
+        };
+        let other = model
+            .inputs(add)
+            .into_iter()
+            .flatten()
+            .find(|&v| v != term)
+            .ok_or_else(|| Error::Other(format!("{} has no other term", model.op(add).describe())))?;
+        let sum = model.output(add, 0);
+        for (c, slot) in model.consumers(sum) {
+            model.replace_input(c, slot, other);
+        }
+        model.remove_op(add);
     }
+    Ok(())
+}
+
+/// Makes input `slot` of `op` a static literal holding its current (folded) value, so a
+/// shape computed from a pruned dimension can be rewritten; returns the literal's value id.
+fn literal_input(model: &mut Model, op: Id, slot: usize) -> Result<Id> {
+    let v = model.input(op, slot).ok_or_else(|| Error::Other("shape input vanished".into()))?;
+    if model.value(v).data.is_some() && model.producer(v).is_none() && model.consumers(v).len() == 1 {
+        return Ok(v);
+    }
+    let t = model.value(v).known().cloned().ok_or_else(|| {
+        Error::Other(format!("shape input '{}' of {} is not known", model.value(v).name, model.op(op).describe()))
+    })?;
+    let mut name = format!("{}_pruned_{slot}", model.op(op).name);
+    while model.value_id(&name).is_some() {
+        name.push('_');
+    }
+    let mut nv = Value::new(&name, ValueKind::Constant);
+    nv.set_data(t);
+    let id = model.add_value(nv);
+    model.replace_input(op, slot, id);
+    Ok(id)
 }
 
 /// The masked dense model: the dense model with every pruned unit's consumer slice zeroed,
-/// which gates the unit's output to zero. The slim model must compute the same function.
+/// which gates the unit's output to zero (for experts: the router logit set to −∞, so the
+/// expert is never routed to and its gate weight is zero). The slim model must compute the
+/// same function.
 pub fn masked(dense: &Model, groups: &[UnitGroup], keep: &KeepSet) -> Model {
     let mut m = dense.clone();
     for (g, group) in groups.iter().enumerate() {
@@ -115,12 +154,16 @@ pub fn masked(dense: &Model, groups: &[UnitGroup], keep: &KeepSet) -> Model {
         if pruned.is_empty() {
             continue;
         }
-        for s in group.slices.iter().filter(|s| s.role == Role::Consumer) {
+        for s in group.slices.iter().filter(|s| matches!(s.role, Role::Consumer | Role::Logit)) {
             let Some(mut t) = m.value(s.tensor).data.clone() else {
                 continue;
             };
             let idx: Vec<usize> = pruned.iter().flat_map(|&u| UnitGroup::indices(s, u)).collect();
-            t.zero_along(s.axis, &idx);
+            if s.role == Role::Logit {
+                t.fill_along(s.axis, &idx, -1e30);
+            } else {
+                t.zero_along(s.axis, &idx);
+            }
             m.value_mut(s.tensor).set_data(t);
         }
     }

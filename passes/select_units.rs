@@ -1,12 +1,12 @@
 //! SelectUnits: turns scores into a keep-set, whatever the criterion.
 //!
-//! The ratio r is the fraction of the selected unit kinds' parameters that is removed (the
-//! paper's definition). Accounting is exact: removing a unit deletes `factor` entries along
+//! The ratio r is the fraction of each selected unit kind's parameters that is removed
+//! (the paper's definition: filters lose r of the filter parameters, neurons r of theirs). Accounting is exact: removing a unit deletes `factor` entries along
 //! one axis of each coupled tensor, times the *current* extent of that tensor's other axes,
 //! so a conv weight losing both input and output channels is not counted twice. Units are
 //! removed lowest score first until the removed count reaches r·P; with `--scope global`
-//! the ranking spans all layers, with `--scope layer` each layer loses r of its own
-//! parameters. Every layer keeps at least `min_keep` units (the protecting strategy).
+//! the ranking spans all layers of a kind, with `--scope layer` each layer loses r of its
+//! own parameters. Every layer keeps at least `min_keep` units (the protecting strategy).
 //! Ties are broken by layer and unit index, so the result is deterministic.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::error::Result;
 use crate::ir::{Id, Model};
 use crate::pipeline::{Context, Pass, Scope};
-use crate::units::{KeepSet, UnitGroup};
+use crate::units::{KeepSet, UnitGroup, UnitKind};
 
 pub struct SelectUnits;
 
@@ -32,34 +32,38 @@ impl Pass for SelectUnits {
     }
 }
 
-/// Exact removed-parameter bookkeeping over a set of groups.
+/// Exact parameter bookkeeping: the current extent of every coupled tensor.
 struct Ledger {
     kept: BTreeMap<Id, Vec<usize>>,
 }
 
 impl Ledger {
-    fn new(model: &Model, groups: &[&UnitGroup]) -> (Ledger, usize) {
-        let tensors: BTreeSet<Id> = groups.iter().flat_map(|g| g.slices.iter().map(|s| s.tensor)).collect();
+    fn new(model: &Model, groups: &[UnitGroup]) -> Ledger {
         let mut kept = BTreeMap::new();
-        let mut total = 0;
+        let tensors =
+            groups.iter().flat_map(|g| g.slices.iter().map(|s| s.tensor).chain(g.owned.iter().flatten().copied()));
         for t in tensors {
-            let dims = model.value(t).data.as_ref().map(|d| d.dims.clone()).unwrap_or_default();
-            total += dims.iter().product::<usize>();
-            kept.insert(t, dims);
+            kept.entry(t).or_insert_with(|| model.value(t).data.as_ref().map(|d| d.dims.clone()).unwrap_or_default());
         }
-        (Ledger { kept }, total)
+        Ledger { kept }
     }
 
-    /// Removes one unit's entries; returns how many parameters that deleted.
-    fn remove(&mut self, g: &UnitGroup) -> usize {
-        let mut removed = 0;
+    /// Current number of entries over `tensors`.
+    fn size(&self, tensors: &BTreeSet<Id>) -> usize {
+        tensors.iter().map(|t| self.kept[t].iter().product::<usize>()).sum()
+    }
+
+    /// Removes one unit's entries (and whatever whole tensors it owns).
+    fn remove(&mut self, g: &UnitGroup, unit: usize) {
+        for t in g.owned.get(unit).into_iter().flatten() {
+            if let Some(d) = self.kept.get_mut(t).and_then(|d| d.first_mut()) {
+                *d = 0;
+            }
+        }
         for s in &g.slices {
             let dims = self.kept.get_mut(&s.tensor).expect("tensor registered");
-            let rest: usize = dims.iter().enumerate().filter(|(i, _)| *i != s.axis).map(|(_, d)| d).product();
-            removed += rest * s.factor;
             dims[s.axis] = dims[s.axis].saturating_sub(s.factor);
         }
-        removed
     }
 }
 
@@ -76,27 +80,58 @@ pub fn select(
     let mut keep = KeepSet::all(groups);
     let chosen: Vec<usize> = (0..groups.len()).filter(|&g| selected[g]).collect();
     let batches: Vec<Vec<usize>> = match scope {
-        Scope::Global => vec![chosen],
+        Scope::Global => {
+            let mut by_kind: BTreeMap<UnitKind, Vec<usize>> = BTreeMap::new();
+            for g in chosen {
+                by_kind.entry(groups[g].kind).or_default().push(g);
+            }
+            by_kind.into_values().collect()
+        }
         Scope::Layer => chosen.into_iter().map(|g| vec![g]).collect(),
     };
-    for batch in batches {
-        let refs: Vec<&UnitGroup> = batch.iter().map(|&g| &groups[g]).collect();
-        let (mut ledger, total) = Ledger::new(model, &refs);
-        let target = ratio * total as f64;
-        let mut order: Vec<(f64, usize, usize)> =
-            batch.iter().flat_map(|&g| (0..groups[g].count).map(move |u| (scores[g][u], g, u))).collect();
-        order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let mut removed = 0usize;
-        for (_, g, u) in order {
-            if removed as f64 >= target {
-                break;
+    // One ledger for all batches, advanced jointly: a tensor shared by two kinds (a conv
+    // feeding a Gemm) shrinks for both, so each step serves the batch furthest from its
+    // target, and every batch ends at its own ratio.
+    let mut ledger = Ledger::new(model, groups);
+    struct Batch {
+        tensors: BTreeSet<Id>,
+        total: usize,
+        order: Vec<(usize, usize)>,
+        next: usize,
+    }
+    let mut state: Vec<Batch> = batches
+        .into_iter()
+        .map(|batch| {
+            let tensors: BTreeSet<Id> = batch
+                .iter()
+                .flat_map(|&g| {
+                    groups[g].slices.iter().map(|s| s.tensor).chain(groups[g].owned.iter().flatten().copied())
+                })
+                .collect();
+            let total = ledger.size(&tensors);
+            let mut order: Vec<(f64, usize, usize)> =
+                batch.iter().flat_map(|&g| (0..groups[g].count).map(move |u| (scores[g][u], g, u))).collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+            Batch { tensors, total, order: order.into_iter().map(|(_, g, u)| (g, u)).collect(), next: 0 }
+        })
+        .collect();
+    loop {
+        // The unfinished batch with the smallest removed fraction goes next.
+        let mut best: Option<(f64, usize)> = None;
+        for (b, st) in state.iter().enumerate() {
+            let removed = (st.total - ledger.size(&st.tensors)) as f64 / st.total.max(1) as f64;
+            if st.next < st.order.len() && removed < ratio && best.is_none_or(|(r, _)| removed < r) {
+                best = Some((removed, b));
             }
-            if keep.kept_count(g) <= min_keep {
-                continue;
-            }
-            keep.keep[g][u] = false;
-            removed += ledger.remove(&groups[g]);
         }
+        let Some((_, b)) = best else { break };
+        let (g, u) = state[b].order[state[b].next];
+        state[b].next += 1;
+        if keep.kept_count(g) <= min_keep {
+            continue;
+        }
+        keep.keep[g][u] = false;
+        ledger.remove(&groups[g], u);
     }
     keep
 }

@@ -328,6 +328,20 @@ impl Model {
         Ok(order)
     }
 
+    /// Rewires input `slot` of `op` to read `value` instead.
+    pub fn replace_input(&mut self, op: Id, slot: usize, value: Id) {
+        let old: Vec<_> = self
+            .graph
+            .edges_directed(op, Direction::Incoming)
+            .filter(|e| *e.weight() == slot)
+            .map(|e| e.id())
+            .collect();
+        for e in old {
+            self.graph.remove_edge(e);
+        }
+        self.graph.add_edge(value, op, slot);
+    }
+
     /// Removes an op and the values only it produced.
     pub fn remove_op(&mut self, op: Id) {
         for v in self.outputs(op) {

@@ -10,6 +10,7 @@
 pub mod calib;
 pub mod criteria;
 pub mod error;
+pub mod experts;
 pub mod ir;
 pub mod npz;
 pub mod onnx_io;

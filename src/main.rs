@@ -101,6 +101,9 @@ struct PruneArgs {
     /// Do everything but write the model.
     #[arg(long)]
     dry_run: bool,
+    /// Skip the verification run (for debugging the tool itself).
+    #[arg(long, hide = true)]
+    no_verify: bool,
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
@@ -176,7 +179,7 @@ fn config(a: &PruneArgs) -> Result<Config> {
         input_shapes: parse_input_shapes(&a.input_shape)?,
         calib: a.calib.clone(),
         verify_samples: a.verify_samples,
-        verify: true,
+        verify: !a.no_verify,
     })
 }
 

@@ -7,9 +7,9 @@
 //! 2. `DiscoverUnits` — coupled unit groups (filters, neurons), and what is unprunable.
 //! 3. `ScoreUnits` — one score per unit from the chosen criterion.
 //! 4. `SelectUnits` — keep-set from scores, ratio, scope and per-layer protection.
-//! 5. `RewriteGraph` — slices every coupled tensor; keeps the dense model for reference.
-//! 6. `EliminateDeadNodes` — removes what the rewrite left unused.
-//! 7. `InferShapes` again — the slim graph must still be consistent.
+//! 5. `RewriteGraph` — slices every coupled tensor, reroutes experts; keeps the dense model.
+//! 6. `EliminateDeadNodes` — removes what the rewrite left unused (pruned expert branches).
+//! 7. `InferShapes` again — the slim graph must be consistent; declared dims follow.
 //! 8. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract.
 
 use std::collections::BTreeMap;
@@ -170,7 +170,7 @@ pub fn selection_passes() -> Vec<&'static dyn Pass> {
 
 /// Rewrite, clean-up and (unless disabled in tests) verification.
 pub fn rewrite_passes(verify: bool) -> Vec<&'static dyn Pass> {
-    let mut p: Vec<&'static dyn Pass> = vec![&RewriteGraph, &EliminateDeadNodes];
+    let mut p: Vec<&'static dyn Pass> = vec![&RewriteGraph, &EliminateDeadNodes, &InferShapes];
     if verify {
         p.push(&VerifyRewrite);
     }

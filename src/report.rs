@@ -80,7 +80,10 @@ impl Report {
             k.groups += 1;
             k.units.before += group.count;
             k.units.after += kept;
-            tensors.entry(group.kind).or_default().extend(group.slices.iter().map(|s| s.tensor));
+            tensors
+                .entry(group.kind)
+                .or_default()
+                .extend(group.slices.iter().map(|s| s.tensor).chain(group.owned.iter().flatten().copied()));
             groups.push(GroupReport {
                 kind: group.kind,
                 layer: group.name.clone(),
@@ -169,7 +172,8 @@ impl Report {
     /// The summary a pruning run prints.
     pub fn summary_text(&self) -> String {
         let mut s = String::new();
-        for (k, v) in &self.kinds {
+        let selected = |k: &UnitKind| self.options.units.as_ref().is_none_or(|u| u.contains(k));
+        for (k, v) in self.kinds.iter().filter(|(k, _)| selected(k)) {
             let _ = writeln!(
                 s,
                 "{:<8} {:>3} groups  units {:>6} -> {:<6} parameters {:>9} -> {:<9} ({:+.1}%)",

@@ -267,6 +267,21 @@ impl Tensor {
         }
     }
 
+    /// Sets the elements at `indices` along `axis` to `value` (converted to the dtype).
+    pub fn fill_along(&mut self, axis: usize, indices: &[usize], value: f64) {
+        let (outer, len, inner) = self.split_at_axis(axis);
+        let mut one = Vec::new();
+        push_f64(&mut one, self.dtype, value);
+        for o in 0..outer {
+            for &i in indices {
+                let start = (o * len + i) * inner;
+                for k in start..start + inner {
+                    self.bytes[k * one.len()..(k + 1) * one.len()].copy_from_slice(&one);
+                }
+            }
+        }
+    }
+
     /// (product of dims before axis, dims[axis], product of dims after axis)
     fn split_at_axis(&self, axis: usize) -> (usize, usize, usize) {
         let outer = self.dims[..axis].iter().product();

@@ -48,6 +48,8 @@ pub enum Role {
     Producer,
     Coupled,
     Consumer,
+    /// A router logit (bias entry): masking sets it to −∞ so the expert is never routed to.
+    Logit,
 }
 
 /// A slice of one static tensor (weight or constant) owned unit by unit.
@@ -60,12 +62,19 @@ pub struct Slice {
     pub role: Role,
 }
 
-/// One element of a static shape vector (a Reshape target) that counts `factor` entries
-/// per unit of the group.
+/// Where a shape literal that counts a group's channels lives.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ShapeTarget {
+    /// Element `element` of a static tensor.
+    Element { tensor: Id, element: usize },
+    /// A one-element input of a Concat computed from shapes (replaced by a literal).
+    ConcatInput { op: Id, slot: usize },
+}
+
+/// A shape literal (a Reshape target) that counts `factor` entries per unit of the group.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ShapeEdit {
-    pub tensor: Id,
-    pub element: usize,
+    pub target: ShapeTarget,
     pub factor: usize,
 }
 
@@ -81,19 +90,41 @@ pub struct UnitGroup {
     pub shape_edits: Vec<ShapeEdit>,
     /// Depthwise convs whose `group` attribute equals the group's channel count.
     pub depthwise: Vec<Id>,
+    /// Whole tensors each unit owns (an expert's sub-network), by unit.
+    pub owned: Vec<Vec<Id>>,
+    /// How experts are routed, for renumbering and bypassing on removal.
+    pub routing: Option<Routing>,
+}
+
+/// The routing structure of an MoE block whose experts are separate branches combined by
+/// router weights: per expert, the Slice that picks its gate weight from the routing
+/// tensor, the Mul applying it to the expert's output, and the Add summing it in.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    pub gate_slices: Vec<Id>,
+    pub gate_muls: Vec<Id>,
+    pub sum_adds: Vec<Id>,
 }
 
 impl UnitGroup {
-    /// Entries owned by one unit in each coupled tensor, summed.
+    /// Entries owned by one unit in each coupled tensor, summed (unit 0 for experts, whose
+    /// sub-networks are usually alike).
     pub fn params_per_unit(&self, model: &Model) -> usize {
-        self.slices
-            .iter()
-            .map(|s| {
-                let dims = &model.value(s.tensor).shape.clone().unwrap_or_default();
-                let rest: usize = dims.iter().enumerate().filter(|(i, _)| *i != s.axis).map(|(_, d)| d).product();
-                rest * s.factor
-            })
-            .sum()
+        let owned: usize = self
+            .owned
+            .first()
+            .map(|ts| ts.iter().filter_map(|&t| model.value(t).data.as_ref().map(|d| d.numel())).sum())
+            .unwrap_or(0);
+        owned
+            + self
+                .slices
+                .iter()
+                .map(|s| {
+                    let dims = &model.value(s.tensor).shape.clone().unwrap_or_default();
+                    let rest: usize = dims.iter().enumerate().filter(|(i, _)| *i != s.axis).map(|(_, d)| d).product();
+                    rest * s.factor
+                })
+                .sum::<usize>()
     }
 
     /// Indices along `slice.axis` owned by `unit`.

@@ -24,7 +24,15 @@ pub fn score(groups: &[UnitGroup], model: &Model) -> Vec<Vec<f64>> {
                             Some(t.sum_sq_along(s.axis, &idx))
                         })
                         .sum();
-                    (ss / n).sqrt()
+                    let owned: f64 = g
+                        .owned
+                        .get(u)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|&t| model.value(t).data.as_ref())
+                        .map(|d| d.to_f64_vec().iter().map(|x| x * x).sum::<f64>())
+                        .sum();
+                    ((ss + owned) / n).sqrt()
                 })
                 .collect()
         })
