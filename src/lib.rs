@@ -9,6 +9,7 @@
 
 pub mod calib;
 pub mod criteria;
+pub mod diff;
 pub mod error;
 pub mod experts;
 pub mod ir;

@@ -20,6 +20,7 @@ Examples:
   plprune-onnx model.onnx --ratio 0.25 --units filters --report report.json -o slim.onnx
   plprune-onnx bert.onnx --ratio 0.5 --calib calib.npz --units neurons -o slim.onnx
   plprune-onnx inspect model.onnx
+  plprune-onnx diff model.onnx slim.onnx
 
 Exit codes: 0 ok, 1 internal error, 2 bad model/data/option, 3 rewrite failed verification.";
 
@@ -43,6 +44,22 @@ struct Cli {
 enum Command {
     /// List the unit groups found in a model, and what cannot be pruned and why.
     Inspect(InspectArgs),
+    /// Compare two models: units per layer, parameters, FLOPs, reshaped tensors, nodes.
+    Diff(DiffArgs),
+}
+
+#[derive(Args)]
+struct DiffArgs {
+    /// The first model (usually the source).
+    a: PathBuf,
+    /// The second model (usually the pruned one).
+    b: PathBuf,
+    /// Concrete shape of an input, e.g. --input-shape input_ids=1,128 (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    input_shape: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -113,6 +130,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Inspect(a)) => inspect(a),
+        Some(Command::Diff(a)) => diff(a),
         None => prune(cli.prune),
     };
     match result {
@@ -252,6 +270,28 @@ fn inspect(a: InspectArgs) -> Result<()> {
             eprintln!("warning: {w}");
         }
         print!("{}", report.inspect_text());
+    }
+    Ok(())
+}
+
+fn diff(a: DiffArgs) -> Result<()> {
+    let config = Config { input_shapes: parse_input_shapes(&a.input_shape)?, ..Config::default() };
+    let mut sa = Session::open(&a.a, config.clone())?;
+    sa.analyze()?;
+    // B is analysed for the same input shapes as A, so FLOPs compare like for like.
+    let mut shapes = config.input_shapes.clone();
+    for (k, v) in &sa.cx.input_shapes {
+        shapes.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let mut sb = Session::open(&a.b, Config { input_shapes: BTreeMap::new(), ..config })?;
+    let b_inputs: Vec<String> = sb.model.inputs.iter().map(|&i| sb.model.value(i).name.clone()).collect();
+    sb.cx.config.input_shapes = shapes.into_iter().filter(|(k, _)| b_inputs.contains(k)).collect();
+    sb.analyze()?;
+    let d = plprune_onnx::diff::Diff::build(&sa, &sb);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&d).map_err(|e| Error::Other(e.to_string()))?);
+    } else {
+        print!("{}", d.to_text());
     }
     Ok(())
 }

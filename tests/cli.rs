@@ -70,6 +70,27 @@ fn effnet_quarter_prune_and_inspect_agree() {
     assert_eq!(fi["units"]["before"], f["units"]["after"]);
     assert_eq!(fi["parameters"]["before"], f["parameters"]["after"]);
     assert_eq!(fi["groups"], f["groups"]);
+
+    // diff agrees with inspect, layer by layer and in total.
+    let d: Value =
+        serde_json::from_str(&run_ok(&["diff", model.to_str().unwrap(), out.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(d["kinds"]["filters"]["units"]["b"], fi["units"]["before"]);
+    assert_eq!(d["kinds"]["filters"]["parameters"]["b"], fi["parameters"]["before"]);
+    assert_eq!(d["kinds"]["filters"]["parameters"]["a"], f["parameters"]["before"]);
+    let inspected_layers: Vec<(String, u64)> = inspected["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["layer"].as_str().unwrap().to_string(), g["units_before"].as_u64().unwrap()))
+        .collect();
+    for (layer, units) in &inspected_layers {
+        let row = d["groups"].as_array().unwrap().iter().find(|g| g["layer"] == layer.as_str()).unwrap();
+        assert_eq!(row["units_b"].as_u64(), Some(*units), "{layer}");
+    }
+    assert!(d["flops"]["b"].as_u64().unwrap() < d["flops"]["a"].as_u64().unwrap());
+    assert!(!d["tensors_reshaped"].as_array().unwrap().is_empty());
+    let text = run_ok(&["diff", model.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(text.contains("FLOPs") && text.contains("/_conv_head/Conv"), "{text}");
     ort_check(&out, &masked, Some(&shared("effnet-lite0/calib.npz")), 2);
 }
 
