@@ -181,3 +181,39 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("train.npz") && e.contains("rank"), "{e}");
     assert!(!out.exists(), "a failed run must not write output");
 }
+
+#[test]
+fn killed_runs_leave_no_partial_output() {
+    let dir = out_dir("cli-kill");
+    let model = shared("minilm-l6/model.onnx");
+    let reference = dir.join("ref.onnx");
+    run_ok(&[model.to_str().unwrap(), "--ratio", "0.5", "-q", "-o", reference.to_str().unwrap()]);
+    let want = std::fs::read(&reference).unwrap();
+    for (i, ms) in [50u64, 400, 900, 1500, 2500].into_iter().enumerate() {
+        let out = dir.join(format!("k{i}.onnx"));
+        let _ = std::fs::remove_file(&out);
+        let mut child = bin()
+            .args([model.to_str().unwrap(), "--ratio", "0.5", "-q", "-o", out.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Either nothing at the output path, or the complete model: never a prefix.
+        if let Ok(got) = std::fs::read(&out) {
+            assert!(got == want, "killed after {ms} ms: {} holds a partial model", out.display());
+        }
+    }
+}
+
+#[test]
+fn missing_external_data_is_a_clear_error() {
+    let dir = out_dir("cli-external");
+    let model = dir.join("external_data.onnx");
+    std::fs::copy(fixture("external_data.onnx"), &model).unwrap();
+    let _ = std::fs::remove_file(dir.join("external_data.onnx.data"));
+    let e = run_err(&[model.to_str().unwrap(), "-o", dir.join("o.onnx").to_str().unwrap()], 2);
+    assert!(e.contains("external_data.onnx") && e.contains("external data file"), "{e}");
+    std::fs::copy(fixture("external_data.onnx.data"), dir.join("external_data.onnx.data")).unwrap();
+    run_ok(&[model.to_str().unwrap(), "--ratio", "0.5", "-o", dir.join("o.onnx").to_str().unwrap()]);
+}
