@@ -75,7 +75,9 @@ impl Report {
         let mut tensors: BTreeMap<UnitKind, BTreeSet<Id>> = BTreeMap::new();
         let mut groups = Vec::new();
         for (g, group) in cx.groups.iter().enumerate() {
-            let kept = cx.keep.as_ref().map(|k| k.kept_count(g)).unwrap_or(group.count);
+            // A group whose producers the rewrite deleted (neurons of a removed expert) kept none.
+            let alive = group.producers.iter().any(|&p| model.graph.contains_node(p));
+            let kept = if alive { cx.keep.as_ref().map(|k| k.kept_count(g)).unwrap_or(group.count) } else { 0 };
             let k = kinds.entry(group.kind).or_default();
             k.groups += 1;
             k.units.before += group.count;
