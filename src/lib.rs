@@ -10,6 +10,7 @@
 pub mod calib;
 pub mod criteria;
 pub mod diff;
+pub mod engine;
 pub mod error;
 pub mod experts;
 pub mod ir;

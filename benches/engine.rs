@@ -1,0 +1,112 @@
+//! Speed of the CPU engine: one batched forward + backward (w.r.t. the unit weights: every
+//! weight except embedding tables) of MiniLM-L6 on a 32 × 64 calibration batch, seeded with
+//! s = Σ_a ⟨r, f(x_a)⟩/sqrt(dim f) — the same phase as `ntk_ref.py --bench fwdbwd`. Prints
+//! the median time, matmul GFLOP/s, and the ratio to PyTorch when ../shared/bench/.venv-ref
+//! (or ./.venv-ref) exists; otherwise absolute times only. A benchmark, never a test.
+//! Run: cargo bench --bench engine [-- --n 32 --reps 3]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use plprune_onnx::engine::program::Prim;
+use plprune_onnx::engine::{loss, Engine, Params};
+use plprune_onnx::{Config, Session};
+
+fn arg(name: &str, default: usize) -> usize {
+    let a: Vec<String> = std::env::args().collect();
+    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let n = arg("--n", 32);
+    let reps = arg("--reps", 3);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("../shared/models/minilm-l6/model.onnx");
+    let calib = root.join("../shared/models/minilm-l6/calib.npz");
+    let config = Config { calib: Some(calib), verify: false, ..Config::default() };
+    let mut s = Session::open(&model, config).expect("open MiniLM");
+    let batch = s.cx.inputs.as_ref().expect("calibration").take(n);
+    for (k, t) in &batch.arrays {
+        s.cx.config.input_shapes.insert(k.clone(), t.dims.clone());
+    }
+    s.analyze().expect("analyze");
+    let inputs = batch.ordered(&s.model);
+    let t0 = Instant::now();
+    let engine = Engine::new(&s.model).expect("lower");
+    let params: Params<f32> = engine.params(&s.model);
+    let p = &engine.lowered.program;
+    // Unit weights: everything not read by a Gather (embedding tables).
+    let gathered: HashSet<usize> =
+        p.instrs.iter().filter(|i| matches!(i.prim, Prim::Gather { .. })).map(|i| i.ins[0]).collect();
+    let wrt: Vec<_> = engine.lowered.params.iter().filter(|(_, s)| !gathered.contains(s)).map(|(id, _)| *id).collect();
+    let gp = engine.grad_program(&wrt).expect("differentiate");
+    let setup = t0.elapsed().as_secs_f64();
+    let out = &gp.lowered.program.slots[gp.lowered.outputs[0].1];
+    let dim: usize = out.shape[1..].iter().product();
+    let r: Vec<f64> = (0..dim).map(|i| ((i * 7919) % 1000) as f64 / 500.0 - 1.0).collect();
+    let flops: f64 = gp
+        .lowered
+        .program
+        .instrs
+        .iter()
+        .filter_map(|i| match &i.prim {
+            Prim::MatMul { ta, .. } => {
+                let prog = &gp.lowered.program;
+                let a = prog.shape(i.ins[0]);
+                let k = if *ta { a[a.len() - 2] } else { a[a.len() - 1] };
+                Some(2.0 * prog.slots[i.out].numel() as f64 * k as f64)
+            }
+            _ => None,
+        })
+        .sum();
+    let keep = HashSet::new();
+    let mut times = Vec::new();
+    for rep in 0..=reps {
+        let t = Instant::now();
+        let run = gp.run::<f32>(&inputs, &params, |o| loss::projection(o, 0, &r), &keep).expect("run");
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(run.grads.len());
+        if rep > 0 {
+            times.push(dt);
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = times[times.len() / 2];
+    println!("engine (cpu, f32, {} threads): MiniLM-L6 forward+backward, batch {n} x 64", rayon::current_num_threads());
+    println!("  lowering + autodiff: {setup:.3} s; {} instructions", gp.lowered.program.instrs.len());
+    println!(
+        "  median of {reps}: {med:.3} s  (runs {times:.3?}); matmul work {:.1} GFLOP -> {:.1} GFLOP/s",
+        flops / 1e9,
+        flops / 1e9 / med
+    );
+    let venv = [root.join("../shared/bench/.venv-ref/bin/python"), root.join(".venv-ref/bin/python")]
+        .into_iter()
+        .find(|p| p.exists());
+    match venv {
+        Some(py) => {
+            let o = Command::new(py)
+                .env("HF_HUB_OFFLINE", "1")
+                .arg(root.join("../shared/bench/ntk_ref.py"))
+                .args(["--n", &n.to_string(), "--bench", "fwdbwd", "--no-flops"])
+                .output();
+            match o {
+                Ok(o) if o.status.success() => {
+                    let text = String::from_utf8_lossy(&o.stdout);
+                    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+                    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                    match v["phases"]["fwdbwd"]["median_s"].as_f64() {
+                        Some(t) => println!("  PyTorch (same machine, this run): {t:.3} s -> ratio engine/PyTorch {:.2}x", med / t),
+                        None => println!("  PyTorch output not understood:\n{text}"),
+                    }
+                }
+                Ok(o) => println!("  PyTorch reference failed: {}", String::from_utf8_lossy(&o.stderr)),
+                Err(e) => println!("  PyTorch reference could not run: {e}"),
+            }
+        }
+        None => println!(
+            "  no .venv-ref: PyTorch not measured (see ../shared/bench/README.md; its recorded 2-core figure for this phase is 0.57 s, not comparable across machines)"
+        ),
+    }
+}
