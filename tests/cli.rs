@@ -192,10 +192,8 @@ fn killed_runs_leave_no_partial_output() {
     for (i, ms) in [50u64, 400, 900, 1500, 2500].into_iter().enumerate() {
         let out = dir.join(format!("k{i}.onnx"));
         let _ = std::fs::remove_file(&out);
-        let mut child = bin()
-            .args([model.to_str().unwrap(), "--ratio", "0.5", "-q", "-o", out.to_str().unwrap()])
-            .spawn()
-            .unwrap();
+        let mut child =
+            bin().args([model.to_str().unwrap(), "--ratio", "0.5", "-q", "-o", out.to_str().unwrap()]).spawn().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(ms));
         let _ = child.kill();
         let _ = child.wait();
