@@ -2,20 +2,15 @@
 //! data (or synthetic inputs) with the analysis passes run for that batch shape.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use plprune_onnx::tensor::Tensor;
 use plprune_onnx::{Config, Session};
 
-pub fn shared(rel: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models").join(rel);
-    assert!(p.exists(), "{} is missing: the tests need ../shared/models beside the checkout", p.display());
-    p
-}
-
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
+#[path = "../common/mod.rs"]
+mod common;
+#[allow(unused_imports)]
+pub use common::{fixture, shared};
 
 /// The model analysed for the first `n` samples of `calib` (or `n` synthetic samples).
 /// Returns the session, the inputs and the labels when the file has them.
