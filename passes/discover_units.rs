@@ -17,8 +17,13 @@
 //! reason is recorded for `inspect`. A reshape that splits a projection's channels into
 //! (heads, head_dim) turns its space into a space of attention heads, each owning head_dim
 //! channels; the attention matmuls tie Q, K and V heads, and the merge reshape hands them to
-//! the output projection's rows. MoE experts are matched separately (`crate::experts`).
-//! Assumes InferShapes ran (shapes are concrete).
+//! the output projection's rows. A fused QKV projection (`[.., 3·H·D]`, reshaped to
+//! `[.., 3, H, D]`, or cut by Split/Slice into Q, K and V) is first *partitioned* into its
+//! parts, so a head owns D columns in each of the three blocks of the fused weight (one
+//! slice per block); Gather, Split and Slice along other axes carry the heads through.
+//! Every literal that counts a group's channels (Reshape targets, Split sizes, Slice
+//! bounds) becomes a shape edit, and must be read by that group's ops only. MoE experts
+//! are matched separately (`crate::experts`). Assumes InferShapes ran (shapes are concrete).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -37,6 +42,9 @@ impl Pass for DiscoverUnits {
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let (mut groups, mut unprunable) = discover(model);
         let (experts, blocked) = crate::experts::discover(model);
+        groups.extend(experts);
+        unprunable.extend(blocked);
+        let (experts, blocked) = crate::experts::discover_stacked(model);
         groups.extend(experts);
         unprunable.extend(blocked);
         cx.groups = groups;
@@ -72,6 +80,8 @@ struct Analysis<'m> {
     layouts: HashMap<Id, Layout>,
     slices: Vec<(usize, Slice)>,
     shape_edits: Vec<(usize, ShapeEdit)>,
+    /// The Reshape each shape edit was recorded for (same order as `shape_edits`).
+    shape_readers: Vec<Id>,
     depthwise: Vec<(usize, Id)>,
     /// (tensor, op) pairs accounted for by some slice.
     users: BTreeSet<(Id, Id)>,
@@ -88,6 +98,7 @@ pub fn discover(model: &Model) -> (Vec<UnitGroup>, Vec<Unprunable>) {
         layouts: HashMap::new(),
         slices: Vec::new(),
         shape_edits: Vec::new(),
+        shape_readers: Vec::new(),
         depthwise: Vec::new(),
         users: BTreeSet::new(),
     };
@@ -478,16 +489,27 @@ impl<'m> Analysis<'m> {
                 Ok(())
             }
             "Concat" => self.visit_concat(op, laid),
-            "Split" | "Slice" => {
-                let l = in_l(0).ok_or("channels reach a parameter input")?;
-                let ish = self.shape(ins[0].ok_or("missing input")?)?;
-                for &out in &outs {
-                    let osh = self.shape(out)?;
-                    if osh.len() != ish.len() || osh[l.axis] != ish[l.axis] {
-                        return Err("splits or slices the channel axis".into());
-                    }
-                    self.set_layout(out, l.clone());
+            "Split" | "Slice" => self.visit_split(op, laid),
+            "Gather" => {
+                if in_l(1).is_some() {
+                    return Err("channels are used as gather indices".into());
                 }
+                let l = in_l(0).ok_or("missing input")?;
+                let rank = self.shape(ins[0].ok_or("missing input")?)?.len() as i64;
+                let mut axis = o.attr_i("axis", 0);
+                if axis < 0 {
+                    axis += rank;
+                }
+                let axis = usize::try_from(axis).map_err(|_| "bad Gather axis")?;
+                if axis == l.axis {
+                    return Err("gathers along the channel axis".into());
+                }
+                let ir = self.shape(ins.get(1).copied().flatten().ok_or("Gather without indices")?)?.len();
+                let new_axis = if axis < l.axis { l.axis - 1 + ir } else { l.axis };
+                if self.shape(outs[0])?.get(new_axis) != self.shape(ins[0].ok_or("missing input")?)?.get(l.axis) {
+                    return Err("cannot follow the channel axis".into());
+                }
+                self.set_layout(outs[0], Layout { axis: new_axis, ..l });
                 Ok(())
             }
             "Softmax" | "LogSoftmax" | "Hardmax" | "LayerNormalization" => {
@@ -717,6 +739,7 @@ impl<'m> Analysis<'m> {
                     shape_source(model, shape_v, axis).ok_or("the channel count is hard-coded in a computed shape")?;
                 for s in &nl.segs {
                     self.shape_edits.push((s.space, ShapeEdit { target: target.clone(), factor: s.factor }));
+                    self.shape_readers.push(op);
                 }
             }
         }
@@ -738,6 +761,14 @@ impl<'m> Analysis<'m> {
         for (k, &d) in osh.iter().enumerate() {
             let inner_out: usize = osh[k + 1..].iter().product();
             if acc == outer && d > 1 && inner_in > 0 && inner_out % inner_in == 0 && d * inner_out == c * inner_in {
+                // (parts, heads, head_dim): a fused projection (QKV) split into its parts and
+                // each part into heads.
+                if let Some(&h) = osh.get(k + 1) {
+                    let rest: usize = osh[k + 2..].iter().product();
+                    if h > 1 && rest % inner_in == 0 && rest / inner_in > 1 {
+                        return self.split_fused_heads(seg, c, d, h, rest / inner_in, k + 1);
+                    }
+                }
                 let per_head = inner_out / inner_in; // channels per head
                 if per_head % seg.factor != 0 {
                     return Err("head size does not align with the channel groups".into());
@@ -753,6 +784,222 @@ impl<'m> Analysis<'m> {
             acc *= d;
         }
         Err("splits or moves the channel axis".into())
+    }
+
+    /// A reshape of a fused projection's `c` channels into (`parts`, `heads`, `head_dim`)
+    /// (Q, K and V stacked, e.g. `[B, S, 3·H·D] → [B, S, 3, H, D]`): the space is first
+    /// partitioned into its parts, then coarsened into heads, so that head `h` owns channels
+    /// `p·H·D + h·D .. p·H·D + (h+1)·D` of every part `p`. The heads ride on `head_axis`.
+    fn split_fused_heads(
+        &mut self,
+        seg: &Seg,
+        c: usize,
+        parts: usize,
+        heads: usize,
+        head_dim: usize,
+        head_axis: usize,
+    ) -> std::result::Result<Layout, String> {
+        if head_dim % seg.factor != 0 {
+            return Err("head size does not align with the channel groups".into());
+        }
+        let q = head_dim / seg.factor;
+        let root = self.find(seg.space);
+        if self.spaces[root].channels * seg.factor != c || self.spaces[root].channels != parts * heads * q {
+            return Err("fused head split does not match the channel count".into());
+        }
+        self.partition(root, parts)?;
+        let root = self.find(seg.space);
+        self.coarsen(root, q);
+        Ok(Layout { axis: head_axis, segs: vec![Seg { space: seg.space, offset: 0, factor: 1 }] })
+    }
+
+    /// Splits a space (and its tied spaces) into `n` equal consecutive parts that travel
+    /// separately (a fused QKV output cut into Q, K and V): unit `u` of the result owns
+    /// channel `u` of every part, so each slice, layout segment and shape edit of the space
+    /// is replicated once per part (the parts then become separate segments, as a concat's
+    /// inputs are).
+    fn partition(&mut self, root: usize, n: usize) -> Step {
+        let members: Vec<usize> = (0..self.spaces.len()).filter(|&s| self.find(s) == root).collect();
+        let ch = self.spaces[root].channels;
+        if n < 2 || ch % n != 0 || members.iter().any(|&m| self.spaces[m].channels != ch) {
+            return Err(format!("cannot cut {ch} channels into {n} equal parts"));
+        }
+        if self.depthwise.iter().any(|(s, _)| members.contains(s)) {
+            return Err("a depthwise conv filters channels that are cut into parts".into());
+        }
+        let per = ch / n;
+        for &m in &members {
+            self.spaces[m].channels = per;
+        }
+        let old = std::mem::take(&mut self.slices);
+        for (s, sl) in old {
+            if members.contains(&s) {
+                for p in 0..n {
+                    self.slices.push((s, Slice { offset: sl.offset + p * per * sl.factor, ..sl.clone() }));
+                }
+            } else {
+                self.slices.push((s, sl));
+            }
+        }
+        for (s, e) in self.shape_edits.iter_mut() {
+            if members.contains(s) {
+                e.factor *= n;
+            }
+        }
+        for l in self.layouts.values_mut() {
+            if !l.segs.iter().any(|s| members.contains(&s.space)) {
+                continue;
+            }
+            l.segs = l
+                .segs
+                .iter()
+                .flat_map(|s| {
+                    if members.contains(&s.space) {
+                        (0..n).map(|p| Seg { offset: s.offset + p * per * s.factor, ..s.clone() }).collect()
+                    } else {
+                        vec![s.clone()]
+                    }
+                })
+                .collect();
+        }
+        Ok(())
+    }
+
+    /// Split or Slice. Along another axis the channels pass through unchanged. Along the
+    /// channel axis each output keeps the channel groups lying wholly inside its range; a
+    /// single space cut into `n` equal parts (a fused QKV output split into Q, K and V) is
+    /// first partitioned, so that each unit owns one channel of every part.
+    fn visit_split(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let o = model.op(op);
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        if laid.iter().any(|(s, _)| *s != 0) {
+            return Err("channels reach a parameter input".into());
+        }
+        let x = ins.first().copied().flatten().ok_or("missing input")?;
+        let ish = self.shape(x)?;
+        let mut l = laid[0].1.clone();
+        let c = ish[l.axis];
+        let rank = ish.len() as i64;
+        let norm = |a: i64| if a < 0 { a + rank } else { a };
+        // The range of the channel axis each output reads.
+        let mut ranges = Vec::with_capacity(outs.len());
+        let mut off = 0;
+        for &out in &outs {
+            let osh = self.shape(out)?;
+            if osh.len() != ish.len() {
+                return Err("changes the rank".into());
+            }
+            let len = osh[l.axis];
+            let start = if len == c {
+                0
+            } else if o.op_type == "Split" {
+                if norm(o.attr_i("axis", 0)) != l.axis as i64 {
+                    return Err("cannot follow the channel axis".into());
+                }
+                off
+            } else {
+                slice_start(model, op, l.axis, c)?
+            };
+            off += len;
+            ranges.push((start, start + len));
+        }
+        let extent = |a: &mut Self, s: &Seg| {
+            let r = a.find(s.space);
+            a.spaces[r].channels * s.factor
+        };
+        let mut straddles = false;
+        for s in &l.segs {
+            let e = extent(self, s);
+            straddles |=
+                ranges.iter().any(|&(a, b)| !(a <= s.offset && s.offset + e <= b) && s.offset < b && a < s.offset + e);
+        }
+        if straddles {
+            let cut = Err("cuts through a channel group".to_string());
+            let [seg] = l.segs.as_slice() else { return cut };
+            let len = ranges[0].1 - ranges[0].0;
+            let root = self.find(seg.space);
+            if seg.offset != 0
+                || self.spaces[root].channels * seg.factor != c
+                || len == 0
+                || c % len != 0
+                || ranges.iter().any(|&(a, b)| b - a != len || a % len != 0)
+            {
+                return cut;
+            }
+            self.partition(root, c / len)?;
+            l = self.layouts.get(&x).cloned().ok_or("the channels' layout was lost")?;
+        }
+        // Entries (per unit, by space) of the channel axis inside [a, b).
+        let count = |me: &mut Self, a: usize, b: usize| -> BTreeMap<usize, usize> {
+            let mut m = BTreeMap::new();
+            for s in &l.segs {
+                if a <= s.offset && s.offset + extent(me, s) <= b {
+                    *m.entry(me.find(s.space)).or_insert(0) += s.factor;
+                }
+            }
+            m
+        };
+        for (k, &out) in outs.iter().enumerate() {
+            let (a, b) = ranges[k];
+            let mut segs = Vec::new();
+            for s in &l.segs {
+                if a <= s.offset && s.offset + extent(self, s) <= b {
+                    segs.push(Seg { offset: s.offset - a, ..s.clone() });
+                }
+            }
+            if (a, b) != (0, c) {
+                // The literals that delimit the range shrink with the units inside (Split
+                // sizes) or below (Slice starts and ends).
+                if o.op_type == "Split" {
+                    if o.attr_ints("split").is_some() {
+                        return Err("Split sizes are an attribute".into());
+                    }
+                    if let Some(sizes) = ins.get(1).copied().flatten() {
+                        let per = count(self, a, b);
+                        self.edit_literal(op, sizes, k, per)?;
+                    }
+                } else {
+                    let i = slice_axis_index(model, op, l.axis)?;
+                    let (starts, ends) = (ins.get(1).copied().flatten(), ins.get(2).copied().flatten());
+                    let (Some(starts), Some(ends)) = (starts, ends) else {
+                        return Err("Slice bounds are attributes".into());
+                    };
+                    let lit = |v: Id| model.value(v).known().and_then(|t| t.to_i64_vec().get(i).copied());
+                    let (s0, e0) = (lit(starts).ok_or("Slice start unknown")?, lit(ends).ok_or("Slice end unknown")?);
+                    if s0 < 0 || e0 < 0 {
+                        return Err("Slice bounds count from the end of the channel axis".into());
+                    }
+                    if a > 0 {
+                        let per = count(self, 0, a);
+                        self.edit_literal(op, starts, i, per)?;
+                    }
+                    if (e0 as usize) < c {
+                        let per = count(self, 0, b);
+                        self.edit_literal(op, ends, i, per)?;
+                    }
+                }
+            }
+            if !segs.is_empty() {
+                self.set_layout(out, Layout { axis: l.axis, segs });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that element `element` of the integer vector `v` (read by `op`) counts
+    /// `factor` entries per unit of each space in `per`.
+    fn edit_literal(&mut self, op: Id, v: Id, element: usize, per: BTreeMap<usize, usize>) -> Step {
+        if per.is_empty() {
+            return Ok(());
+        }
+        let target = shape_source(self.model, v, element).ok_or("a channel count is computed, not a literal")?;
+        for (space, factor) in per {
+            self.shape_edits.push((space, ShapeEdit { target: target.clone(), factor }));
+            self.shape_readers.push(op);
+        }
+        Ok(())
     }
 
     /// Groups `q` consecutive units of a space (and its tied spaces) into one head.
@@ -920,6 +1167,34 @@ impl<'m> Analysis<'m> {
                 }
             }
         }
+        // A shape literal the rewrite edits must be read by this group's Reshapes only: a
+        // constant shared with another layer or another use would be edited for both.
+        let mut by_target: BTreeMap<ShapeTarget, (BTreeSet<usize>, BTreeSet<Id>)> = BTreeMap::new();
+        for ((s, e), &reader) in self.shape_edits.iter().zip(&self.shape_readers) {
+            let ent = by_target.entry(e.target.clone()).or_default();
+            ent.0.insert(roots[*s]);
+            ent.1.insert(reader);
+        }
+        for (target, (rs, readers)) in &by_target {
+            let (start, name) = match target {
+                ShapeTarget::Element { tensor, .. } => (*tensor, model.value(*tensor).name.clone()),
+                ShapeTarget::ConcatInput { op, .. } => (model.output(*op, 0), model.op(*op).name.clone()),
+            };
+            let why = if rs.len() > 1 {
+                Some(format!("shape constant '{name}' counts the channels of {} layers", rs.len()))
+            } else {
+                if shape_read_only_by(model, start, readers) {
+                    None
+                } else {
+                    Some(format!("shape constant '{name}' is also read outside the layer"))
+                }
+            };
+            if let Some(why) = why {
+                for &r in rs {
+                    self.spaces[r].reasons.push(why.clone());
+                }
+            }
+        }
         let mut groups = Vec::new();
         let mut unprunable = Vec::new();
         for r in 0..n {
@@ -965,6 +1240,7 @@ impl<'m> Analysis<'m> {
                 depthwise,
                 owned: Vec::new(),
                 routing: None,
+                min_keep: 1,
             });
         }
         (groups, unprunable)
@@ -1004,4 +1280,72 @@ pub fn shape_source(model: &Model, v: Id, element: usize) -> Option<ShapeTarget>
         }
         _ => None,
     }
+}
+
+/// Whether shape vector `v` is read only by `readers` (at a non-data slot), directly or
+/// through Concat, Unsqueeze, Squeeze, Cast, Identity and Reshape.
+fn shape_read_only_by(model: &Model, v: Id, readers: &BTreeSet<Id>) -> bool {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        if model.is_graph_output(v) {
+            return false;
+        }
+        for (c, slot) in model.consumers(v) {
+            if slot >= 1 && readers.contains(&c) {
+                continue;
+            }
+            match model.op(c).op_type.as_str() {
+                "Reshape" | "Concat" | "Unsqueeze" | "Squeeze" | "Cast" | "Identity" => stack.extend(model.outputs(c)),
+                _ => return false,
+            }
+        }
+    }
+    true
+}
+
+/// Position of `axis` in a Slice's axes (its `starts`/`ends` element).
+fn slice_axis_index(model: &Model, op: Id, axis: usize) -> std::result::Result<usize, String> {
+    let ins = model.inputs(op);
+    let rank = model.value(ins[0].ok_or("missing input")?).shape.as_ref().map(|s| s.len()).unwrap_or(0) as i64;
+    let axes = match ins.get(3).copied().flatten() {
+        Some(v) => model.value(v).known().ok_or("Slice axes are not constant")?.to_i64_vec(),
+        None => match model.op(op).attr_ints("axes") {
+            Some(a) => a.to_vec(),
+            None => {
+                let n = match ins.get(1).copied().flatten() {
+                    Some(v) => model.value(v).shape.as_ref().and_then(|s| s.first().copied()).unwrap_or(0),
+                    None => model.op(op).attr_ints("starts").map(|s| s.len()).unwrap_or(0),
+                };
+                (0..n as i64).collect()
+            }
+        },
+    };
+    axes.iter()
+        .position(|&a| (if a < 0 { a + rank } else { a }) == axis as i64)
+        .ok_or_else(|| "slices the channel axis in an unknown way".to_string())
+}
+
+/// Start of a step-1 Slice along `axis` (of extent `c`), from its constant inputs (opset
+/// 10+) or attributes (older opsets), clamped like ONNX does.
+fn slice_start(model: &Model, op: Id, axis: usize, c: usize) -> std::result::Result<usize, String> {
+    let o = model.op(op);
+    let ins = model.inputs(op);
+    let lit =
+        |i: usize| -> Option<Vec<i64>> { Some(model.value(ins.get(i).copied().flatten()?).known()?.to_i64_vec()) };
+    let (starts, steps) = if ins.len() > 1 {
+        (lit(1).ok_or("Slice starts are not constant")?, lit(4))
+    } else {
+        (o.attr_ints("starts").ok_or("Slice without starts")?.to_vec(), None)
+    };
+    let i = slice_axis_index(model, op, axis)?;
+    if steps.and_then(|s| s.get(i).copied()).unwrap_or(1) != 1 {
+        return Err("strided slice of the channel axis".into());
+    }
+    let s = *starts.get(i).ok_or("Slice starts too short")?;
+    let s = if s < 0 { s + c as i64 } else { s };
+    Ok(s.clamp(0, c as i64) as usize)
 }

@@ -5,7 +5,8 @@
 //! and output channels belonging to different groups). Then the dependent attributes and
 //! shape constants follow: depthwise convs get `group` = their new channel count, and every
 //! Reshape literal that counts a group's channels shrinks by `factor` per pruned unit.
-//! Removed experts are bypassed in their Add chain and the kept ones renumbered. Shapes
+//! Removed experts are bypassed in their Add chain and the kept ones renumbered; a keep-set
+//! below a group's `min_keep` (TopK's k for top-k experts) is refused. Shapes
 //! are re-inferred after dead-node elimination (InferShapes, which also updates declared
 //! fixed dimensions). The dense model is kept in the context: the verification builds the
 //! masked reference from it.
@@ -31,6 +32,18 @@ impl Pass for RewriteGraph {
 
 /// Applies a keep-set to the model in place.
 pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Result<()> {
+    for (g, group) in groups.iter().enumerate() {
+        if keep.kept_count(g) < group.min_keep.max(1) {
+            return Err(Error::Option(format!(
+                "{} '{}' must keep at least {} of its {} units, the keep-set keeps {}",
+                group.kind.name(),
+                group.name,
+                group.min_keep.max(1),
+                group.count,
+                keep.kept_count(g)
+            )));
+        }
+    }
     for ((tensor, axis), owners) in segments_by_tensor_axis(groups) {
         let data =
             model.value(tensor).data.clone().ok_or_else(|| {

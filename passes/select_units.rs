@@ -127,7 +127,7 @@ pub fn select(
         let Some((_, b)) = best else { break };
         let (g, u) = state[b].order[state[b].next];
         state[b].next += 1;
-        if keep.kept_count(g) <= min_keep {
+        if keep.kept_count(g) <= min_keep.max(groups[g].min_keep) {
             continue;
         }
         keep.keep[g][u] = false;

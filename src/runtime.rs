@@ -41,7 +41,13 @@ pub fn run(model_bytes: &[u8], inputs: &[(String, Tensor)], output_names: &[Stri
         let tt = unsafe { TractTensor::from_raw_dt(dt, &t.dims, &t.bytes) }.map_err(err)?;
         values.push(TValue::from(tt));
     }
-    let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
+    let typed = model.into_typed().map_err(err)?;
+    // tract's optimizer has rewrite rules that reject some valid graphs (e.g. a Gemm with
+    // one output feature); the unoptimized plan computes the same function, only slower.
+    let plan = match typed.clone().into_optimized().and_then(|m| m.into_runnable()) {
+        Ok(p) => p,
+        Err(_) => typed.into_runnable().map_err(err)?,
+    };
     let outs = plan.run(values).map_err(err)?;
     let mut result = Vec::with_capacity(outs.len());
     for (k, o) in outs.iter().enumerate() {

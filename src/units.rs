@@ -94,6 +94,9 @@ pub struct UnitGroup {
     pub owned: Vec<Vec<Id>>,
     /// How experts are routed, for renumbering and bypassing on removal.
     pub routing: Option<Routing>,
+    /// Units the group must keep whatever the selection (TopK's k for top-k experts);
+    /// the rewrite refuses keep-sets below it.
+    pub min_keep: usize,
 }
 
 /// The routing structure of an MoE block whose experts are separate branches combined by
