@@ -1230,17 +1230,12 @@ impl<'m> Analysis<'m> {
                 self.depthwise.iter().filter(|(s, _)| roots[*s] == r).map(|(_, o)| *o).collect();
             depthwise.sort();
             depthwise.dedup();
+            let producers = members.iter().map(|&m| self.spaces[m].producer).collect();
             groups.push(UnitGroup {
-                kind: sp.kind,
-                name,
-                producers: members.iter().map(|&m| self.spaces[m].producer).collect(),
-                count: sp.channels,
                 slices,
                 shape_edits,
                 depthwise,
-                owned: Vec::new(),
-                routing: None,
-                min_keep: 1,
+                ..UnitGroup::new(sp.kind, name, producers, sp.channels)
             });
         }
         (groups, unprunable)

@@ -180,16 +180,10 @@ fn block(model: &Model, softmax: Id, router: &Router) -> Result<UnitGroup, Strin
         }
     }
     Ok(UnitGroup {
-        kind: UnitKind::Experts,
-        name: model.op(router.matmul).name.clone(),
-        producers: vec![router.matmul],
-        count: e,
         slices,
-        shape_edits: Vec::new(),
-        depthwise: Vec::new(),
         owned,
         routing: Some(Routing { gate_slices, gate_muls, sum_adds }),
-        min_keep: 1,
+        ..UnitGroup::new(UnitKind::Experts, model.op(router.matmul).name.clone(), vec![router.matmul], e)
     })
 }
 
@@ -625,16 +619,9 @@ fn stacked_pass(
         return Err(format!("TopK selects {min_keep} of {e} experts"));
     }
     Ok(UnitGroup {
-        kind: UnitKind::Experts,
-        name: model.op(router.matmul).name.clone(),
-        producers: vec![router.matmul],
-        count: e,
         slices,
-        shape_edits: Vec::new(),
-        depthwise: Vec::new(),
-        owned: Vec::new(),
-        routing: None,
         min_keep,
+        ..UnitGroup::new(UnitKind::Experts, model.op(router.matmul).name.clone(), vec![router.matmul], e)
     })
 }
 

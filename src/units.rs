@@ -110,6 +110,23 @@ pub struct Routing {
 }
 
 impl UnitGroup {
+    /// A group of `count` units with nothing coupled yet; discovery fills in the rest with
+    /// struct-update syntax.
+    pub fn new(kind: UnitKind, name: String, producers: Vec<Id>, count: usize) -> UnitGroup {
+        UnitGroup {
+            kind,
+            name,
+            producers,
+            count,
+            slices: Vec::new(),
+            shape_edits: Vec::new(),
+            depthwise: Vec::new(),
+            owned: Vec::new(),
+            routing: None,
+            min_keep: 1,
+        }
+    }
+
     /// Entries owned by one unit in each coupled tensor, summed (unit 0 for experts, whose
     /// sub-networks are usually alike).
     pub fn params_per_unit(&self, model: &Model) -> usize {

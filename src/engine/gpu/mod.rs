@@ -105,27 +105,24 @@ impl GpuContext {
     }
 
     pub fn upload(&self, data: &[f32]) -> wgpu::Buffer {
-        let mut bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        if bytes.is_empty() {
-            bytes = vec![0; 4];
-        }
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: &bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        })
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.upload_bytes(
+            bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        )
     }
 
     pub fn upload_u32(&self, data: &[u32]) -> wgpu::Buffer {
-        let mut bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.upload_bytes(bytes, wgpu::BufferUsages::STORAGE)
+    }
+
+    /// A storage buffer holding `bytes` (4 zero bytes when empty: wgpu rejects empty bindings).
+    fn upload_bytes(&self, mut bytes: Vec<u8>, usage: wgpu::BufferUsages) -> wgpu::Buffer {
         if bytes.is_empty() {
             bytes = vec![0; 4];
         }
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: &bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-        })
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: &bytes, usage })
     }
 
     pub fn empty(&self, n: usize) -> wgpu::Buffer {
