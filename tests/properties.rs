@@ -53,7 +53,13 @@ fn check_random_keep(path: &std::path::Path, seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    // A fixed seed: CI explores the same 12 keep-sets on every run (failures found by
+    // earlier random runs are replayed from properties.proptest-regressions).
+    #![proptest_config(ProptestConfig {
+        cases: 12,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_2026),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn random_keep_sets_on_vgg(seed in any::<u64>()) {
