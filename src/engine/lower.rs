@@ -608,20 +608,13 @@ fn lower_op(cx: &mut Cx, id: Id) -> Result<()> {
             let y = cx.p.push(Prim::Embed { starts: st, steps: vec![1; r], fill: value as f32 }, vec![cur], s, n);
             cx.set(id, 0, y);
         }
-        "Gather" => {
+        "Gather" | "GatherElements" => {
             let d = cx.input(id, 0)?;
             let i = cx.input(id, 1)?;
             let axis = norm_axis(op.attr_i("axis", 0), cx.shape(d).len(), &op)?;
             let s = cx.out_shape(id, 0)?;
-            let y = cx.p.push(Prim::Gather { axis }, vec![d, i], s, n);
-            cx.set(id, 0, y);
-        }
-        "GatherElements" => {
-            let d = cx.input(id, 0)?;
-            let i = cx.input(id, 1)?;
-            let axis = norm_axis(op.attr_i("axis", 0), cx.shape(d).len(), &op)?;
-            let s = cx.out_shape(id, 0)?;
-            let y = cx.p.push(Prim::GatherElements { axis }, vec![d, i], s, n);
+            let prim = if op.op_type == "Gather" { Prim::Gather { axis } } else { Prim::GatherElements { axis } };
+            let y = cx.p.push(prim, vec![d, i], s, n);
             cx.set(id, 0, y);
         }
         "ScatterElements" => {
