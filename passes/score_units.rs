@@ -1,5 +1,5 @@
-//! ScoreUnits: one importance score per unit from the configured criterion
-//! (`crate::criteria`). Scores are checked for shape and finiteness here, so selection can
+//! ScoreUnits: one importance score per unit from the configured criterion and schedule
+//! (`crate::criteria::run`). Scores are checked for shape and finiteness here, so selection can
 //! trust them.
 
 use crate::error::{Error, Result};
@@ -14,7 +14,11 @@ impl Pass for ScoreUnits {
     }
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
-        let scores = cx.config.criterion.score(cx, model)?;
+        let scored = crate::criteria::run(cx, model)?;
+        let scores = scored.scores;
+        cx.features = scored.features;
+        cx.score_steps = scored.steps;
+        cx.scored_samples = scored.samples;
         if scores.len() != cx.groups.len() {
             return Err(Error::Other(format!("{} score rows for {} groups", scores.len(), cx.groups.len())));
         }

@@ -29,6 +29,17 @@ impl Batch {
         }
     }
 
+    /// Samples `start..end` (clamped to what there is).
+    pub fn range(&self, start: usize, end: usize) -> Batch {
+        let end = end.min(self.samples);
+        let idx: Vec<usize> = (start.min(end)..end).collect();
+        Batch {
+            arrays: self.arrays.iter().map(|(k, t)| (k.clone(), t.take(0, &idx))).collect(),
+            labels: self.labels.as_ref().map(|l| l.take(0, &idx)),
+            samples: idx.len(),
+        }
+    }
+
     /// Inputs in graph-input order, as the runtime wants them.
     pub fn ordered(&self, model: &Model) -> Vec<(String, Tensor)> {
         model

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod experts;
 pub mod ir;
+pub mod linalg;
 pub mod npz;
 pub mod onnx_io;
 pub mod ops;

@@ -10,13 +10,17 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use plprune_onnx::criteria::Criterion;
+use plprune_onnx::criteria::gate::GateConfig;
+use plprune_onnx::criteria::{Criterion, Schedule, ScoringConfig};
+use plprune_onnx::engine::DeviceChoice;
 use plprune_onnx::units::UnitKind;
 use plprune_onnx::{onnx_io, Config, Error, Result, Scope, Session};
 
 const EXAMPLES: &str = "\
 Examples:
-  plprune-onnx model.onnx --ratio 0.5 -o slim.onnx
+  plprune-onnx model.onnx --ratio 0.5 --calib calib.npz -o slim.onnx
+  plprune-onnx model.onnx --ratio 0.5 --criterion magnitude -o slim.onnx
+  plprune-onnx model.onnx --ratio 0.75 --calib calib.npz --schedule linear --steps 3 --report r.json -o slim.onnx
   plprune-onnx model.onnx --ratio 0.25 --units filters --report report.json -o slim.onnx
   plprune-onnx bert.onnx --ratio 0.5 --calib calib.npz --units neurons -o slim.onnx
   plprune-onnx inspect model.onnx
@@ -88,12 +92,45 @@ struct PruneArgs {
     /// Unit kinds to prune, comma separated: filters,neurons (default: every kind found).
     #[arg(long, value_delimiter = ',')]
     units: Option<Vec<String>>,
-    /// Importance criterion: magnitude or random.
-    #[arg(long, default_value = "magnitude")]
+    /// Importance criterion: pl (the paper's: NTK features + Hessian-trace penalty + trained
+    /// gate), ntk-min, ntk-max, hessian, magnitude, random, taylor, snip, grasp, fisher, fpgm.
+    #[arg(long, default_value = "pl")]
     criterion: String,
     /// Calibration data (.npz, one array per model input, optional 'labels').
     #[arg(long)]
     calib: Option<PathBuf>,
+    /// Calibration samples the criterion scores on (the first N).
+    #[arg(long, default_value_t = 32)]
+    calib_samples: usize,
+    /// oneshot (score once) or linear (re-score the masked model at each of --steps steps).
+    #[arg(long, default_value = "oneshot")]
+    schedule: String,
+    /// Steps of the linear schedule.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Output projections k averaged into each unit's NTK Gram.
+    #[arg(long, default_value_t = 4)]
+    projections: usize,
+    /// Load the projection vectors from an .npz (key 'projections', [k, output shape...]).
+    #[arg(long)]
+    ntk_projections: Option<PathBuf>,
+    /// Hutchinson probes, where the Hessian trace is estimated.
+    #[arg(long, default_value_t = 8)]
+    probes: usize,
+    /// Weight α of the Hessian-trace penalty in the gate's loss.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Gate training: epochs, learning rate (Adam), hidden width.
+    #[arg(long, default_value_t = 20)]
+    gate_epochs: usize,
+    #[arg(long, default_value_t = 0.05)]
+    gate_lr: f64,
+    #[arg(long, default_value_t = 16)]
+    gate_hidden: usize,
+    /// Compute backend: auto (a hardware GPU when present, else CPU), cpu, or gpu (any wgpu
+    /// adapter, software included).
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// Seed for every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -127,6 +164,10 @@ struct PruneArgs {
 }
 
 fn main() -> ExitCode {
+    // Mesa's device-select layer prints noise on stderr without a session bus.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Inspect(a)) => inspect(a),
@@ -170,6 +211,22 @@ fn config(a: &PruneArgs) -> Result<Config> {
     let criterion = Criterion::parse(&a.criterion).ok_or_else(|| {
         Error::Option(format!("unknown --criterion '{}' (known: {})", a.criterion, Criterion::NAMES.join(", ")))
     })?;
+    let schedule = match a.schedule.as_str() {
+        "oneshot" => Schedule::Oneshot,
+        "linear" if a.steps >= 1 => Schedule::Linear { steps: a.steps },
+        "linear" => return Err(Error::Option("--steps must be at least 1".into())),
+        s => return Err(Error::Option(format!("unknown --schedule '{s}' (oneshot or linear)"))),
+    };
+    if a.calib_samples == 0 || a.projections == 0 || a.probes == 0 {
+        return Err(Error::Option("--calib-samples, --projections and --probes must be at least 1".into()));
+    }
+    let bad_alpha = !a.alpha.is_finite() || a.alpha < 0.0;
+    let bad_lr = !a.gate_lr.is_finite() || a.gate_lr <= 0.0;
+    if bad_alpha || bad_lr || a.gate_hidden == 0 {
+        return Err(Error::Option("--alpha must be ≥ 0, --gate-lr > 0 and --gate-hidden ≥ 1".into()));
+    }
+    let device = DeviceChoice::parse(&a.device)
+        .ok_or_else(|| Error::Option(format!("unknown --device '{}' (auto, cpu or gpu)", a.device)))?;
     let scope = match a.scope.as_str() {
         "global" => Scope::Global,
         "layer" => Scope::Layer,
@@ -198,6 +255,15 @@ fn config(a: &PruneArgs) -> Result<Config> {
         calib: a.calib.clone(),
         verify_samples: a.verify_samples,
         verify: !a.no_verify,
+        scoring: ScoringConfig {
+            projections: a.projections,
+            ntk_projections: a.ntk_projections.clone(),
+            probes: a.probes,
+            calib_samples: a.calib_samples,
+            gate: GateConfig { hidden: a.gate_hidden, epochs: a.gate_epochs, lr: a.gate_lr, alpha: a.alpha },
+            schedule,
+        },
+        device,
     })
 }
 

@@ -46,6 +46,10 @@ pub struct Config {
     /// Samples used by the verification run.
     pub verify_samples: usize,
     pub verify: bool,
+    /// Options of the data-driven criteria (projections, probes, gate, schedule).
+    pub scoring: crate::criteria::ScoringConfig,
+    /// Backend of the compute engine.
+    pub device: crate::engine::DeviceChoice,
 }
 
 impl Default for Config {
@@ -53,7 +57,7 @@ impl Default for Config {
         Config {
             ratio: 0.5,
             kinds: None,
-            criterion: Criterion::Magnitude,
+            criterion: Criterion::Pl,
             seed: 0,
             min_keep: 1,
             scope: Scope::Global,
@@ -61,6 +65,8 @@ impl Default for Config {
             calib: None,
             verify_samples: 2,
             verify: true,
+            scoring: crate::criteria::ScoringConfig::default(),
+            device: crate::engine::DeviceChoice::Auto,
         }
     }
 }
@@ -95,6 +101,14 @@ pub struct Context {
     pub unprunable: Vec<Unprunable>,
     /// One score per unit, by group (higher = more important).
     pub scores: Vec<Vec<f64>>,
+    /// Per-unit NTK features and Hessian traces, where the criterion computed them.
+    pub features: crate::criteria::ntk::Features,
+    /// One entry per schedule step (objective, Hessian method, gate training curve).
+    pub score_steps: Vec<crate::criteria::StepLog>,
+    /// Calibration samples the criterion scored on (0 for data-free criteria).
+    pub scored_samples: usize,
+    /// The compute device, described, once one was chosen.
+    pub device: Option<String>,
     pub keep: Option<KeepSet>,
     /// The model as it was before the rewrite (the masked reference is built from it).
     pub dense: Option<Model>,
@@ -114,6 +128,10 @@ impl Context {
             groups: Vec::new(),
             unprunable: Vec::new(),
             scores: Vec::new(),
+            features: Vec::new(),
+            score_steps: Vec::new(),
+            scored_samples: 0,
+            device: None,
             keep: None,
             dense: None,
             verification: None,

@@ -4,8 +4,12 @@
 //! `input_shapes`, `parameters` {before, after}, `kinds` (per unit kind: groups, units and
 //! parameters before/after), `groups` (per layer: kind, layer, units before/after,
 //! parameters per unit, pruned unit indices, scores), `unprunable` (layer, kind, count,
-//! reason), `opaque_ops`, `verification`, `warnings`, `timings_s` (per pass; the only
-//! field that differs between two identical runs).
+//! reason), `opaque_ops`, `verification`, `warnings`, `scoring` (criterion, schedule,
+//! samples, projections, probes, and per schedule step the objective, the Hessian-trace
+//! method and the gate's training curve), `device`, `timings_s` (per pass and scoring
+//! phase; the only field that differs between two identical runs). Each group also lists
+//! `units`: index, score, kept, and `features` {lambda_min, lambda_max, kappa, entropy,
+//! trace_k, hessian, hessian_se} where the criterion computed them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -30,6 +34,10 @@ pub struct Report {
     pub opaque_ops: BTreeMap<String, String>,
     pub verification: Option<Verification>,
     pub warnings: Vec<String>,
+    /// How units were scored (absent for `inspect`).
+    pub scoring: Option<ScoringReport>,
+    /// The compute device the criterion ran on.
+    pub device: Option<String>,
     pub timings_s: BTreeMap<String, f64>,
 }
 
@@ -66,6 +74,31 @@ pub struct GroupReport {
     pub params_per_unit: usize,
     pub pruned: Vec<usize>,
     pub scores: Vec<f64>,
+    /// Per unit: index, score, kept or pruned, and the NTK/Hessian features where the
+    /// criterion computed them.
+    pub units: Vec<UnitReport>,
+}
+
+#[derive(Serialize)]
+pub struct UnitReport {
+    pub index: usize,
+    pub score: Option<f64>,
+    pub kept: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<crate::criteria::ntk::UnitFeatures>,
+}
+
+/// How units were scored.
+#[derive(Serialize)]
+pub struct ScoringReport {
+    pub criterion: &'static str,
+    pub schedule: crate::criteria::Schedule,
+    /// Calibration samples scored on (0 for data-free criteria).
+    pub samples: usize,
+    pub projections: usize,
+    pub probes: usize,
+    /// Per schedule step: objective, Hessian method, the gate's training curve.
+    pub steps: Vec<crate::criteria::StepLog>,
 }
 
 impl Report {
@@ -94,6 +127,14 @@ impl Report {
                 params_per_unit: group.params_per_unit(dense),
                 pruned: cx.keep.as_ref().map(|k| k.pruned(g)).unwrap_or_default(),
                 scores: cx.scores.get(g).cloned().unwrap_or_default(),
+                units: (0..group.count)
+                    .map(|u| UnitReport {
+                        index: u,
+                        score: cx.scores.get(g).and_then(|s| s.get(u)).copied(),
+                        kept: cx.keep.as_ref().is_none_or(|k| k.keep[g][u]),
+                        features: cx.features.get(g).and_then(|f| f.as_ref()).map(|f| f[u].clone()),
+                    })
+                    .collect(),
             });
         }
         for (kind, ts) in tensors {
@@ -128,6 +169,15 @@ impl Report {
             opaque_ops: cx.opaque_ops.clone(),
             verification: cx.verification.clone(),
             warnings: cx.warnings.clone(),
+            scoring: (!cx.scores.is_empty()).then(|| ScoringReport {
+                criterion: c.criterion.name(),
+                schedule: c.scoring.schedule,
+                samples: cx.scored_samples,
+                projections: c.scoring.projections,
+                probes: c.scoring.probes,
+                steps: cx.score_steps.clone(),
+            }),
+            device: cx.device.clone(),
             timings_s: cx.timings.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
                 *m.entry(k.clone()).or_insert(0.0) += v;
                 m
@@ -174,6 +224,31 @@ impl Report {
     /// The summary a pruning run prints.
     pub fn summary_text(&self) -> String {
         let mut s = String::new();
+        if let Some(sc) = &self.scoring {
+            let _ = write!(s, "scored   criterion {}", sc.criterion);
+            if sc.samples > 0 {
+                let _ = write!(s, " on {} calibration samples", sc.samples);
+            }
+            if let Some(d) = &self.device {
+                let _ = write!(s, ", device {d}");
+            }
+            if let Some(obj) = sc.steps.first().and_then(|st| st.objective.as_ref()) {
+                let _ = write!(s, ", objective {obj}");
+            }
+            let _ = writeln!(s);
+            for st in &sc.steps {
+                if let Some(g) = &st.gate {
+                    let (first, last) = (g.curve.first(), g.curve.get(g.best_epoch));
+                    if let (Some(a), Some(b)) = (first, last) {
+                        let _ = writeln!(
+                            s,
+                            "gate     step {}: L_total {:.4e} (λ_min ranking) -> {:.4e} (epoch {}), {} units differ",
+                            st.step, a.total, b.total, g.best_epoch, g.differs_from_lambda_min
+                        );
+                    }
+                }
+            }
+        }
         let selected = |k: &UnitKind| self.options.units.as_ref().is_none_or(|u| u.contains(k));
         for (k, v) in self.kinds.iter().filter(|(k, _)| selected(k)) {
             let _ = writeln!(

@@ -46,8 +46,12 @@ fn effnet_quarter_prune_and_inspect_agree() {
     let out = dir.join("e.onnx");
     let report = dir.join("e.json");
     let masked = dir.join("e-masked.onnx");
+    // The rewrite is the point here; the criterion is magnitude so the test stays fast
+    // (pl on effnet is in the criteria benchmark).
     let stdout = run_ok(&[
         model.to_str().unwrap(),
+        "--criterion",
+        "magnitude",
         "--ratio",
         "0.25",
         "-o",
@@ -132,6 +136,58 @@ fn same_command_twice_gives_identical_bytes() {
     assert_eq!(outs[0].1, outs[1].1, "reports differ between identical runs");
 }
 
+/// Issue 4's must-show: the PL criterion on vgg_bn writes a slim model and a report with
+/// every unit's features; the same command twice gives identical bytes.
+#[test]
+fn pl_criterion_on_vgg_with_report() {
+    let dir = out_dir("cli-pl");
+    let model = shared("digits/vgg_bn.onnx");
+    let calib = shared("digits/img_train.npz");
+    let mut outs = Vec::new();
+    for i in 0..2 {
+        let o = dir.join(format!("v{i}.onnx"));
+        let r = dir.join(format!("r{i}.json"));
+        let stdout = run_ok(&[
+            model.to_str().unwrap(),
+            "--criterion",
+            "pl",
+            "--ratio",
+            "0.5",
+            "--calib",
+            calib.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "-o",
+            o.to_str().unwrap(),
+            "--report",
+            r.to_str().unwrap(),
+        ]);
+        assert!(stdout.contains("criterion pl on 32 calibration samples, device cpu"), "{stdout}");
+        let mut rep = json(&r);
+        rep.as_object_mut().unwrap().remove("timings_s");
+        outs.push((std::fs::read(&o).unwrap(), rep));
+    }
+    assert!(outs[0].0 == outs[1].0, "models differ between identical pl runs");
+    assert_eq!(outs[0].1, outs[1].1, "reports differ between identical pl runs");
+    let rep = &outs[0].1;
+    assert_eq!(rep["device"].as_str().map(|d| d.starts_with("cpu")), Some(true));
+    let steps = rep["scoring"]["steps"].as_array().unwrap();
+    assert!(steps[0]["gate"]["curve"].as_array().unwrap().len() == 21, "{}", steps[0]);
+    let mut n = 0;
+    for g in rep["groups"].as_array().unwrap().iter().filter(|g| g["kind"] == "filters") {
+        for u in g["units"].as_array().unwrap() {
+            let f = &u["features"];
+            assert!(f["lambda_min"].as_f64().unwrap() >= 0.0 && f["hessian"].is_number(), "{u}");
+            assert!(u["score"].is_number() && u["kept"].is_boolean(), "{u}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 320);
+    let before = rep["kinds"]["filters"]["parameters"]["before"].as_f64().unwrap();
+    let after = rep["kinds"]["filters"]["parameters"]["after"].as_f64().unwrap();
+    assert!((after / before - 0.5).abs() < 0.03, "{after} / {before}");
+}
+
 #[test]
 fn error_paths_are_one_line_and_nonzero() {
     let dir = out_dir("cli-errors");
@@ -187,13 +243,24 @@ fn killed_runs_leave_no_partial_output() {
     let dir = out_dir("cli-kill");
     let model = shared("minilm-l6/model.onnx");
     let reference = dir.join("ref.onnx");
-    run_ok(&[model.to_str().unwrap(), "--ratio", "0.5", "-q", "-o", reference.to_str().unwrap()]);
+    let args = |o: &str| {
+        vec![
+            model.to_str().unwrap().to_string(),
+            "--criterion".into(),
+            "magnitude".into(),
+            "--ratio".into(),
+            "0.5".into(),
+            "-q".into(),
+            "-o".into(),
+            o.to_string(),
+        ]
+    };
+    run_ok(&args(reference.to_str().unwrap()).iter().map(String::as_str).collect::<Vec<_>>());
     let want = std::fs::read(&reference).unwrap();
     for (i, ms) in [50u64, 400, 900, 1500, 2500].into_iter().enumerate() {
         let out = dir.join(format!("k{i}.onnx"));
         let _ = std::fs::remove_file(&out);
-        let mut child =
-            bin().args([model.to_str().unwrap(), "--ratio", "0.5", "-q", "-o", out.to_str().unwrap()]).spawn().unwrap();
+        let mut child = bin().args(args(out.to_str().unwrap())).spawn().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(ms));
         let _ = child.kill();
         let _ = child.wait();

@@ -25,6 +25,7 @@ fn run_case(c: &Case, ratio: f64) -> plprune_onnx::report::Report {
         calib: Some(shared(c.calib)),
         verify_samples: c.samples,
         verify: false, // checked below, independently
+        criterion: plprune_onnx::criteria::Criterion::Magnitude,
         ..Config::default()
     };
     let mut s = Session::open(&shared(c.model), config).expect("open");

@@ -11,7 +11,13 @@ use plprune_onnx::units::{KeepSet, UnitKind};
 use plprune_onnx::{Config, Session};
 
 fn open(name: &str, kinds: &[UnitKind], ratio: f64) -> Session {
-    let config = Config { ratio, kinds: Some(kinds.to_vec()), verify: true, ..Config::default() };
+    let config = Config {
+        ratio,
+        kinds: Some(kinds.to_vec()),
+        verify: true,
+        criterion: plprune_onnx::criteria::Criterion::Magnitude,
+        ..Config::default()
+    };
     let mut s = Session::open(&fixture(name), config).expect("open");
     s.analyze().expect("analyze");
     s

@@ -1,0 +1,317 @@
+//! `pl`: the paper's criterion — a gating network over per-unit NTK features, trained with
+//! a Hessian-trace penalty (Chen et al., ICLR 2023, "PL regularization implemented as
+//! structured pruning"; docs/method.md "Gating network and mask").
+//!
+//! Per unit kind, FN_v: 2 → hidden (tanh) → 1 maps the standardised features
+//! d_i = (z(log λ_min), z(ρ)) to a logit a_i; g = softmax over the kind's units; the mask
+//! m = TopK(g) is what `select_units::select` makes of the scores (ratio as parameters,
+//! global or per layer, at least `min_keep` per layer — the protecting strategy). v is
+//! trained on L_total = L_S(m ⊙ w) + α Σ_i m_i² h_i, forward with the hard mask, backward
+//! straight-through (∂L/∂g_i := ∂L/∂m_i, our choice), Adam.
+//!
+//! Our choices where the paper is silent (README, "Method choices"): FN starts fitted to
+//! z(log λ_min) (so epoch 0 ranks approximately as λ_min alone does); training keeps the
+//! epoch with the lowest L_total, measured on held-out calibration samples (the n samples
+//! after the scored ones) when the file has them — choosing on the scored samples
+//! themselves overfits a 32-sample batch; hidden width 16, 20 epochs, learning rate 0.05,
+//! α = 1.
+
+use serde::Serialize;
+
+use super::ntk::Features;
+use super::probe::Probe;
+use crate::error::Result;
+use crate::ir::Model;
+use crate::passes::select_units;
+use crate::pipeline::Scope;
+use crate::rng::Rng;
+use crate::units::{UnitGroup, UnitKind};
+
+#[derive(Clone, Debug)]
+pub struct GateConfig {
+    pub hidden: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub alpha: f64,
+}
+
+impl Default for GateConfig {
+    fn default() -> GateConfig {
+        GateConfig { hidden: 16, epochs: 20, lr: 0.05, alpha: 1.0 }
+    }
+}
+
+/// One epoch of gate training.
+#[derive(Clone, Debug, Serialize)]
+pub struct Epoch {
+    /// L_S(m ⊙ w) on the calibration batch.
+    pub loss: f64,
+    /// Σ m_i h_i over the scored units.
+    pub penalty: f64,
+    pub total: f64,
+    /// L_S on the held-out calibration samples, when the file has them (epochs are chosen
+    /// by val_loss + α·penalty then, else by `total`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    pub pruned: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GateTraining {
+    pub curve: Vec<Epoch>,
+    /// The epoch whose mask was kept (0 = the initialisation fitted to λ_min).
+    pub best_epoch: usize,
+    /// Units whose keep/prune decision differs from ranking by λ_min alone.
+    pub differs_from_lambda_min: usize,
+    /// The objective (L_S, and on held-out samples) of the mask that ranking by λ_min alone gives.
+    pub lambda_min_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lambda_min_val_loss: Option<f64>,
+}
+
+/// 2 → hidden → 1 with tanh, parameters flat: [w1 (h×2), b1 (h), w2 (h), b2].
+struct Net {
+    h: usize,
+    p: Vec<f64>,
+}
+
+impl Net {
+    fn new(h: usize, rng: &mut Rng) -> Net {
+        let mut p: Vec<f64> = (0..4 * h + 1).map(|_| (rng.next_f64() - 0.5) * 0.5).collect();
+        p[4 * h] = 0.0;
+        Net { h, p }
+    }
+
+    /// Logit and hidden activations.
+    fn forward(&self, d: [f64; 2]) -> (f64, Vec<f64>) {
+        let h = self.h;
+        let act: Vec<f64> =
+            (0..h).map(|j| (self.p[2 * j] * d[0] + self.p[2 * j + 1] * d[1] + self.p[2 * h + j]).tanh()).collect();
+        let a = (0..h).map(|j| self.p[3 * h + j] * act[j]).sum::<f64>() + self.p[4 * h];
+        (a, act)
+    }
+
+    /// Adds ∂a/∂p · da to `grad`.
+    fn backward(&self, d: [f64; 2], act: &[f64], da: f64, grad: &mut [f64]) {
+        let h = self.h;
+        for j in 0..h {
+            grad[3 * h + j] += da * act[j];
+            let dz = da * self.p[3 * h + j] * (1.0 - act[j] * act[j]);
+            grad[2 * j] += dz * d[0];
+            grad[2 * j + 1] += dz * d[1];
+            grad[2 * h + j] += dz;
+        }
+        grad[4 * h] += da;
+    }
+}
+
+struct Adam {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    t: i32,
+    lr: f64,
+}
+
+impl Adam {
+    fn new(n: usize, lr: f64) -> Adam {
+        Adam { m: vec![0.0; n], v: vec![0.0; n], t: 0, lr }
+    }
+
+    fn step(&mut self, p: &mut [f64], g: &[f64]) {
+        self.t += 1;
+        let (b1, b2) = (0.9f64, 0.999f64);
+        for i in 0..p.len() {
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g[i];
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g[i] * g[i];
+            let mh = self.m[i] / (1.0 - b1.powi(self.t));
+            let vh = self.v[i] / (1.0 - b2.powi(self.t));
+            p[i] -= self.lr * mh / (vh.sqrt() + 1e-8);
+        }
+    }
+}
+
+fn zscore(x: &[f64]) -> Vec<f64> {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let sd = (x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n).sqrt();
+    x.iter().map(|v| if sd > 0.0 { (v - mean) / sd } else { 0.0 }).collect()
+}
+
+/// What the gate needs to know about the selection it imitates.
+pub struct Selection<'a> {
+    pub model: &'a Model,
+    pub groups: &'a [UnitGroup],
+    pub selected: &'a [bool],
+    pub ratio: f64,
+    pub scope: Scope,
+    pub min_keep: usize,
+    /// Units already pruned by earlier schedule steps (gate 0, excluded from training).
+    pub forced: &'a [Vec<bool>],
+}
+
+impl Selection<'_> {
+    /// Scores with forced units below everything, and the mask `select` makes of them.
+    fn mask(&self, a: &[Vec<f64>]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+        let lo = a.iter().flatten().copied().fold(f64::INFINITY, f64::min).min(0.0) - 1.0;
+        let scores: Vec<Vec<f64>> = a
+            .iter()
+            .enumerate()
+            .map(|(g, s)| s.iter().enumerate().map(|(u, &x)| if self.forced[g][u] { lo } else { x }).collect())
+            .collect();
+        let keep = select_units::select(
+            self.model,
+            self.groups,
+            &scores,
+            self.selected,
+            self.ratio,
+            self.scope,
+            self.min_keep,
+        );
+        let gates = keep.keep.iter().map(|k| k.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect()).collect();
+        (scores, gates)
+    }
+}
+
+/// Trains one gate network per unit kind and returns the scores (the best epoch's logits,
+/// forced units lowest) and the training record.
+pub fn train(
+    probe: &Probe,
+    features: &Features,
+    sel: &Selection,
+    cfg: &GateConfig,
+    seed: u64,
+    mut progress: impl FnMut(usize, &Epoch),
+) -> Result<(Vec<Vec<f64>>, GateTraining)> {
+    let groups = sel.groups;
+    // Active units per kind and their standardised features.
+    let mut kinds: Vec<UnitKind> = Vec::new();
+    for (g, grp) in groups.iter().enumerate() {
+        if sel.selected[g] && features[g].is_some() && !kinds.contains(&grp.kind) {
+            kinds.push(grp.kind);
+        }
+    }
+    let mut d: Vec<Vec<[f64; 2]>> = groups.iter().map(|g| vec![[0.0; 2]; g.count]).collect();
+    for &kind in &kinds {
+        let units: Vec<(usize, usize)> = (0..groups.len())
+            .filter(|&g| groups[g].kind == kind && sel.selected[g] && features[g].is_some())
+            .flat_map(|g| (0..groups[g].count).filter(move |&u| !sel.forced[g][u]).map(move |u| (g, u)))
+            .collect();
+        let lmax = units.iter().map(|&(g, u)| features[g].as_ref().unwrap()[u].lambda_max).fold(0.0, f64::max);
+        let floor = (lmax * 1e-12).max(f64::MIN_POSITIVE);
+        let ll: Vec<f64> =
+            units.iter().map(|&(g, u)| (features[g].as_ref().unwrap()[u].lambda_min.max(floor)).ln()).collect();
+        let rr: Vec<f64> = units.iter().map(|&(g, u)| features[g].as_ref().unwrap()[u].entropy).collect();
+        for ((&(g, u), l), r) in units.iter().zip(zscore(&ll)).zip(zscore(&rr)) {
+            d[g][u] = [l, r];
+        }
+    }
+    let kind_of = |g: usize| kinds.iter().position(|&k| k == groups[g].kind);
+    let active =
+        |g: usize, u: usize| sel.selected[g] && features[g].is_some() && !sel.forced[g][u] && kind_of(g).is_some();
+    let h = |g: usize, u: usize| features[g].as_ref().map(|f| f[u].hessian).unwrap_or(0.0);
+
+    let mut rng = Rng::new(seed ^ 0x6A7E);
+    let mut nets: Vec<Net> = kinds.iter().map(|_| Net::new(cfg.hidden, &mut rng)).collect();
+    // Start from ranking by λ_min: fit a ≈ z(log λ_min) by regression on the features.
+    for (ki, net) in nets.iter_mut().enumerate() {
+        let mut opt = Adam::new(net.p.len(), 0.02);
+        let pts: Vec<[f64; 2]> = (0..groups.len())
+            .filter(|&g| kind_of(g) == Some(ki))
+            .flat_map(|g| (0..groups[g].count).filter(move |&u| active(g, u)).map(move |u| (g, u)))
+            .map(|(g, u)| d[g][u])
+            .collect();
+        for _ in 0..300 {
+            let mut grad = vec![0.0; net.p.len()];
+            for x in &pts {
+                let (a, act) = net.forward(*x);
+                net.backward(*x, &act, 2.0 * (a - x[0]) / pts.len().max(1) as f64, &mut grad);
+            }
+            opt.step(&mut net.p, &grad);
+        }
+    }
+    let logits = |nets: &[Net]| -> Vec<Vec<f64>> {
+        (0..groups.len())
+            .map(|g| {
+                (0..groups[g].count)
+                    .map(|u| match kind_of(g) {
+                        Some(k) if active(g, u) => nets[k].forward(d[g][u]).0,
+                        _ => 0.0,
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let mut opts: Vec<Adam> = nets.iter().map(|n| Adam::new(n.p.len(), cfg.lr)).collect();
+    let mut curve = Vec::new();
+    let mut best: Option<(f64, usize, Vec<Vec<f64>>)> = None;
+    // The mask of ranking by λ_min alone, for comparison.
+    let lm: Vec<Vec<f64>> = (0..groups.len())
+        .map(|g| (0..groups[g].count).map(|u| features[g].as_ref().map(|f| f[u].lambda_min).unwrap_or(0.0)).collect())
+        .collect();
+    let (_, lm_mask) = sel.mask(&lm);
+    let (lambda_min_loss, _) = probe.gate_gradients(&lm_mask)?;
+    let lambda_min_val_loss = probe.val_loss(&lm_mask)?;
+    let mut best_mask: Option<Vec<Vec<f64>>> = None;
+    for epoch in 0..=cfg.epochs {
+        let a = logits(&nets);
+        let (scores, m) = sel.mask(&a);
+        let (ls, dm) = probe.gate_gradients(&m)?;
+        let penalty: f64 = m
+            .iter()
+            .enumerate()
+            .flat_map(|(g, mg)| mg.iter().enumerate().map(move |(u, &x)| (g, u, x)))
+            .filter(|&(g, u, _)| active(g, u))
+            .map(|(g, u, x)| x * x * h(g, u))
+            .sum();
+        let total = ls + cfg.alpha * penalty;
+        let val_loss = probe.val_loss(&m)?;
+        let pruned = m.iter().flatten().filter(|&&x| x == 0.0).count();
+        let e = Epoch { loss: ls, penalty, total, val_loss, pruned };
+        progress(epoch, &e);
+        curve.push(e);
+        let key = val_loss.map(|v| v + cfg.alpha * penalty).unwrap_or(total);
+        if best.as_ref().is_none_or(|b| key < b.0) {
+            best = Some((key, epoch, scores));
+            best_mask = Some(m.clone());
+        }
+        if epoch == cfg.epochs {
+            break;
+        }
+        // Straight-through: ∂L/∂g_i := ∂L/∂m_i; then softmax and the networks.
+        let grads: Vec<Vec<f64>> = nets
+            .iter()
+            .enumerate()
+            .map(|(ki, net)| {
+                let units: Vec<(usize, usize)> = (0..groups.len())
+                    .filter(|&g| kind_of(g) == Some(ki))
+                    .flat_map(|g| (0..groups[g].count).filter(move |&u| active(g, u)).map(move |u| (g, u)))
+                    .collect();
+                let mut grad = vec![0.0; net.p.len()];
+                if units.is_empty() {
+                    return grad;
+                }
+                let mx = units.iter().map(|&(g, u)| a[g][u]).fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = units.iter().map(|&(g, u)| (a[g][u] - mx).exp()).sum();
+                let gs: Vec<f64> = units.iter().map(|&(g, u)| (a[g][u] - mx).exp() / z).collect();
+                let dg: Vec<f64> = units.iter().map(|&(g, u)| dm[g][u] + 2.0 * cfg.alpha * m[g][u] * h(g, u)).collect();
+                let dot: f64 = gs.iter().zip(&dg).map(|(x, y)| x * y).sum();
+                for (k, &(g, u)) in units.iter().enumerate() {
+                    let (_, act) = net.forward(d[g][u]);
+                    net.backward(d[g][u], &act, gs[k] * (dg[k] - dot), &mut grad);
+                }
+                grad
+            })
+            .collect();
+        for ((net, opt), g) in nets.iter_mut().zip(opts.iter_mut()).zip(&grads) {
+            opt.step(&mut net.p, g);
+        }
+    }
+    let (_, best_epoch, scores) = best.expect("at least one epoch");
+    let differs = best_mask
+        .map(|b| lm_mask.iter().flatten().zip(b.iter().flatten()).filter(|(x, y)| x != y).count())
+        .unwrap_or(0);
+    Ok((
+        scores,
+        GateTraining { curve, best_epoch, differs_from_lambda_min: differs, lambda_min_loss, lambda_min_val_loss },
+    ))
+}

@@ -1,0 +1,202 @@
+//! Per-unit NTK features and Hessian traces (docs/method.md), and the three criteria that
+//! rank by one of them:
+//!
+//! - `ntk-min`: λ_min(K_u), the PL constant's per-unit proxy (rank by λ_min alone; the
+//!   ablation the trained gate is compared against).
+//! - `ntk-max`: λ_max(K_u) — MAT, Shi et al., "Towards Understanding and Improving the
+//!   Generalization of Pruned Networks via NTK" / the max-eigenvalue attention-head
+//!   criterion (NeurIPS 2023): units with a large top NTK eigenvalue are kept.
+//! - `hessian`: h_u = tr(H_uu), Optimal-Brain-Damage style sensitivity (LeCun et al. 1990,
+//!   trace form as in HAWQ-v2, Dong et al. 2020): units the loss is most curved in are kept.
+//!
+//! K_u = (1/k) Σ_j J_{u,j} J_{u,j}ᵀ over k output projections s_j = ⟨r_j, f⟩/√dim f, formed
+//! layer by layer by `engine::gram`; eigenvalues by `linalg::sym_eigvals`.
+//!
+//! h_u: where the objective's residual is zero (MSE to the dense output, at the dense
+//! weights) the Hessian is the Gauss-Newton matrix (1/N) JᵀJ and tr(H_uu) = E_r[tr K_u]/n,
+//! read off the Grams (non-negative; unbiased over the projections). Elsewhere (labels,
+//! pseudo-label cross-entropy, masked models of the linear schedule): Hutchinson,
+//! h_u ≈ mean over Rademacher probes z of Σ_{p∈u} z_p (Hz)_p, Hz by central differences of
+//! f64 gradients (`engine::hvp`), with the standard error over probes reported.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::probe::Probe;
+use super::unit_sum;
+use crate::engine::{gram, hvp, Params};
+use crate::error::{Error, Result};
+use crate::ir::Id;
+use crate::rng::Rng;
+use crate::units::UnitGroup;
+
+/// The features of one unit.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UnitFeatures {
+    pub lambda_min: f64,
+    pub lambda_max: f64,
+    /// λ_max/λ_min; null in JSON when λ_min = 0.
+    pub kappa: Option<f64>,
+    pub entropy: f64,
+    pub trace_k: f64,
+    /// tr(H_uu).
+    pub hessian: f64,
+    /// Standard error of `hessian` over Hutchinson probes (absent when read off the Grams).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hessian_se: Option<f64>,
+}
+
+/// Per group (None where the group is not scored), per unit.
+pub type Features = Vec<Option<Vec<UnitFeatures>>>;
+
+/// How h was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HessianMethod {
+    GaussNewton,
+    Hutchinson,
+}
+
+/// The k projection vectors: from `--ntk-projections FILE.npz` (key `projections`, shape
+/// [k, per-sample output shape...], as ../bench/ntk_ref.py writes them), else Gaussian from
+/// the seed.
+pub fn projections(file: Option<&Path>, k: usize, per_sample: usize, seed: u64) -> Result<Vec<Vec<f64>>> {
+    let Some(path) = file else {
+        return Ok(super::probe::gaussian_projections(k, per_sample, seed));
+    };
+    let err = |msg: String| Error::Calibration { path: path.to_path_buf(), msg };
+    let mut arrays = crate::npz::read(path)?;
+    let t = arrays.remove("projections").ok_or_else(|| err("no array 'projections' in the file".into()))?;
+    let kk = *t.dims.first().ok_or_else(|| err("'projections' is a scalar".into()))?;
+    if kk == 0 || t.numel() != kk * per_sample || !t.dtype.is_float() {
+        return Err(err(format!(
+            "'projections' has shape {:?} ({}); expected [k, ...] floats with {per_sample} values per projection \
+             (the scored output's per-sample size)",
+            t.dims, t.dtype
+        )));
+    }
+    let v = t.to_f64_vec();
+    Ok(v.chunks(per_sample).map(|c| c.to_vec()).collect())
+}
+
+/// λ_min, λ_max, κ, ρ and tr K for every unit of the groups with `scored[g]`, at `params`.
+/// Returns the features (hessian left 0) and the weights left out of the Grams.
+pub fn ntk_features(
+    probe: &Probe,
+    params: &Params<f32>,
+    proj: &[Vec<f64>],
+    scored: &[bool],
+) -> Result<(Features, Vec<String>)> {
+    let idx: Vec<usize> = (0..probe.groups.len()).filter(|&g| scored[g]).collect();
+    let groups: Vec<UnitGroup> = idx.iter().map(|&g| probe.groups[g].clone()).collect();
+    let n = probe.n;
+    let mut acc: Vec<Vec<Vec<f64>>> = groups.iter().map(|g| vec![vec![0.0; n * n]; g.count]).collect();
+    let mut skipped = Vec::new();
+    for r in proj {
+        let gr = gram::grams::<f32>(&probe.low.gp, &probe.low.model, &probe.inputs, params, &groups, probe.output, r)?;
+        for (a, k) in acc.iter_mut().zip(gr.k) {
+            for (au, ku) in a.iter_mut().zip(k) {
+                au.iter_mut().zip(ku).for_each(|(x, y)| *x += y / proj.len() as f64);
+            }
+        }
+        skipped = gr.skipped;
+    }
+    let mut out: Features = vec![None; probe.groups.len()];
+    for (gi, k) in idx.into_iter().zip(acc) {
+        let feats: Vec<UnitFeatures> = k
+            .par_iter()
+            .map(|ku| {
+                let eig = crate::linalg::sym_eigvals(ku, n);
+                let (lmin, lmax, kappa, rho) = crate::linalg::spectral_features(&eig);
+                let trace_k = (0..n).map(|i| ku[i * n + i]).sum();
+                UnitFeatures {
+                    lambda_min: lmin,
+                    lambda_max: lmax,
+                    kappa: kappa.is_finite().then_some(kappa),
+                    entropy: rho,
+                    trace_k,
+                    hessian: 0.0,
+                    hessian_se: None,
+                }
+            })
+            .collect();
+        out[gi] = Some(feats);
+    }
+    Ok((out, skipped))
+}
+
+/// h_u = tr K_u / n: the exact-in-expectation Gauss-Newton trace at zero residual.
+pub fn gauss_newton_traces(features: &mut Features, n: usize) {
+    for f in features.iter_mut().flatten() {
+        for u in f.iter_mut() {
+            u.hessian = u.trace_k / n as f64;
+            u.hessian_se = None;
+        }
+    }
+}
+
+/// Hutchinson estimates of tr(H_uu) of the probe's objective at the gated weights, with
+/// `probes` Rademacher vectors over every unit tensor; fills `hessian` and `hessian_se`.
+pub fn hutchinson(probe: &Probe, gates: &[Vec<f64>], probes: usize, seed: u64, features: &mut Features) -> Result<()> {
+    let base64: Params<f64> = probe.low.engine.params(&probe.low.model);
+    let params = crate::engine::gates::gated_params(&probe.low.model, &base64, &probe.groups, gates);
+    let tensors: Vec<Id> = probe.unit_tensors.iter().copied().filter(|t| probe.low.gp.wrt.contains_key(t)).collect();
+    // ε relative to the scale of the weights probed (z has unit entries).
+    let (ss, cnt) = tensors
+        .iter()
+        .filter_map(|t| params.get(t))
+        .fold((0.0, 0usize), |(s, c), w| (s + w.iter().map(|x| x * x).sum::<f64>(), c + w.len()));
+    let eps = 1e-4 * (ss / cnt.max(1) as f64).sqrt().max(1e-3);
+    let mut rng = Rng::new(seed ^ 0x4855_5443_4849_4E53);
+    let mut samples: Vec<Vec<Vec<f64>>> = probe.groups.iter().map(|g| vec![Vec::new(); g.count]).collect();
+    let objective = probe.objective.clone();
+    let output = probe.output;
+    for _ in 0..probes {
+        let z: BTreeMap<Id, Vec<f64>> = tensors
+            .iter()
+            .map(|&t| {
+                let len = params[&t].len();
+                (t, (0..len).map(|_| if rng.next_u64() & 1 == 1 { 1.0 } else { -1.0 }).collect())
+            })
+            .collect();
+        let seedf = |o: &crate::engine::loss::Outputs<f64>| Probe::seed(&objective, output, o);
+        let hz = hvp::hvp::<f64>(&probe.low.gp, &probe.inputs, &params, &z, eps, &seedf)?;
+        let prod: BTreeMap<Id, Vec<f64>> =
+            hz.iter().map(|(id, h)| (*id, h.iter().zip(&z[id]).map(|(a, b)| a * b).collect())).collect();
+        for (gi, g) in probe.groups.iter().enumerate() {
+            if features[gi].is_none() {
+                continue;
+            }
+            for (u, s) in samples[gi].iter_mut().enumerate() {
+                s.push(unit_sum(&probe.low.model, g, u, &prod));
+            }
+        }
+    }
+    for (gi, f) in features.iter_mut().enumerate() {
+        let Some(f) = f else { continue };
+        for (u, feat) in f.iter_mut().enumerate() {
+            let s = &samples[gi][u];
+            let m = s.len().max(1) as f64;
+            let mean = s.iter().sum::<f64>() / m;
+            let var = s.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (m - 1.0).max(1.0);
+            feat.hessian = mean;
+            feat.hessian_se = Some((var / m).sqrt());
+        }
+    }
+    Ok(())
+}
+
+/// One feature as scores (group-aligned; unscored groups get zeros).
+pub fn scores_from(features: &Features, groups: &[UnitGroup], f: impl Fn(&UnitFeatures) -> f64) -> Vec<Vec<f64>> {
+    features
+        .iter()
+        .zip(groups)
+        .map(|(fs, g)| match fs {
+            Some(fs) => fs.iter().map(&f).collect(),
+            None => vec![0.0; g.count],
+        })
+        .collect()
+}

@@ -1,0 +1,213 @@
+//! Small dense linear algebra the criteria need: eigenvalues of symmetric matrices (the
+//! per-unit NTK Grams, n × n with n the calibration batch, typically 16–256).
+//!
+//! Householder reduction to tridiagonal form, then the implicit QL algorithm with Wilkinson
+//! shifts (Golub & Van Loan §8.3; the classic `tred2`/`tqli` pair without eigenvectors), in
+//! f64. O(n³) per matrix; callers run many matrices in parallel.
+
+/// Eigenvalues of the symmetric `n × n` matrix `a` (row-major; only symmetry is assumed,
+/// the upper triangle is read), in ascending order.
+pub fn sym_eigvals(a: &[f64], n: usize) -> Vec<f64> {
+    assert_eq!(a.len(), n * n, "sym_eigvals: {} values for a {n}×{n} matrix", a.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut m: Vec<f64> = (0..n * n).map(|k| a[(k / n).min(k % n) * n + (k / n).max(k % n)]).collect();
+    let (mut d, mut e) = tridiagonalize(&mut m, n);
+    ql_implicit(&mut d, &mut e);
+    d.sort_by(f64::total_cmp);
+    d
+}
+
+/// Householder tridiagonalisation in place; returns (diagonal, off-diagonal with e[0] = 0).
+fn tridiagonalize(a: &mut [f64], n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut d = vec![0.0; n];
+    let mut e = vec![0.0; n];
+    for i in (1..n).rev() {
+        let l = i - 1;
+        let mut h = 0.0;
+        if l > 0 {
+            let scale: f64 = (0..=l).map(|k| a[i * n + k].abs()).sum();
+            if scale == 0.0 {
+                e[i] = a[i * n + l];
+            } else {
+                for k in 0..=l {
+                    a[i * n + k] /= scale;
+                    h += a[i * n + k] * a[i * n + k];
+                }
+                let f = a[i * n + l];
+                let g = if f >= 0.0 { -h.sqrt() } else { h.sqrt() };
+                e[i] = scale * g;
+                h -= f * g;
+                a[i * n + l] = f - g;
+                let mut ff = 0.0;
+                for j in 0..=l {
+                    let mut g = 0.0;
+                    for k in 0..=j {
+                        g += a[j * n + k] * a[i * n + k];
+                    }
+                    for k in j + 1..=l {
+                        g += a[k * n + j] * a[i * n + k];
+                    }
+                    e[j] = g / h;
+                    ff += e[j] * a[i * n + j];
+                }
+                let hh = ff / (h + h);
+                for j in 0..=l {
+                    let f = a[i * n + j];
+                    let g = e[j] - hh * f;
+                    e[j] = g;
+                    for k in 0..=j {
+                        a[j * n + k] -= f * e[k] + g * a[i * n + k];
+                    }
+                }
+            }
+        } else {
+            e[i] = a[i * n + l];
+        }
+        d[i] = h;
+    }
+    for (i, di) in d.iter_mut().enumerate() {
+        *di = a[i * n + i];
+    }
+    (d, e)
+}
+
+/// Implicit QL with shifts on the tridiagonal (d, e); eigenvalues left in `d`.
+fn ql_implicit(d: &mut [f64], e: &mut [f64]) {
+    let n = d.len();
+    for i in 1..n {
+        e[i - 1] = e[i];
+    }
+    e[n - 1] = 0.0;
+    for l in 0..n {
+        let mut iter = 0;
+        loop {
+            let mut m = l;
+            while m + 1 < n {
+                let dd = d[m].abs() + d[m + 1].abs();
+                if e[m].abs() <= f64::EPSILON * dd {
+                    break;
+                }
+                m += 1;
+            }
+            if m == l || iter >= 60 {
+                break;
+            }
+            iter += 1;
+            let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+            let mut r = g.hypot(1.0);
+            g = d[m] - d[l] + e[l] / (g + if g >= 0.0 { r.abs() } else { -r.abs() });
+            let (mut s, mut c, mut p) = (1.0, 1.0, 0.0);
+            let mut i = m;
+            let mut underflow = false;
+            while i > l {
+                i -= 1;
+                let f = s * e[i];
+                let b = c * e[i];
+                r = f.hypot(g);
+                e[i + 1] = r;
+                if r == 0.0 {
+                    d[i + 1] -= p;
+                    e[m] = 0.0;
+                    underflow = true;
+                    break;
+                }
+                s = f / r;
+                c = g / r;
+                g = d[i + 1] - p;
+                r = (d[i] - g) * s + 2.0 * c * b;
+                p = s * r;
+                d[i + 1] = g + p;
+                g = c * r - b;
+            }
+            if underflow {
+                continue;
+            }
+            d[l] -= p;
+            e[l] = g;
+            e[m] = 0.0;
+        }
+    }
+}
+
+/// Spectral features of a PSD matrix from its eigenvalues (negative round-off clamped to 0):
+/// (λ_min, λ_max, κ = λ_max/λ_min (∞ when λ_min = 0), entropy ρ of the normalised spectrum).
+pub fn spectral_features(eig: &[f64]) -> (f64, f64, f64, f64) {
+    let lam: Vec<f64> = eig.iter().map(|&x| x.max(0.0)).collect();
+    let lmin = lam.iter().copied().fold(f64::INFINITY, f64::min);
+    let lmax = lam.iter().copied().fold(0.0, f64::max);
+    let total: f64 = lam.iter().sum();
+    let rho = if total > 0.0 {
+        -lam.iter().map(|&l| l / total).filter(|&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>()
+    } else {
+        0.0
+    };
+    let kappa = if lmin > 0.0 { lmax / lmin } else { f64::INFINITY };
+    (if lmin.is_finite() { lmin } else { 0.0 }, lmax, kappa, rho)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64) -> impl FnMut() -> f64 {
+        let mut x = seed;
+        move || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        }
+    }
+
+    /// Eigenvalues of Q diag(λ) Qᵀ with Q from Gram–Schmidt come back as λ.
+    #[test]
+    fn recovers_known_spectra() {
+        for &n in &[1usize, 2, 3, 7, 16, 33] {
+            let mut r = lcg(n as u64);
+            let lam: Vec<f64> = (0..n).map(|i| (i as f64 - 3.0) * 0.7 + r() * 0.01).collect();
+            // Random orthogonal Q.
+            let mut q: Vec<Vec<f64>> = (0..n).map(|_| (0..n).map(|_| r()).collect()).collect();
+            for i in 0..n {
+                for j in 0..i {
+                    let dot: f64 = (0..n).map(|k| q[i][k] * q[j][k]).sum();
+                    let qj = q[j].clone();
+                    q[i].iter_mut().zip(&qj).for_each(|(a, b)| *a -= dot * b);
+                }
+                let nrm: f64 = q[i].iter().map(|x| x * x).sum::<f64>().sqrt();
+                q[i].iter_mut().for_each(|x| *x /= nrm);
+            }
+            let mut a = vec![0.0; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    a[i * n + j] = (0..n).map(|k| q[k][i] * lam[k] * q[k][j]).sum();
+                }
+            }
+            let got = sym_eigvals(&a, n);
+            let mut want = lam.clone();
+            want.sort_by(f64::total_cmp);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-9, "n={n}: {got:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rank_deficient_gram_has_zero_eigenvalues() {
+        // K = J Jᵀ with J 5×2: three zero eigenvalues, trace preserved.
+        let j = [1.0, 2.0, 0.5, -1.0, 3.0, 0.0, -2.0, 1.0, 0.0, 4.0];
+        let n = 5;
+        let mut k = vec![0.0; 25];
+        for a in 0..n {
+            for b in 0..n {
+                k[a * n + b] = j[a * 2] * j[b * 2] + j[a * 2 + 1] * j[b * 2 + 1];
+            }
+        }
+        let e = sym_eigvals(&k, n);
+        let tr: f64 = (0..n).map(|i| k[i * n + i]).sum();
+        assert!((e.iter().sum::<f64>() - tr).abs() < 1e-9);
+        assert!(e[..3].iter().all(|x| x.abs() < 1e-9), "{e:?}");
+        let (lmin, lmax, kappa, rho) = spectral_features(&e);
+        assert_eq!(lmin, 0.0);
+        assert!(lmax > 0.0 && kappa.is_infinite() && rho > 0.0 && rho <= 2f64.ln() + 1e-12);
+    }
+}
