@@ -136,6 +136,13 @@ impl GpuContext {
 
     /// Runs shader `name` once with `buffers` bound at 0, 1, 2, … and `groups` workgroups.
     pub fn dispatch(&self, name: &'static str, buffers: &[&wgpu::Buffer], groups: (u32, u32, u32)) -> Result<()> {
+        let limit = self.device.limits().max_storage_buffers_per_shader_stage as usize;
+        if buffers.len() > limit {
+            return Err(Error::Other(format!(
+                "gpu kernel '{name}' binds {} storage buffers, the adapter allows {limit}",
+                buffers.len()
+            )));
+        }
         let p = self.pipeline(name)?;
         let layout = p.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = buffers
