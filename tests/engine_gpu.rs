@@ -6,7 +6,8 @@ mod engine_util;
 
 use engine_util::rand_vec;
 use plprune_onnx::engine::cpu;
-use plprune_onnx::engine::gpu::{kernels, GpuContext};
+use plprune_onnx::engine::gpu::kernels::{self, MatMulKernel};
+use plprune_onnx::engine::gpu::GpuContext;
 use plprune_onnx::engine::program::{broadcast_shapes, strides, BinaryOp, PoolKind, ReduceOp, UnaryOp, Window};
 
 fn context() -> Option<GpuContext> {
@@ -88,12 +89,15 @@ fn gpu_kernels_match_cpu_twins() {
             close(&g, &cpu::elementwise::binary(op, &a, &sa, &b, &sb, &os), 1e-5, &format!("{op:?} {sa:?} {sb:?}"));
         }
     }
-    // Batched matmul: odd sizes, transposes, broadcast batch.
+    // Batched matmul: odd sizes, transposes, broadcast batch; tiled (M, N, K ≥ 16) and thin
+    // (depthwise-convolution and matrix-vector shapes).
     for (sa, sb, ta, tb) in [
         (vec![17, 33], vec![33, 5], false, false),
         (vec![3, 20, 31], vec![31, 18], false, false),
         (vec![2, 3, 7, 9], vec![3, 11, 7], true, true),
         (vec![4, 1, 19, 23], vec![1, 5, 19, 3], true, false),
+        (vec![37, 1, 9], vec![37, 9, 300], false, false),
+        (vec![2, 40, 3], vec![5, 40], true, true),
     ] {
         let (ra, rb) = (sa.len(), sb.len());
         let m = if ta { sa[ra - 1] } else { sa[ra - 2] };
@@ -103,9 +107,14 @@ fn gpu_kernels_match_cpu_twins() {
         os.push(nn);
         let a = f32s(sa.iter().product(), 4);
         let b = f32s(sb.iter().product(), 5);
-        let g = kernels::matmul(&cx, &cx.upload(&a), &sa, &cx.upload(&b), &sb, ta, tb, &os).unwrap();
-        let g = cx.read(&g, os.iter().product()).unwrap();
-        close(&g, &cpu::matmul::matmul(&a, &sa, &b, &sb, ta, tb, &os), 1e-4, &format!("matmul {sa:?} {sb:?}"));
+        let want = cpu::matmul::matmul(&a, &sa, &b, &sb, ta, tb, &os);
+        let (ga, gb) = (cx.upload(&a), cx.upload(&b));
+        let g = kernels::matmul(&cx, &ga, &sa, &gb, &sb, ta, tb, &os).unwrap();
+        close(&cx.read(&g, want.len()).unwrap(), &want, 1e-4, &format!("matmul {sa:?} {sb:?}"));
+        for kernel in [MatMulKernel::Thin, MatMulKernel::Tiled { max_groups: 65_535 }] {
+            let g = kernels::matmul_with(&cx, kernel, &ga, &sa, &gb, &sb, ta, tb, &os).unwrap();
+            close(&cx.read(&g, want.len()).unwrap(), &want, 1e-4, &format!("matmul {kernel:?} {sa:?} {sb:?}"));
+        }
     }
     // Transpose and slice.
     let s = vec![3, 5, 7, 2];
@@ -290,7 +299,8 @@ fn gpu_elementwise_reduce_layout_kernels_match_cpu_twins() {
         let mut os = broadcast_shapes(&sa[..ra - 2], &sb[..rb - 2]).unwrap();
         os.extend([m, nn]);
         let (a, b) = (f32s(sa.iter().product(), 24), f32s(sb.iter().product(), 25));
-        let g = kernels::matmul_in_chunks(&cx, &cx.upload(&a), &sa, &cx.upload(&b), &sb, ta, tb, &os, 3).unwrap();
+        let tiled = MatMulKernel::Tiled { max_groups: 3 };
+        let g = kernels::matmul_with(&cx, tiled, &cx.upload(&a), &sa, &cx.upload(&b), &sb, ta, tb, &os).unwrap();
         let want = cpu::matmul::matmul(&a, &sa, &b, &sb, ta, tb, &os);
         close(&cx.read(&g, want.len()).unwrap(), &want, 1e-4, &format!("matmul in chunks {sa:?} {sb:?}"));
     }

@@ -99,7 +99,21 @@ pub fn binary(
 /// Workgroups per dispatch dimension (the WebGPU default limit).
 const MAX_GROUPS: usize = 65_535;
 
-/// Same contract as `cpu::matmul::matmul`.
+/// Which matmul kernel runs a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatMulKernel {
+    /// 16×16 tiles in workgroup memory (matmul.wgsl), the grid split into dispatches of at
+    /// most this many workgroups per dimension.
+    Tiled { max_groups: usize },
+    /// One invocation per 4×4 block of the output, no workgroup memory (matmul_small.wgsl).
+    Thin,
+}
+
+/// Same contract as `cpu::matmul::matmul`. Tiles for products that fill them on hardware
+/// adapters; the thin kernel for products with M, N or K below 16 (depthwise and grouped
+/// convolutions, matrix-vector products), where tiles would idle, and on CPU adapters
+/// (lavapipe), where workgroup barriers cost more than the reuse they buy (twice as slow
+/// on effnet-lite0's 1×1 convolutions).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     cx: &GpuContext,
@@ -111,16 +125,64 @@ pub fn matmul(
     tb: bool,
     out_shape: &[usize],
 ) -> Result<wgpu::Buffer> {
-    matmul_in_chunks(cx, a, a_shape, b, b_shape, ta, tb, out_shape, MAX_GROUPS)
+    let g = MatMulGeometry::new(a_shape, b_shape, ta, tb, out_shape);
+    let thin = g.m < 16 || g.n < 16 || g.k < 16 || cx.info.device_type == wgpu::DeviceType::Cpu;
+    let kernel = if thin { MatMulKernel::Thin } else { MatMulKernel::Tiled { max_groups: MAX_GROUPS } };
+    matmul_with(cx, kernel, a, a_shape, b, b_shape, ta, tb, out_shape)
 }
 
-/// [`matmul`] with at most `max_groups` workgroups per dispatch dimension: larger grids
-/// (batches, or tiles of huge matrices) are split into several dispatches. Public so
-/// that tests can exercise the split on small shapes.
-#[doc(hidden)]
+/// Sizes, strides and per-batch offsets of a batched product.
+struct MatMulGeometry {
+    m: usize,
+    n: usize,
+    k: usize,
+    nb: usize,
+    /// rsa, csa, rsb, csb.
+    strides: [u32; 4],
+    offa: Vec<u32>,
+    offb: Vec<u32>,
+}
+
+impl MatMulGeometry {
+    fn new(a_shape: &[usize], b_shape: &[usize], ta: bool, tb: bool, out_shape: &[usize]) -> MatMulGeometry {
+        let (ra, rb, ro) = (a_shape.len(), b_shape.len(), out_shape.len());
+        let (m, k) = if ta { (a_shape[ra - 1], a_shape[ra - 2]) } else { (a_shape[ra - 2], a_shape[ra - 1]) };
+        let n = if tb { b_shape[rb - 2] } else { b_shape[rb - 1] };
+        let batch = &out_shape[..ro - 2];
+        let nb: usize = batch.iter().product();
+        let sa = broadcast_strides(&a_shape[..ra - 2], batch);
+        let sb = broadcast_strides(&b_shape[..rb - 2], batch);
+        let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
+        let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
+        let mut offa = Vec::with_capacity(nb);
+        let mut offb = Vec::with_capacity(nb);
+        for bi in 0..nb {
+            let (mut oa, mut ob, mut rem) = (0, 0, bi);
+            for ax in (0..batch.len()).rev() {
+                let i = rem % batch[ax];
+                rem /= batch[ax];
+                oa += i * sa[ax];
+                ob += i * sb[ax];
+            }
+            offa.push((oa * m * k) as u32);
+            offb.push((ob * k * n) as u32);
+        }
+        MatMulGeometry { m, n, k, nb, strides: [rsa as u32, csa as u32, rsb as u32, csb as u32], offa, offb }
+    }
+
+    /// The params header shared by both kernels: [M, N, K, batches, rsa, csa, rsb, csb].
+    fn header(&self, batches: usize) -> Vec<u32> {
+        let mut h = vec![self.m as u32, self.n as u32, self.k as u32, batches as u32];
+        h.extend(self.strides);
+        h
+    }
+}
+
+/// [`matmul`] with the kernel chosen by the caller (tests run both on every shape).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_in_chunks(
+pub fn matmul_with(
     cx: &GpuContext,
+    kernel: MatMulKernel,
     a: &wgpu::Buffer,
     a_shape: &[usize],
     b: &wgpu::Buffer,
@@ -128,45 +190,38 @@ pub fn matmul_in_chunks(
     ta: bool,
     tb: bool,
     out_shape: &[usize],
-    max_groups: usize,
 ) -> Result<wgpu::Buffer> {
-    let (ra, rb, ro) = (a_shape.len(), b_shape.len(), out_shape.len());
-    let (m, k) = if ta { (a_shape[ra - 1], a_shape[ra - 2]) } else { (a_shape[ra - 2], a_shape[ra - 1]) };
-    let n = if tb { b_shape[rb - 2] } else { b_shape[rb - 1] };
-    let batch = &out_shape[..ro - 2];
-    let nb: usize = batch.iter().product();
-    let sa = broadcast_strides(&a_shape[..ra - 2], batch);
-    let sb = broadcast_strides(&b_shape[..rb - 2], batch);
-    let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
-    let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
-    let mut offa = Vec::with_capacity(nb);
-    let mut offb = Vec::with_capacity(nb);
-    for bi in 0..nb {
-        let (mut oa, mut ob, mut rem) = (0, 0, bi);
-        for ax in (0..batch.len()).rev() {
-            let i = rem % batch[ax];
-            rem /= batch[ax];
-            oa += i * sa[ax];
-            ob += i * sb[ax];
-        }
-        offa.push((oa * m * k) as u32);
-        offb.push((ob * k * n) as u32);
-    }
+    let g = MatMulGeometry::new(a_shape, b_shape, ta, tb, out_shape);
+    let (m, n, nb) = (g.m, g.n, g.nb);
     let c = cx.empty(nb * m * n);
-    let (tiles_x, tiles_y) = (n.div_ceil(16), m.div_ceil(16));
-    let max_groups = max_groups.max(1);
-    for z0 in (0..nb).step_by(max_groups) {
-        let nz = (nb - z0).min(max_groups);
-        for y0 in (0..tiles_y).step_by(max_groups) {
-            for x0 in (0..tiles_x).step_by(max_groups) {
-                let mut meta =
-                    vec![m as u32, n as u32, k as u32, nz as u32, rsa as u32, csa as u32, rsb as u32, csb as u32];
-                meta.extend([z0 as u32, x0 as u32, y0 as u32, 0]);
-                meta.extend(&offa[z0..z0 + nz]);
-                meta.extend(&offb[z0..z0 + nz]);
-                let meta = cx.upload_u32(&meta);
-                let groups = ((tiles_x - x0).min(max_groups) as u32, (tiles_y - y0).min(max_groups) as u32, nz as u32);
-                cx.dispatch("matmul", &[a, b, &c, &meta], groups)?;
+    match kernel {
+        MatMulKernel::Thin => {
+            let total = nb * m.div_ceil(4) * n.div_ceil(4);
+            let (groups, width) = grid(total, 64);
+            let mut meta = g.header(nb);
+            meta.extend([total as u32, width, 0, 0]);
+            meta.extend(&g.offa);
+            meta.extend(&g.offb);
+            let meta = cx.upload_u32(&meta);
+            cx.dispatch("matmul_small", &[a, b, &c, &meta], groups)?;
+        }
+        MatMulKernel::Tiled { max_groups } => {
+            let (tiles_x, tiles_y) = (n.div_ceil(16), m.div_ceil(16));
+            let max_groups = max_groups.max(1);
+            for z0 in (0..nb).step_by(max_groups) {
+                let nz = (nb - z0).min(max_groups);
+                for y0 in (0..tiles_y).step_by(max_groups) {
+                    for x0 in (0..tiles_x).step_by(max_groups) {
+                        let mut meta = g.header(nz);
+                        meta.extend([z0 as u32, x0 as u32, y0 as u32, 0]);
+                        meta.extend(&g.offa[z0..z0 + nz]);
+                        meta.extend(&g.offb[z0..z0 + nz]);
+                        let meta = cx.upload_u32(&meta);
+                        let gx = (tiles_x - x0).min(max_groups) as u32;
+                        let gy = (tiles_y - y0).min(max_groups) as u32;
+                        cx.dispatch("matmul", &[a, b, &c, &meta], (gx, gy, nz as u32))?;
+                    }
+                }
             }
         }
     }

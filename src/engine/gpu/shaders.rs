@@ -12,6 +12,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("gather_grad_links", include_str!("../../../shaders/gather_grad_links.wgsl")),
     ("im2col", include_str!("../../../shaders/im2col.wgsl")),
     ("matmul", include_str!("../../../shaders/matmul.wgsl")),
+    ("matmul_small", include_str!("../../../shaders/matmul_small.wgsl")),
     ("pool", include_str!("../../../shaders/pool.wgsl")),
     ("pool_grad", include_str!("../../../shaders/pool_grad.wgsl")),
     ("reduce", include_str!("../../../shaders/reduce.wgsl")),
