@@ -15,11 +15,32 @@
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
 @group(0) @binding(3) var<storage, read> params: array<u32>;
 
+// x^p as the CPU's powf: WGSL's pow is undefined for x < 0 and for x = 0, so those are
+// worked out here (integer exponents of a negative base keep their sign).
 fn powf(x: f32, p: f32) -> f32 {
     if (p == 2.0) {
         return x * x;
     }
-    return pow(x, p);
+    if (p == 0.0) {
+        return 1.0;
+    }
+    let ax = abs(x);
+    var r: f32;
+    if (ax == 0.0) {
+        // 0^p: 0 for p > 0, +inf for p < 0 (1 / ax at run time, not a constant).
+        r = select(1.0 / ax, 0.0, p > 0.0);
+    } else {
+        r = pow(ax, p);
+    }
+    if (x < 0.0) {
+        if (floor(p) != p) {
+            return sqrt(-1.0 - ax); // NaN at run time, as powf gives
+        }
+        if (floor(p * 0.5) != p * 0.5) {
+            return -r;
+        }
+    }
+    return r;
 }
 
 @compute @workgroup_size(256)
@@ -59,7 +80,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         case 12u: { r = select(0.0, 1.0, x != 0.0 && y != 0.0); }
         case 13u: { r = select(0.0, 1.0, x != 0.0 || y != 0.0); }
         case 14u: { r = select(0.0, 1.0, (x != 0.0) != (y != 0.0)); }
-        case 15u: { r = select(y * pow(x, y - 1.0), 2.0 * x, y == 2.0); }
+        case 15u: { r = select(y * powf(x, y - 1.0), 2.0 * x, y == 2.0); }
         default: { r = 0.0; }
     }
     c[i] = r;

@@ -4,9 +4,11 @@
 //   0: a    array<f32>, read
 //   1: b    array<f32>, read
 //   2: c    array<f32>, read_write   ([batch, M, N], row-major)
-//   3: params array<u32>, read: [M, N, K, batch, rsa, csa, rsb, csb,
-//                              offset_a[batch], offset_b[batch]]
-// Dispatch: (ceil(N / 16), ceil(M / 16), batch) workgroups.
+//   3: params array<u32>, read: [M, N, K, batches here, rsa, csa, rsb, csb,
+//                              first batch, first column tile, first row tile, 0,
+//                              offset_a[batches here], offset_b[batches here]]
+// Dispatch: (column tiles, row tiles, batches) workgroups from the first ones named in
+// params; grids past 65,535 in a dimension are split into several dispatches.
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
@@ -22,11 +24,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let n = params[1];
     let k = params[2];
     let nb = params[3];
-    let bi = wg.z;
-    let oa = params[8u + bi];
-    let ob = params[8u + nb + bi];
-    let row = wg.y * 16u + lid.y;
-    let col = wg.x * 16u + lid.x;
+    let oa = params[12u + wg.z];
+    let ob = params[12u + nb + wg.z];
+    let bi = params[8] + wg.z;
+    let row = (params[10] + wg.y) * 16u + lid.y;
+    let col = (params[9] + wg.x) * 16u + lid.x;
     var acc: f32 = 0.0;
     let tiles = (k + 15u) / 16u;
     for (var t = 0u; t < tiles; t = t + 1u) {

@@ -1,14 +1,16 @@
 //! The wgpu backend: a context (instance, adapter, device, queue, pipeline cache) built
 //! once and shared, and one GPU kernel per primitive family, each the twin of a CPU kernel
 //! (tests/engine_gpu.rs compares them on random shapes). Kernels run in f32 on device
-//! buffers; shape data goes in a small read-only `params` buffer per dispatch. Adapter
+//! buffers; shape data goes in a small read-only `params` buffer per dispatch. [`exec`]
+//! runs whole programs (forward and backward) with the slots on the device. Adapter
 //! choice: `auto` takes a hardware adapter only, `gpu` accepts software ones (lavapipe).
 
+pub mod exec;
 pub mod kernels;
 pub mod shaders;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use wgpu::util::DeviceExt;
 
@@ -20,7 +22,13 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    /// Weights already on the device (see `exec.rs`).
+    weights: Mutex<WeightCache>,
 }
+
+/// Device copies of weights by the address of their `Arc`; the `Weak` tells whether that
+/// `Arc` is still the one uploaded.
+type WeightCache = HashMap<usize, (Weak<Vec<f32>>, wgpu::Buffer)>;
 
 /// The backend a run uses.
 #[derive(Clone)]
@@ -79,7 +87,13 @@ impl GpuContext {
             wgpu::DeviceDescriptor { label: Some("plprune-engine"), required_limits: limits, ..Default::default() };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::Other(format!("wgpu device on {}: {e}", info.name)))?;
-        Ok(Some(GpuContext { device, queue, info, pipelines: Mutex::new(HashMap::new()) }))
+        Ok(Some(GpuContext {
+            device,
+            queue,
+            info,
+            pipelines: Mutex::new(HashMap::new()),
+            weights: Mutex::new(HashMap::new()),
+        }))
     }
 
     fn pipeline(&self, name: &'static str) -> Result<wgpu::ComputePipeline> {
@@ -136,6 +150,13 @@ impl GpuContext {
 
     /// Runs shader `name` once with `buffers` bound at 0, 1, 2, … and `groups` workgroups.
     pub fn dispatch(&self, name: &'static str, buffers: &[&wgpu::Buffer], groups: (u32, u32, u32)) -> Result<()> {
+        let limit = self.device.limits().max_storage_buffers_per_shader_stage as usize;
+        if buffers.len() > limit {
+            return Err(Error::Other(format!(
+                "gpu kernel '{name}' binds {} storage buffers, the adapter allows {limit}",
+                buffers.len()
+            )));
+        }
         let p = self.pipeline(name)?;
         let layout = p.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = buffers

@@ -2,11 +2,28 @@
 //! point, `main`, per file; bindings listed in each file's header).
 
 pub const SHADERS: &[(&str, &str)] = &[
+    ("argmax", include_str!("../../../shaders/argmax.wgsl")),
     ("binary", include_str!("../../../shaders/binary.wgsl")),
+    ("col2im", include_str!("../../../shaders/col2im.wgsl")),
+    ("fill", include_str!("../../../shaders/fill.wgsl")),
+    ("gather", include_str!("../../../shaders/gather.wgsl")),
+    ("gather_elements", include_str!("../../../shaders/gather_elements.wgsl")),
+    ("gather_grad", include_str!("../../../shaders/gather_grad.wgsl")),
+    ("gather_grad_links", include_str!("../../../shaders/gather_grad_links.wgsl")),
+    ("im2col", include_str!("../../../shaders/im2col.wgsl")),
     ("matmul", include_str!("../../../shaders/matmul.wgsl")),
+    ("matmul_small", include_str!("../../../shaders/matmul_small.wgsl")),
+    ("pool", include_str!("../../../shaders/pool.wgsl")),
+    ("pool_grad", include_str!("../../../shaders/pool_grad.wgsl")),
+    ("reduce", include_str!("../../../shaders/reduce.wgsl")),
     ("reduce_rows", include_str!("../../../shaders/reduce_rows.wgsl")),
+    ("scatter_elements", include_str!("../../../shaders/scatter_elements.wgsl")),
     ("strided_copy", include_str!("../../../shaders/strided_copy.wgsl")),
+    ("strided_write", include_str!("../../../shaders/strided_write.wgsl")),
+    ("topk_indices", include_str!("../../../shaders/topk_indices.wgsl")),
     ("unary", include_str!("../../../shaders/unary.wgsl")),
+    ("unary_grad", include_str!("../../../shaders/unary_grad.wgsl")),
+    ("where", include_str!("../../../shaders/where.wgsl")),
 ];
 
 pub fn source(name: &str) -> Option<&'static str> {
