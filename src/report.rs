@@ -238,12 +238,19 @@ impl Report {
             let _ = writeln!(s);
             for st in &sc.steps {
                 if let Some(g) = &st.gate {
-                    let (first, last) = (g.curve.first(), g.curve.get(g.best_epoch));
-                    if let (Some(a), Some(b)) = (first, last) {
+                    if let Some(b) = g.curve.get(g.best_epoch) {
+                        let held = |v: Option<f64>| v.map(|v| format!(", held-out {v:.4}")).unwrap_or_default();
                         let _ = writeln!(
                             s,
-                            "gate     step {}: L_total {:.4e} (λ_min ranking) -> {:.4e} (epoch {}), {} units differ",
-                            st.step, a.total, b.total, g.best_epoch, g.differs_from_lambda_min
+                            "gate     step {}: loss {:.4}{} ranking by λ_min alone -> {:.4}{} trained gate \
+                             (epoch {}), {} units decided differently",
+                            st.step,
+                            g.lambda_min_loss,
+                            held(g.lambda_min_val_loss),
+                            b.loss,
+                            held(b.val_loss),
+                            g.best_epoch,
+                            g.differs_from_lambda_min
                         );
                     }
                 }

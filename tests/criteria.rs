@@ -208,3 +208,31 @@ fn linear_schedule_rescores_the_masked_model() {
     let gated = gates::gated_params(dense, &base, &s.cx.groups, &gates);
     assert!(gated.values().any(|w| w.contains(&0.0)));
 }
+
+/// The PL selection is the same with the passes on the CPU and on the wgpu backend (the
+/// software Vulkan adapter in CI; a missing adapter fails there, and skips locally).
+#[test]
+fn pl_selects_the_same_units_on_cpu_and_gpu() {
+    use plprune_onnx::engine::{gpu, DeviceChoice};
+    std::env::set_var("NODEVICE_SELECT", "1");
+    if gpu::select(DeviceChoice::Gpu).is_err() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "CI: no wgpu adapter found (apt install mesa-vulkan-drivers libvulkan1)");
+        eprintln!("note: no wgpu adapter; CPU/GPU comparison skipped locally");
+        return;
+    }
+    let mut runs = Vec::new();
+    for device in [DeviceChoice::Cpu, DeviceChoice::Gpu] {
+        let mut s = session(&shared("digits/vgg_bn.onnx"), Some(&shared("digits/img_train.npz")), Criterion::Pl, 16);
+        s.cx.config.device = device;
+        s.select().expect("select");
+        let dev = s.cx.device.clone().unwrap();
+        assert_eq!(dev.starts_with("gpu"), device == DeviceChoice::Gpu, "{dev}");
+        runs.push((s.cx.keep.clone().unwrap().keep, s.cx.features.clone()));
+    }
+    assert_eq!(runs[0].0, runs[1].0, "CPU and GPU selected different units");
+    for (a, b) in runs[0].1.iter().flatten().flatten().zip(runs[1].1.iter().flatten().flatten()) {
+        let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(y.abs()).max(1e-12);
+        assert!(rel(a.trace_k, b.trace_k) < 1e-4 && rel(a.lambda_max, b.lambda_max) < 1e-4, "{a:?} vs {b:?}");
+    }
+}

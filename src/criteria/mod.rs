@@ -184,7 +184,7 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
         let device = crate::engine::gpu::select(cx.config.device)?;
         cx.device = Some(device.describe());
         let t = Instant::now();
-        let p = probe::Probe::new(cx, model, sc.calib_samples.max(1))?;
+        let p = probe::Probe::on(cx, model, sc.calib_samples.max(1), device)?;
         cx.timings.push(("score: calibration forward".into(), t.elapsed().as_secs_f64()));
         Some(p)
     } else {

@@ -96,7 +96,16 @@ pub fn ntk_features(
     let mut acc: Vec<Vec<Vec<f64>>> = groups.iter().map(|g| vec![vec![0.0; n * n]; g.count]).collect();
     let mut skipped = Vec::new();
     for r in proj {
-        let gr = gram::grams::<f32>(&probe.low.gp, &probe.low.model, &probe.inputs, params, &groups, probe.output, r)?;
+        let gr = gram::grams_on(
+            &probe.device,
+            &probe.low.gp,
+            &probe.low.model,
+            &probe.inputs,
+            params,
+            &groups,
+            probe.output,
+            r,
+        )?;
         for (a, k) in acc.iter_mut().zip(gr.k) {
             for (au, ku) in a.iter_mut().zip(k) {
                 au.iter_mut().zip(ku).for_each(|(x, y)| *x += y / proj.len() as f64);

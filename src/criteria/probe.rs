@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use super::super::engine::gpu::Device;
 use super::super::engine::{gates, loss, Engine, GradProgram, Params};
 use crate::calib::Batch;
 use crate::error::{Error, Result};
@@ -106,6 +107,9 @@ pub struct Probe {
     /// Held-out calibration samples (the next n of the file, when it has them) and their
     /// objective: the gate's epochs are chosen on these.
     pub val: Option<(Vec<(String, Tensor)>, Objective)>,
+    /// The backend the forward and backward passes run on (f64 finite-difference HVPs
+    /// always run on the CPU).
+    pub device: Device,
     /// Lazily lowered batch-1 program for per-sample criteria.
     single: Option<Lowering>,
     name: String,
@@ -115,6 +119,11 @@ impl Probe {
     /// Sets up the probe on (at most) `n` calibration samples; without `--calib`, `n`
     /// synthetic samples and a warning that scores depend on data.
     pub fn new(cx: &mut Context, model: &Model, n: usize) -> Result<Probe> {
+        Probe::on(cx, model, n, Device::Cpu)
+    }
+
+    /// [`Probe::new`] with the passes on `device`.
+    pub fn on(cx: &mut Context, model: &Model, n: usize, device: Device) -> Result<Probe> {
         let criterion = cx.config.criterion.name();
         let mut val_batch = None;
         let batch = match cx.inputs.as_ref() {
@@ -150,7 +159,7 @@ impl Probe {
         let low = Lowering::new(model, &shapes, &unit_tensors, criterion)?;
         let base: Params<f32> = low.engine.params(&low.model);
         let inputs = batch.ordered(&low.model);
-        let dense = low.engine.forward::<f32>(&inputs, &base)?;
+        let dense = low.engine.forward_on(&device, &inputs, &base)?;
         let (oname, oshape, oval) = dense.first().ok_or_else(|| Error::Other("the model has no outputs".into()))?;
         let per_sample = oval.len() / n.max(1);
         let logits = oshape.len() == 2
@@ -163,7 +172,7 @@ impl Probe {
         let val = match val_batch {
             Some(vb) => {
                 let vin = vb.ordered(&low.model);
-                let vout = low.engine.forward::<f32>(&vin, &base)?;
+                let vout = low.engine.forward_on(&device, &vin, &base)?;
                 let obj = objective_for(&vb, logits, &vout[0].1, &vout[0].2, n);
                 Some((vin, obj))
             }
@@ -181,6 +190,7 @@ impl Probe {
             unit_tensors,
             groups: cx.groups.clone(),
             val,
+            device,
             single: None,
             name: criterion.to_string(),
         })
@@ -189,7 +199,7 @@ impl Probe {
     /// The objective's value at `gates` on the held-out samples (None without any).
     pub fn val_loss(&self, gates: &[Vec<f64>]) -> Result<Option<f64>> {
         let Some((inputs, obj)) = &self.val else { return Ok(None) };
-        let outs = self.low.engine.forward::<f32>(inputs, &self.gated(gates))?;
+        let outs = self.low.engine.forward_on(&self.device, inputs, &self.gated(gates))?;
         Ok(Some(Probe::seed(obj, self.output, &outs)?.0))
     }
 }
@@ -238,7 +248,8 @@ impl Probe {
     /// Loss and ∂L/∂gate per unit at `gates` (the masked model when gates are 0/1).
     pub fn gate_gradients(&self, gates: &[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> {
         let params = self.gated(gates);
-        let run = self.low.gp.run::<f32>(
+        let run = self.low.gp.run_on(
+            &self.device,
             &self.inputs,
             &params,
             |o| Probe::seed(&self.objective, self.output, o),
@@ -261,7 +272,8 @@ impl Probe {
 
     /// Batch gradients of `signal` w.r.t. every unit tensor, at `params`.
     pub fn grads(&self, params: &Params<f32>, signal: &Signal) -> Result<BTreeMap<Id, Vec<f32>>> {
-        let run = self.low.gp.run::<f32>(
+        let run = self.low.gp.run_on(
+            &self.device,
             &self.inputs,
             params,
             |o| match signal {
@@ -294,7 +306,8 @@ impl Probe {
         for s in 0..self.n {
             let inputs: Vec<(String, Tensor)> = self.inputs.iter().map(|(k, t)| (k.clone(), t.take(0, &[s]))).collect();
             let obj = self.objective.sample(s, self.per_sample);
-            let run = one.gp.run::<f32>(
+            let run = one.gp.run_on(
+                &self.device,
                 &inputs,
                 &params,
                 |o| match signal {

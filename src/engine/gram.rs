@@ -294,6 +294,36 @@ pub fn grams<T: Real>(
     output: usize,
     r: &[f64],
 ) -> Result<Grams> {
+    grams_with(gp, model, groups, output, |keep| {
+        gp.run::<T>(inputs, params, |outs| super::loss::projection(outs, output, r), keep)
+    })
+}
+
+/// [`grams`] in f32 with the forward and backward on `device` (the per-sample products
+/// and the Gram accumulation run on the CPU from the read-back activations).
+#[allow(clippy::too_many_arguments)]
+pub fn grams_on(
+    device: &super::gpu::Device,
+    gp: &GradProgram,
+    model: &Model,
+    inputs: &[(String, Tensor)],
+    params: &Params<f32>,
+    groups: &[UnitGroup],
+    output: usize,
+    r: &[f64],
+) -> Result<Grams> {
+    grams_with(gp, model, groups, output, |keep| {
+        gp.run_on(device, inputs, params, |outs| super::loss::projection(outs, output, r), keep)
+    })
+}
+
+fn grams_with<T: Real>(
+    gp: &GradProgram,
+    model: &Model,
+    groups: &[UnitGroup],
+    output: usize,
+    run: impl FnOnce(&HashSet<Slot>) -> Result<super::Run<T>>,
+) -> Result<Grams> {
     let p = &gp.lowered.program;
     let (_, os) = gp.lowered.outputs.get(output).ok_or_else(|| Error::Other(format!("no output {output}")))?;
     let n = p.shape(*os).first().copied().unwrap_or(1);
@@ -304,7 +334,7 @@ pub fn grams<T: Real>(
     let tensors: Vec<Id> = tensors.into_iter().filter(|t| gp.wrt.contains_key(t)).collect();
     let uses = find_uses(gp, &tensors, n, &mut skipped);
     let keep = kept(gp, &uses);
-    let run = gp.run::<T>(inputs, params, |outs| super::loss::projection(outs, output, r), &keep)?;
+    let run = run(&keep)?;
     let mut k: Vec<Vec<Vec<f64>>> = groups.iter().map(|g| vec![vec![0.0; n * n]; g.count]).collect();
     for &t in &tensors {
         let tu: Vec<&Use> = uses.iter().filter(|u| u.param == t).collect();
