@@ -32,7 +32,7 @@ Exit codes: 0 ok, 1 internal error, 2 bad model/data/option, 3 rewrite failed ve
 #[command(
     name = "plprune-onnx",
     version,
-    about = "Structured pruning of ONNX models: removes conv filters and FFN neurons and writes a physically smaller model",
+    about = "Structured pruning of ONNX models guided by the PL condition: scores conv filters, FFN neurons, attention heads and MoE experts on calibration data, removes the least important and writes a physically smaller, verified model",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     after_help = EXAMPLES
