@@ -20,13 +20,7 @@ pub struct Batch {
 impl Batch {
     /// The first `n` samples (all of them if fewer).
     pub fn take(&self, n: usize) -> Batch {
-        let n = n.min(self.samples);
-        let idx: Vec<usize> = (0..n).collect();
-        Batch {
-            arrays: self.arrays.iter().map(|(k, t)| (k.clone(), t.take(0, &idx))).collect(),
-            labels: self.labels.as_ref().map(|l| l.take(0, &idx)),
-            samples: n,
-        }
+        self.range(0, n)
     }
 
     /// Samples `start..end` (clamped to what there is).

@@ -33,10 +33,7 @@ pub fn score(probe: &Probe, gates: &[Vec<f64>], signals: &[Signal]) -> Result<Ve
         let eps = 1e-4 * (ww / gg).sqrt().max(1e-6);
         let objective = probe.objective.clone();
         let output = probe.output;
-        let seed = |o: &loss::Outputs<f64>| match sig {
-            Signal::Loss => Probe::seed(&objective, output, o),
-            Signal::Projection(r) => loss::projection(o, output, r),
-        };
+        let seed = |o: &loss::Outputs<f64>| sig.seed(&objective, output, o);
         let hg = hvp::hvp::<f64>(&probe.low.gp, &probe.inputs, &p64, &g, eps, &seed)?;
         for (grp, o) in probe.groups.iter().zip(out.iter_mut()) {
             for (u, s) in o.iter_mut().enumerate() {

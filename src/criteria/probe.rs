@@ -68,6 +68,21 @@ pub enum Signal {
     Projection(Vec<f64>),
 }
 
+impl Signal {
+    /// The seed function of this signal: `objective` for the loss, else the projection.
+    pub fn seed<T: crate::engine::cpu::Real>(
+        &self,
+        objective: &Objective,
+        output: usize,
+        outs: &loss::Outputs<T>,
+    ) -> Result<(f64, Vec<Vec<T>>)> {
+        match self {
+            Signal::Loss => Probe::seed(objective, output, outs),
+            Signal::Projection(r) => loss::projection(outs, output, r),
+        }
+    }
+}
+
 /// A model lowered for one batch size, with its gradient program.
 pub struct Lowering {
     pub model: Model,
@@ -276,10 +291,7 @@ impl Probe {
             &self.device,
             &self.inputs,
             params,
-            |o| match signal {
-                Signal::Loss => Probe::seed(&self.objective, self.output, o),
-                Signal::Projection(r) => loss::projection(o, self.output, r),
-            },
+            |o| signal.seed(&self.objective, self.output, o),
             &HashSet::new(),
         )?;
         Ok(run.grads)
@@ -310,10 +322,7 @@ impl Probe {
                 &self.device,
                 &inputs,
                 &params,
-                |o| match signal {
-                    Signal::Loss => Probe::seed(&obj, self.output, o),
-                    Signal::Projection(r) => loss::projection(o, self.output, r),
-                },
+                |o| signal.seed(&obj, self.output, o),
                 &HashSet::new(),
             )?;
             out.push(gates::gate_gradients(&one.model, &self.base, &self.groups, gates, &run.grads));
