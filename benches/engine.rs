@@ -72,6 +72,9 @@ fn main() {
             times.push(dt);
         }
     }
+    if plprune_onnx::engine::cpu::profile::enabled() {
+        plprune_onnx::engine::cpu::profile::report();
+    }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = times[times.len() / 2];
     println!("engine (cpu, f32, {} threads): MiniLM-L6 forward+backward, batch {n} x 64", rayon::current_num_threads());
@@ -94,7 +97,7 @@ fn main() {
             match o {
                 Ok(o) if o.status.success() => {
                     let text = String::from_utf8_lossy(&o.stdout);
-                    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+                    let line = text.lines().rev().find_map(|l| l.find('{').map(|i| &l[i..])).unwrap_or("");
                     let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
                     match v["phases"]["fwdbwd"]["median_s"].as_f64() {
                         Some(t) => println!("  PyTorch (same machine, this run): {t:.3} s -> ratio engine/PyTorch {:.2}x", med / t),

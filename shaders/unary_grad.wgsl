@@ -13,6 +13,14 @@
 @group(0) @binding(2) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(3) var<storage, read> params: array<u32>;
 
+// Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as in unary.wgsl.
+fn erf_f(v: f32) -> f32 {
+    let a = abs(v);
+    let t = 1.0 / (1.0 + 0.3275911 * a);
+    let p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    return sign(v) * (1.0 - p * exp(-a * a));
+}
+
 // Drivers may build tanh from exp and overflow to NaN far from 0; tanh is ±1 there in f32.
 fn tanh_f(v: f32) -> f32 {
     return select(tanh(v), sign(v), abs(v) > 10.0);
@@ -57,6 +65,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         case 17u: {
             let t = v * a + b;
             r = select(0.0, g * a, t > 0.0 && t < 1.0);
+        }
+        case 18u: {
+            // d/dx x·Φ(x) = Φ(x) + x·φ(x)
+            let cdf = 0.5 * (1.0 + erf_f(v * 0.70710678118654752));
+            r = g * (cdf + v * 0.3989422804014327 * exp(-0.5 * v * v));
         }
         default: { r = 0.0; }
     }

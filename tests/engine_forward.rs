@@ -104,3 +104,16 @@ fn unsupported_op_is_an_error_naming_the_node() {
     let err = Engine::new(&m).err().expect("lowering fails").to_string();
     assert!(err.contains("weird") && err.contains("Hardmax"), "{err}");
 }
+
+/// MiniLM-L6's exported GELU (Div √2 → Erf → Add 1 → Mul x → Mul 0.5) is lowered to one
+/// fused primitive per layer, and nothing of the five-op chain is left; the forward test
+/// above checks the fused form computes the same function as tract.
+#[test]
+fn minilm_erf_gelu_chains_are_fused() {
+    use plprune_onnx::engine::program::{Prim, UnaryOp};
+    let (s, _) = prepared(&shared("minilm-l6/model.onnx"), &shared("minilm-l6/calib.npz"), 1);
+    let engine = Engine::new(&s.model).expect("lower");
+    let count = |u: UnaryOp| engine.lowered.program.instrs.iter().filter(|i| i.prim == Prim::Unary(u)).count();
+    assert_eq!(count(UnaryOp::Gelu), 6, "one fused GELU per encoder layer");
+    assert_eq!(count(UnaryOp::Erf), 0, "no Erf left over");
+}

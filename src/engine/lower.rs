@@ -73,6 +73,7 @@ pub fn lower(model: &Model) -> Result<Lowered> {
             }
         }
     }
+    let (gelus, fused_away) = erf_gelu_chains(model, &live);
     let mut cx =
         Cx { model, p: Program::default(), map: BTreeMap::new(), params: BTreeMap::new(), inputs: BTreeMap::new() };
     for &i in &model.inputs {
@@ -95,6 +96,16 @@ pub fn lower(model: &Model) -> Result<Lowered> {
             }
             continue;
         }
+        if fused_away.contains(&op_id) {
+            continue;
+        }
+        if let Some(&x) = gelus.get(&op_id) {
+            let xs = cx.slot(x)?;
+            let name = model.op(op_id).name.clone();
+            let y = cx.p.unary(UnaryOp::Gelu, xs, &name);
+            cx.set(op_id, 0, y);
+            continue;
+        }
         lower_op(&mut cx, op_id)?;
     }
     let mut outputs = Vec::new();
@@ -103,6 +114,79 @@ pub fn lower(model: &Model) -> Result<Lowered> {
         outputs.push((model.value(o).name.clone(), s));
     }
     Ok(Lowered { program: cx.p, inputs: cx.inputs, outputs, params: cx.params, values: cx.map })
+}
+
+/// The exact GELU as exporters write it, x·0.5·(1 + erf(x/√2)): Div(x, √2) or Mul(x, 1/√2)
+/// → Erf → Add 1 → Mul by x → Mul by 0.5 (or 0.5 applied to x first). Returns, for the op
+/// that ends each such chain, the chain's input x, and the set of the chain's other ops;
+/// only chains whose intermediate values have one reader and are not graph outputs qualify,
+/// so nothing else can observe the values that fusion removes.
+fn erf_gelu_chains(model: &Model, live: &HashSet<Id>) -> (BTreeMap<Id, Id>, HashSet<Id>) {
+    let scalar = |v: Option<Id>| -> Option<f64> {
+        let t = model.value(v?).known()?;
+        let d = t.to_f64_vec();
+        (d.len() == 1).then(|| d[0])
+    };
+    let near = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() <= 1e-4 * b.abs());
+    // The single live consumer of an op's only output, if that output is private.
+    let sole = |op: Id| -> Option<(Id, usize)> {
+        let outs = model.outputs(op);
+        if outs.len() != 1 || model.is_graph_output(outs[0]) {
+            return None;
+        }
+        match model.consumers(outs[0]).as_slice() {
+            [(c, k)] if live.contains(c) => Some((*c, *k)),
+            _ => None,
+        }
+    };
+    let is = |op: Id, t: &str| model.op(op).op_type == t && matches!(model.op(op).domain.as_str(), "" | "ai.onnx");
+    // The other operand of a binary op reached through input slot k.
+    let other = |op: Id, k: usize| model.input(op, 1 - k);
+    let mut ends = BTreeMap::new();
+    let mut inner = HashSet::new();
+    for &erf in live {
+        if !is(erf, "Erf") {
+            continue;
+        }
+        let chain = (|| -> Option<(Id, Id, [Id; 4])> {
+            let (scale, _) = model.producer(model.input(erf, 0)?)?;
+            let x = model.input(scale, 0)?;
+            let sc = scalar(model.input(scale, 1));
+            let ok = (is(scale, "Div") && near(sc, std::f64::consts::SQRT_2))
+                || (is(scale, "Mul") && near(sc, std::f64::consts::FRAC_1_SQRT_2));
+            if !ok || sole(scale)?.0 != erf {
+                return None;
+            }
+            let (add, k) = sole(erf)?;
+            if !is(add, "Add") || !near(scalar(other(add, k)), 1.0) {
+                return None;
+            }
+            let (m1, k1) = sole(add)?;
+            if !is(m1, "Mul") {
+                return None;
+            }
+            let o1 = other(m1, k1)?;
+            if o1 == x {
+                // (x · (1 + erf)) · 0.5
+                let (m2, k2) = sole(m1)?;
+                (is(m2, "Mul") && near(scalar(other(m2, k2)), 0.5)).then_some((m2, x, [scale, erf, add, m1]))
+            } else {
+                // (0.5 · x) · (1 + erf), where 0.5 · x has no other reader than m1
+                let (half, _) = model.producer(o1)?;
+                let hx = [model.input(half, 0)?, model.input(half, 1)?];
+                let ok = is(half, "Mul")
+                    && sole(half)?.0 == m1
+                    && ((hx[0] == x && near(scalar(Some(hx[1])), 0.5))
+                        || (hx[1] == x && near(scalar(Some(hx[0])), 0.5)));
+                ok.then_some((m1, x, [scale, erf, add, half]))
+            }
+        })();
+        if let Some((end, x, ops)) = chain {
+            ends.insert(end, x);
+            inner.extend(ops);
+        }
+    }
+    (ends, inner)
 }
 
 impl<'a> Cx<'a> {
@@ -310,10 +394,7 @@ fn lower_op(cx: &mut Cx, id: Id) -> Result<()> {
                 let h = cx.p.unary(UnaryOp::Affine(0.5, 0.5), th, n);
                 cx.p.binary(BinaryOp::Mul, x, h, n)
             } else {
-                let s = cx.p.unary(UnaryOp::Affine(std::f32::consts::FRAC_1_SQRT_2, 0.0), x, n);
-                let e = cx.p.unary(UnaryOp::Erf, s, n);
-                let h = cx.p.unary(UnaryOp::Affine(0.5, 0.5), e, n);
-                cx.p.binary(BinaryOp::Mul, x, h, n)
+                cx.p.unary(UnaryOp::Gelu, x, n)
             };
             cx.set(id, 0, y);
         }
@@ -761,7 +842,7 @@ pub fn matmul(p: &mut Program, a: Slot, b: Slot, ta: bool, tb: bool, n: &str) ->
 
 /// Window geometry of a conv or pool, as 2-D (1-D ops get H = 1). Returns the 4-D input
 /// shape and the window.
-fn window(op: &Op, xs: &[usize], ys: &[usize], kernel: &[i64]) -> Result<([usize; 4], Window)> {
+pub(crate) fn window(op: &Op, xs: &[usize], ys: &[usize], kernel: &[i64]) -> Result<([usize; 4], Window)> {
     let sr = xs.len().saturating_sub(2);
     if !(1..=2).contains(&sr) || kernel.len() != sr {
         return Err(node_err(op, format!("only 1-D and 2-D windows are supported (input rank {})", xs.len())));

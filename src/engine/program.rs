@@ -36,6 +36,9 @@ pub enum UnaryOp {
     Clip(f32, f32),
     /// max(0, min(1, a·x + b)).
     HardSigmoid(f32, f32),
+    /// x·Φ(x) = 0.5·x·(1 + erf(x/√2)): exact GELU, one pass instead of the five ops
+    /// exporters write (and their backward).
+    Gelu,
 }
 
 impl UnaryOp {

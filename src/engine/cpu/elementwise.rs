@@ -39,6 +39,7 @@ pub fn unary_f<T: Real>(op: UnaryOp, x: T) -> T {
         UnaryOp::Affine(a, b) => x * T::c(a as f64) + T::c(b as f64),
         UnaryOp::Clip(lo, hi) => x.max(T::c(lo as f64)).min(T::c(hi as f64)),
         UnaryOp::HardSigmoid(a, b) => (x * T::c(a as f64) + T::c(b as f64)).max(zero).min(one),
+        UnaryOp::Gelu => T::c(0.5) * x * (one + (x * T::c(std::f64::consts::FRAC_1_SQRT_2)).erf()),
     }
 }
 
@@ -93,6 +94,11 @@ pub fn unary_grad_f<T: Real>(op: UnaryOp, x: T, dy: T) -> T {
                 zero
             }
         }
+        UnaryOp::Gelu => {
+            let cdf = T::c(0.5) * (one + (x * T::c(std::f64::consts::FRAC_1_SQRT_2)).erf());
+            let pdf = T::c(0.398_942_280_401_432_7) * (T::c(-0.5) * x * x).exp_fast();
+            dy * (cdf + x * pdf)
+        }
         UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Trunc | UnaryOp::NonZero | UnaryOp::Not => zero,
     }
 }
@@ -131,19 +137,45 @@ pub fn binary_f<T: Real>(op: BinaryOp, a: T, b: T) -> T {
     }
 }
 
-pub fn unary<T: Real>(op: UnaryOp, x: &[T]) -> Vec<T> {
+/// `f` over `x`, in parallel for large tensors. Generic over the closure so that each op's
+/// loop is compiled on its own (and vectorised where the op allows).
+fn map1<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     if x.len() >= PAR_MIN {
-        x.par_iter().map(|&v| unary_f(op, v)).collect()
+        x.par_iter().with_min_len(PAR_MIN / 4).map(|&v| f(v)).collect()
     } else {
-        x.iter().map(|&v| unary_f(op, v)).collect()
+        x.iter().map(|&v| f(v)).collect()
+    }
+}
+
+fn map2<T: Real>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    if x.len() >= PAR_MIN {
+        x.par_iter().zip(y.par_iter()).with_min_len(PAR_MIN / 4).map(|(&a, &b)| f(a, b)).collect()
+    } else {
+        x.iter().zip(y).map(|(&a, &b)| f(a, b)).collect()
+    }
+}
+
+pub fn unary<T: Real>(op: UnaryOp, x: &[T]) -> Vec<T> {
+    match op {
+        UnaryOp::Neg => map1(x, |v| -v),
+        UnaryOp::Exp => map1(x, |v| v.exp_fast()),
+        UnaryOp::Relu => map1(x, |v| if v > T::zero() { v } else { T::zero() }),
+        UnaryOp::Affine(a, b) => {
+            let (a, b) = (T::c(a as f64), T::c(b as f64));
+            map1(x, move |v| v * a + b)
+        }
+        UnaryOp::Gelu => map1(x, |v| unary_f(UnaryOp::Gelu, v)),
+        UnaryOp::Erf => map1(x, |v| v.erf()),
+        _ => map1(x, move |v| unary_f(op, v)),
     }
 }
 
 pub fn unary_grad<T: Real>(op: UnaryOp, x: &[T], dy: &[T]) -> Vec<T> {
-    if x.len() >= PAR_MIN {
-        x.par_iter().zip(dy.par_iter()).map(|(&v, &d)| unary_grad_f(op, v, d)).collect()
-    } else {
-        x.iter().zip(dy).map(|(&v, &d)| unary_grad_f(op, v, d)).collect()
+    match op {
+        UnaryOp::Gelu => map2(x, dy, |v, d| unary_grad_f(UnaryOp::Gelu, v, d)),
+        UnaryOp::Exp => map2(x, dy, |v, d| d * v.exp_fast()),
+        UnaryOp::Relu => map2(x, dy, |v, d| if v > T::zero() { d } else { T::zero() }),
+        _ => map2(x, dy, move |v, d| unary_grad_f(op, v, d)),
     }
 }
 
@@ -190,20 +222,54 @@ pub fn binary<T: Real>(
     b_shape: &[usize],
     out_shape: &[usize],
 ) -> Vec<T> {
+    let args = (a, a_shape, b, b_shape, out_shape);
+    match op {
+        BinaryOp::Add => binary_with(args, |x, y| x + y),
+        BinaryOp::Sub => binary_with(args, |x, y| x - y),
+        BinaryOp::Mul => binary_with(args, |x, y| x * y),
+        BinaryOp::Div => binary_with(args, |x, y| x / y),
+        _ => binary_with(args, move |x, y| binary_f(op, x, y)),
+    }
+}
+
+type BinaryArgs<'a, T> = (&'a [T], &'a [usize], &'a [T], &'a [usize], &'a [usize]);
+
+/// Broadcasting binary op with `f` inlined: equal shapes are one zipped pass; otherwise the
+/// output is walked row by row, with the inner loop specialised for the strides that occur
+/// (both contiguous, or one operand constant along the row).
+fn binary_with<T: Real>((a, a_shape, b, b_shape, out_shape): BinaryArgs<T>, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let n: usize = out_shape.iter().product();
     if a_shape == out_shape && b_shape == out_shape {
-        return if n >= PAR_MIN {
-            a.par_iter().zip(b.par_iter()).map(|(&x, &y)| binary_f(op, x, y)).collect()
-        } else {
-            a.iter().zip(b).map(|(&x, &y)| binary_f(op, x, y)).collect()
-        };
+        return map2(a, b, f);
     }
     let mut out = vec![T::zero(); n];
     let sa = broadcast_strides(a_shape, out_shape);
     let sb = broadcast_strides(b_shape, out_shape);
     rows(&mut out, out_shape, [&sa, &sb], |o, [oa, ob], [ia, ib]| {
-        for (j, v) in o.iter_mut().enumerate() {
-            *v = binary_f(op, a[oa + j * ia], b[ob + j * ib]);
+        let w = o.len();
+        match (ia, ib) {
+            (1, 1) => {
+                for ((v, &x), &y) in o.iter_mut().zip(&a[oa..oa + w]).zip(&b[ob..ob + w]) {
+                    *v = f(x, y);
+                }
+            }
+            (1, 0) => {
+                let y = b[ob];
+                for (v, &x) in o.iter_mut().zip(&a[oa..oa + w]) {
+                    *v = f(x, y);
+                }
+            }
+            (0, 1) => {
+                let x = a[oa];
+                for (v, &y) in o.iter_mut().zip(&b[ob..ob + w]) {
+                    *v = f(x, y);
+                }
+            }
+            _ => {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = f(a[oa + j * ia], b[ob + j * ib]);
+                }
+            }
         }
     });
     out

@@ -33,6 +33,7 @@ fn unary_code(op: UnaryOp) -> (u32, f32, f32) {
         UnaryOp::Affine(a, b) => (15, a, b),
         UnaryOp::Clip(a, b) => (16, a, b),
         UnaryOp::HardSigmoid(a, b) => (17, a, b),
+        UnaryOp::Gelu => (18, 0.0, 0.0),
     }
 }
 
