@@ -133,6 +133,63 @@ fn ql_implicit(d: &mut [f64], e: &mut [f64]) {
 
 /// Spectral features of a PSD matrix from its eigenvalues (negative round-off clamped to 0):
 /// (λ_min, λ_max, κ = λ_max/λ_min (∞ when λ_min = 0), entropy ρ of the normalised spectrum).
+/// Solves G X = B in place for symmetric positive definite G [n, n] (row-major) and
+/// B [n, m]: Cholesky G = L Lᵀ, then two triangular solves; B holds X on return. Errors
+/// when G is not positive definite (a pivot ≤ 0).
+pub fn cholesky_solve(g: &mut [f64], b: &mut [f64], n: usize, m: usize) -> Result<(), String> {
+    for j in 0..n {
+        let mut d = g[j * n + j];
+        for k in 0..j {
+            d -= g[j * n + k] * g[j * n + k];
+        }
+        if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            return Err(format!("matrix is not positive definite (pivot {j} is {d:e})"));
+        }
+        let d = d.sqrt();
+        g[j * n + j] = d;
+        for i in j + 1..n {
+            let mut s = g[i * n + j];
+            for k in 0..j {
+                s -= g[i * n + k] * g[j * n + k];
+            }
+            g[i * n + j] = s / d;
+        }
+    }
+    // L Y = B, row by row (each row of B is m right-hand sides at once).
+    for i in 0..n {
+        for k in 0..i {
+            let l = g[i * n + k];
+            if l != 0.0 {
+                let (head, tail) = b.split_at_mut(i * m);
+                for (x, y) in tail[..m].iter_mut().zip(&head[k * m..(k + 1) * m]) {
+                    *x -= l * y;
+                }
+            }
+        }
+        let d = g[i * n + i];
+        for x in &mut b[i * m..(i + 1) * m] {
+            *x /= d;
+        }
+    }
+    // Lᵀ X = Y, last row first.
+    for i in (0..n).rev() {
+        for k in i + 1..n {
+            let l = g[k * n + i];
+            if l != 0.0 {
+                let (head, tail) = b.split_at_mut(k * m);
+                for (x, y) in head[i * m..(i + 1) * m].iter_mut().zip(&tail[..m]) {
+                    *x -= l * y;
+                }
+            }
+        }
+        let d = g[i * n + i];
+        for x in &mut b[i * m..(i + 1) * m] {
+            *x /= d;
+        }
+    }
+    Ok(())
+}
+
 pub fn spectral_features(eig: &[f64]) -> (f64, f64, f64, f64) {
     let lam: Vec<f64> = eig.iter().map(|&x| x.max(0.0)).collect();
     let lmin = lam.iter().copied().fold(f64::INFINITY, f64::min);
@@ -160,6 +217,31 @@ mod tests {
     }
 
     /// Eigenvalues of Q diag(λ) Qᵀ with Q from Gram–Schmidt come back as λ.
+    #[test]
+    fn cholesky_solves_spd_systems() {
+        let mut r = lcg(7);
+        let n = 9;
+        let m = 3;
+        let a: Vec<f64> = (0..n * n).map(|_| r()).collect();
+        // G = AᵀA + I is SPD; B = G X for a known X.
+        let mut g = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                g[i * n + j] =
+                    (0..n).map(|k| a[k * n + i] * a[k * n + j]).sum::<f64>() + if i == j { 1.0 } else { 0.0 };
+            }
+        }
+        let x: Vec<f64> = (0..n * m).map(|_| r()).collect();
+        let mut b: Vec<f64> = (0..n * m).map(|t| (0..n).map(|k| g[(t / m) * n + k] * x[k * m + t % m]).sum()).collect();
+        let mut gg = g.clone();
+        super::cholesky_solve(&mut gg, &mut b, n, m).unwrap();
+        for (got, want) in b.iter().zip(&x) {
+            assert!((got - want).abs() < 1e-10, "{got} vs {want}");
+        }
+        let mut not_pd = vec![1.0, 2.0, 2.0, 1.0];
+        assert!(super::cholesky_solve(&mut not_pd, &mut [1.0, 1.0], 2, 1).is_err());
+    }
+
     #[test]
     fn recovers_known_spectra() {
         for &n in &[1usize, 2, 3, 7, 16, 33] {

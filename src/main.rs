@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use plprune_onnx::criteria::gate::GateConfig;
 use plprune_onnx::criteria::{Criterion, Schedule, ScoringConfig};
 use plprune_onnx::engine::DeviceChoice;
+use plprune_onnx::passes::recover_weights::Recover;
 use plprune_onnx::units::UnitKind;
 use plprune_onnx::{onnx_io, Config, Error, Result, Scope, Session};
 
@@ -131,6 +132,18 @@ struct PruneArgs {
     /// adapter, software included).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Recovery after pruning: none, or lsq (ridge least-squares refit of the weights that
+    /// read pruned units, on calibration activations, so each block reproduces the dense
+    /// block's output; needs the compute engine).
+    #[arg(long, default_value = "none")]
+    recover: String,
+    /// Ridge of --recover lsq, relative to the mean diagonal of the activations' Gram.
+    #[arg(long, default_value_t = 1e-2)]
+    ridge: f64,
+    /// Calibration samples --recover lsq fits on (at most; the next --calib-samples of the
+    /// file measure fidelity before and after).
+    #[arg(long, default_value_t = 128)]
+    recover_samples: usize,
     /// Seed for every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -225,6 +238,11 @@ fn config(a: &PruneArgs) -> Result<Config> {
     if bad_alpha || bad_lr || a.gate_hidden == 0 {
         return Err(Error::Option("--alpha must be ≥ 0, --gate-lr > 0 and --gate-hidden ≥ 1".into()));
     }
+    let recover = Recover::parse(&a.recover)
+        .ok_or_else(|| Error::Option(format!("unknown --recover '{}' (none or lsq)", a.recover)))?;
+    if !a.ridge.is_finite() || a.ridge <= 0.0 {
+        return Err(Error::Option(format!("--ridge must be > 0, got {}", a.ridge)));
+    }
     let device = DeviceChoice::parse(&a.device)
         .ok_or_else(|| Error::Option(format!("unknown --device '{}' (auto, cpu or gpu)", a.device)))?;
     let scope = match a.scope.as_str() {
@@ -264,6 +282,9 @@ fn config(a: &PruneArgs) -> Result<Config> {
             schedule,
         },
         device,
+        recover,
+        recover_ridge: a.ridge,
+        recover_samples: a.recover_samples,
     })
 }
 

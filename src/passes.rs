@@ -6,6 +6,8 @@ pub mod discover_units;
 pub mod eliminate_dead_nodes;
 #[path = "../passes/infer_shapes.rs"]
 pub mod infer_shapes;
+#[path = "../passes/recover_weights.rs"]
+pub mod recover_weights;
 #[path = "../passes/rewrite_graph.rs"]
 pub mod rewrite_graph;
 #[path = "../passes/score_units.rs"]

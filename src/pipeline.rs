@@ -7,10 +7,12 @@
 //! 2. `DiscoverUnits` — coupled unit groups (filters, neurons), and what is unprunable.
 //! 3. `ScoreUnits` — one score per unit from the chosen criterion.
 //! 4. `SelectUnits` — keep-set from scores, ratio, scope and per-layer protection.
-//! 5. `RewriteGraph` — slices every coupled tensor, reroutes experts; keeps the dense model.
-//! 6. `EliminateDeadNodes` — removes what the rewrite left unused (pruned expert branches).
-//! 7. `InferShapes` again — the slim graph must be consistent; declared dims follow.
-//! 8. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract.
+//! 5. `RecoverWeights` — with `--recover lsq`, a ridge least-squares refit of the weights
+//!    that read pruned units, on calibration activations (no-op otherwise).
+//! 6. `RewriteGraph` — slices every coupled tensor, reroutes experts; keeps the dense model.
+//! 7. `EliminateDeadNodes` — removes what the rewrite left unused (pruned expert branches).
+//! 8. `InferShapes` again — the slim graph must be consistent; declared dims follow.
+//! 9. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,6 +52,11 @@ pub struct Config {
     pub scoring: crate::criteria::ScoringConfig,
     /// Backend of the compute engine.
     pub device: crate::engine::DeviceChoice,
+    /// Refit of the pruned blocks' consumer weights (`--recover`), and its ridge.
+    pub recover: crate::passes::recover_weights::Recover,
+    pub recover_ridge: f64,
+    /// Calibration samples the refit is fit on (at most; the rest of the file evaluates).
+    pub recover_samples: usize,
 }
 
 impl Default for Config {
@@ -67,6 +74,9 @@ impl Default for Config {
             verify: true,
             scoring: crate::criteria::ScoringConfig::default(),
             device: crate::engine::DeviceChoice::Auto,
+            recover: crate::passes::recover_weights::Recover::None,
+            recover_ridge: 1e-2,
+            recover_samples: 128,
         }
     }
 }
@@ -112,6 +122,8 @@ pub struct Context {
     pub keep: Option<KeepSet>,
     /// The model as it was before the rewrite (the masked reference is built from it).
     pub dense: Option<Model>,
+    /// What `--recover` refit, and fidelity with and without it.
+    pub recovery: Option<crate::passes::recover_weights::RecoveryReport>,
     pub verification: Option<Verification>,
     pub timings: Vec<(String, f64)>,
     pub warnings: Vec<String>,
@@ -134,6 +146,7 @@ impl Context {
             device: None,
             keep: None,
             dense: None,
+            recovery: None,
             verification: None,
             timings: Vec::new(),
             warnings: Vec::new(),
@@ -173,7 +186,8 @@ pub fn run_passes(passes: &[&dyn Pass], cx: &mut Context, model: &mut Model) -> 
 
 use crate::passes::{
     discover_units::DiscoverUnits, eliminate_dead_nodes::EliminateDeadNodes, infer_shapes::InferShapes,
-    rewrite_graph::RewriteGraph, score_units::ScoreUnits, select_units::SelectUnits, verify_rewrite::VerifyRewrite,
+    recover_weights::RecoverWeights, rewrite_graph::RewriteGraph, score_units::ScoreUnits, select_units::SelectUnits,
+    verify_rewrite::VerifyRewrite,
 };
 
 /// Import-side analysis: what `inspect` runs.
@@ -186,9 +200,10 @@ pub fn selection_passes() -> Vec<&'static dyn Pass> {
     vec![&ScoreUnits, &SelectUnits]
 }
 
-/// Rewrite, clean-up and (unless disabled in tests) verification.
+/// Recovery (a no-op unless `--recover`), rewrite, clean-up and (unless disabled in tests)
+/// verification.
 pub fn rewrite_passes(verify: bool) -> Vec<&'static dyn Pass> {
-    let mut p: Vec<&'static dyn Pass> = vec![&RewriteGraph, &EliminateDeadNodes, &InferShapes];
+    let mut p: Vec<&'static dyn Pass> = vec![&RecoverWeights, &RewriteGraph, &EliminateDeadNodes, &InferShapes];
     if verify {
         p.push(&VerifyRewrite);
     }

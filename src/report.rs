@@ -38,6 +38,8 @@ pub struct Report {
     pub scoring: Option<ScoringReport>,
     /// The compute device the criterion ran on.
     pub device: Option<String>,
+    /// `--recover lsq`: the refit layers and fidelity to the dense model without and with it.
+    pub recovery: Option<crate::passes::recover_weights::RecoveryReport>,
     pub timings_s: BTreeMap<String, f64>,
 }
 
@@ -178,6 +180,7 @@ impl Report {
                 steps: cx.score_steps.clone(),
             }),
             device: cx.device.clone(),
+            recovery: cx.recovery.clone(),
             timings_s: cx.timings.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
                 *m.entry(k.clone()).or_insert(0.0) += v;
                 m
@@ -278,6 +281,27 @@ impl Report {
             human(p.after),
             pct(p.before, p.after)
         );
+        if let Some(r) = &self.recovery {
+            let held = if r.eval_held_out { "held-out" } else { "calibration" };
+            let _ = writeln!(
+                s,
+                "recovered {} consumer weights by ridge least squares on {} samples ({} skipped)",
+                r.layers.len(),
+                r.samples,
+                r.skipped.len()
+            );
+            for f in &r.fidelity {
+                let top1 = match (f.top1_before, f.top1_after) {
+                    (Some(b), Some(a)) => format!(", top-1 agreement {b:.4} -> {a:.4}"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    s,
+                    "fidelity {}: cosine to dense {:.4} -> {:.4}, relative error {:.4} -> {:.4}{top1} ({} {held} samples)",
+                    f.output, f.cosine_before, f.cosine_after, f.rel_err_before, f.rel_err_after, r.eval_samples
+                );
+            }
+        }
         if let Some(v) = &self.verification {
             let worst = v.outputs.iter().map(|o| o.max_abs_diff).fold(0.0f64, f64::max);
             let _ = writeln!(

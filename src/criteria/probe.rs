@@ -177,12 +177,7 @@ impl Probe {
         let dense = low.engine.forward_on(&device, &inputs, &base)?;
         let (oname, oshape, oval) = dense.first().ok_or_else(|| Error::Other("the model has no outputs".into()))?;
         let per_sample = oval.len() / n.max(1);
-        let logits = oshape.len() == 2
-            && oshape[1] >= 2
-            && model
-                .value_id(oname)
-                .and_then(|v| model.producer(v))
-                .is_some_and(|(op, _)| matches!(model.op(op).op_type.as_str(), "Gemm" | "MatMul" | "Add"));
+        let logits = is_logits(model, oname, oshape);
         let objective = objective_for(&batch, logits, oshape, oval, n);
         let val = match val_batch {
             Some(vb) => {
@@ -217,6 +212,17 @@ impl Probe {
         let outs = self.low.engine.forward_on(&self.device, inputs, &self.gated(gates))?;
         Ok(Some(Probe::seed(obj, self.output, &outs)?.0))
     }
+}
+
+/// Whether output `name` of shape `shape` is class logits: `[n, C]`, C ≥ 2, made by a
+/// Gemm, MatMul or Add.
+pub fn is_logits(model: &Model, name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && shape[1] >= 2
+        && model
+            .value_id(name)
+            .and_then(|v| model.producer(v))
+            .is_some_and(|(op, _)| matches!(model.op(op).op_type.as_str(), "Gemm" | "MatMul" | "Add"))
 }
 
 /// Cross-entropy against the labels (or the dense argmax) for logits; else MSE to dense.

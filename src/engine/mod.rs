@@ -111,6 +111,21 @@ impl Engine {
         collect_outputs(&self.lowered, &arena)
     }
 
+    /// Forward only, on the CPU, keeping the slots in `keep` (activations a caller reads).
+    pub fn forward_keep<T: Real>(
+        &self,
+        inputs: &[(String, Tensor)],
+        params: &Params<T>,
+        keep: &HashSet<Slot>,
+    ) -> Result<Arena<T>> {
+        let p = &self.lowered.program;
+        let mut arena = Arena::new(p);
+        feed(&self.lowered, &mut arena, inputs, params)?;
+        let frees = cpu::plan_frees(p, 0..p.instrs.len(), keep);
+        arena.run(p, 0..p.instrs.len(), &frees)?;
+        Ok(arena)
+    }
+
     /// Builds the backward program for the gradient of the outputs w.r.t. `wrt` (weights).
     pub fn grad_program(&self, wrt: &[Id]) -> Result<GradProgram> {
         let mut lowered = self.lowered.clone();

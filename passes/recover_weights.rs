@@ -1,0 +1,574 @@
+//! RecoverWeights (`--recover lsq`): a label-free least-squares refit of the weights that
+//! read pruned units, so each pruned block reproduces the dense block's output on
+//! calibration activations (../shared/docs/method.md, Recovery; the layer-wise
+//! reconstruction of Kwon et al. 2022's mask tuning, solved in closed form).
+//!
+//! For every consumer of pruned units — a MatMul or Gemm weight (Wo for heads, the
+//! down-projection for neurons, a Gemm after a flatten for filters) or a dense Conv
+//! (groups = 1) — with input activations A (rows = samples × positions, columns = input
+//! features, unfolded by im2col for a conv) and weight W:
+//!
+//! W'_kept = argmin ‖A_m,kept W' − A_d W‖² + λ ‖W' − W_kept‖²,  λ = ridge · mean diag(AᵀA),
+//!
+//! where A_d are the dense model's activations and A_m the masked model's, with every
+//! refit made so far applied (consumers are refit in topological order, so each layer
+//! corrects what the layers before it still get wrong). The ridge pulls toward the original
+//! weights, which keeps under-determined refits (few rows, e.g. a Gemm after a flatten)
+//! sane. Only the kept rows change: the pruned ones are removed by RewriteGraph, so the
+//! verification (slim == masked) still holds, now for the recovered weights.
+//!
+//! Runs before RewriteGraph, on the calibration samples the criterion scored; fidelity to
+//! the dense model with and without the refit is measured on the next samples of the file
+//! when it has them (else on the same ones) and reported. Consumers it cannot refit
+//! (grouped convs, weights read by several ops, expert combinations) are listed with the
+//! reason and left as they are.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use serde::Serialize;
+
+use crate::engine::cpu::{self, Arena, Real};
+use crate::engine::program::Window;
+use crate::engine::{Engine, Params};
+use crate::error::{Error, Result};
+use crate::ir::{Id, Model};
+use crate::pipeline::{Context, Pass};
+use crate::tensor::Tensor;
+use crate::units::{KeepSet, Role, UnitGroup, UnitKind};
+
+pub struct RecoverWeights;
+
+/// Recovery methods (`--recover`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recover {
+    None,
+    Lsq,
+}
+
+impl Recover {
+    pub fn parse(s: &str) -> Option<Recover> {
+        match s {
+            "none" => Some(Recover::None),
+            "lsq" => Some(Recover::Lsq),
+            _ => None,
+        }
+    }
+}
+
+/// What the refit did, for the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryReport {
+    pub method: Recover,
+    pub ridge: f64,
+    /// Calibration samples the refit was fit on.
+    pub samples: usize,
+    /// Samples fidelity was measured on, and whether they are held out from the fit.
+    pub eval_samples: usize,
+    pub eval_held_out: bool,
+    pub layers: Vec<RefitLayer>,
+    pub skipped: Vec<String>,
+    /// Per model output: the pruned model against the dense one, without and with the refit.
+    pub fidelity: Vec<Fidelity>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RefitLayer {
+    pub node: String,
+    pub weight: String,
+    pub inputs: usize,
+    pub kept_inputs: usize,
+    /// Whether the consumer's bias was refit too.
+    pub bias: bool,
+    pub rows: usize,
+    /// ‖A_m W_masked − A_d W‖ / ‖A_d W‖ on the fit rows, before and after the refit.
+    pub rel_err_before: f64,
+    pub rel_err_after: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Fidelity {
+    pub output: String,
+    /// Mean over samples of the cosine between the sample's output and the dense one.
+    pub cosine_before: f64,
+    pub cosine_after: f64,
+    /// ‖f − f_dense‖ / ‖f_dense‖ over the evaluation samples.
+    pub rel_err_before: f64,
+    pub rel_err_after: f64,
+    /// For logits ([n, C] from Gemm/MatMul/Add): the share of samples whose argmax equals the dense one.
+    pub top1_before: Option<f64>,
+    pub top1_after: Option<f64>,
+}
+
+/// How a consumer's weight maps to a matrix Wm [features, outputs] and its input
+/// activation to rows of features.
+#[derive(Clone, Debug)]
+enum Layout {
+    /// MatMul(X, W) or Gemm(X, W): W [K, N].
+    RowsIn,
+    /// Gemm(X, W, transB = 1): W [N, K].
+    ColsIn,
+    /// Conv(X, W), groups = 1: W [N, C, kh, kw]; X unfolded by `window`.
+    Conv(Window),
+}
+
+#[derive(Clone, Debug)]
+struct Consumer {
+    op: Id,
+    weight: Id,
+    x: Id,
+    layout: Layout,
+    /// Pruned input channels (along the weight's input axis).
+    pruned: Vec<bool>,
+    /// The consumer's bias [outputs] (Gemm/Conv input 2, or the Add after a MatMul), refit
+    /// with the weights: it absorbs the mean contribution of the removed units.
+    bias: Option<Id>,
+}
+
+impl Pass for RecoverWeights {
+    fn name(&self) -> &'static str {
+        "RecoverWeights"
+    }
+
+    fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
+        if cx.config.recover == Recover::None {
+            return Ok(());
+        }
+        let keep = cx.keep.clone().ok_or_else(|| Error::Other("no selection to recover from".into()))?;
+        if keep.pruned_total() == 0 {
+            return Ok(());
+        }
+        let batch = cx.inputs.clone().ok_or_else(|| Error::Other("--recover needs calibration inputs".into()))?;
+        // Fit on up to --recover-samples samples; evaluate on the next --calib-samples when
+        // the file has them.
+        let m = cx.config.scoring.calib_samples.max(1);
+        let n = cx.config.recover_samples.min(batch.samples.saturating_sub(m)).max(m.min(batch.samples));
+        let fit = batch.take(n);
+        let (eval, held_out) =
+            if batch.samples > n { (batch.range(n, (n + m).min(batch.samples)), true) } else { (batch.take(m), false) };
+        let ridge = cx.config.recover_ridge;
+        let (consumers, mut skipped) = consumers(model, &cx.groups, &keep);
+        let before = masked_outputs(model, &cx.groups, &keep, &eval)?;
+        let mut layers = Vec::new();
+        if !consumers.is_empty() {
+            layers = refit(model, &cx.groups, &keep, &fit, &consumers, ridge)?;
+        } else {
+            skipped.push("no consumer of pruned units can be refit".into());
+        }
+        let after = masked_outputs(model, &cx.groups, &keep, &eval)?;
+        let dense = dense_outputs(model, &eval)?;
+        let fidelity = dense
+            .iter()
+            .zip(before.iter().zip(&after))
+            .map(|((name, shape, d), ((_, _, b), (_, _, a)))| {
+                let logits = crate::criteria::probe::is_logits(model, name, shape);
+                fidelity(name, shape, logits, d, b, a)
+            })
+            .collect();
+        cx.recovery = Some(RecoveryReport {
+            method: Recover::Lsq,
+            ridge,
+            samples: fit.samples,
+            eval_samples: eval.samples,
+            eval_held_out: held_out,
+            layers,
+            skipped,
+            fidelity,
+        });
+        Ok(())
+    }
+}
+
+/// The consumers of pruned units that can be refit, in topological order, and the others
+/// with the reason.
+fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consumer>, Vec<String>) {
+    let mut pruned: BTreeMap<(Id, usize), BTreeSet<usize>> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        let p = keep.pruned(g);
+        if p.is_empty() {
+            continue;
+        }
+        if group.kind == UnitKind::Experts {
+            skipped.push(format!("experts '{}': expert outputs are combined by routing, not refit", group.name));
+            continue;
+        }
+        for s in group.slices.iter().filter(|s| s.role == Role::Consumer) {
+            let e = pruned.entry((s.tensor, s.axis)).or_default();
+            for &u in &p {
+                e.extend(UnitGroup::indices(s, u));
+            }
+        }
+    }
+    let order: BTreeMap<Id, usize> =
+        model.topo_order().unwrap_or_default().into_iter().enumerate().map(|(i, op)| (op, i)).collect();
+    let mut out = Vec::new();
+    for ((w, axis), idx) in pruned {
+        let wv = model.value(w);
+        let readers = model.consumers(w);
+        let Some(data) = wv.data.as_ref() else { continue };
+        if readers.len() != 1 {
+            skipped.push(format!("'{}': read by {} ops", wv.name, readers.len()));
+            continue;
+        }
+        let (op, slot) = readers[0];
+        let o = model.op(op);
+        let Some(x) = model.input(op, 0) else { continue };
+        let xs = model.value(x).shape.clone().unwrap_or_default();
+        let layout = match (o.op_type.as_str(), slot, data.rank(), axis) {
+            ("MatMul", 1, 2, 0) => Some(Layout::RowsIn),
+            ("Gemm", 1, 2, a) if o.attr_i("transA", 0) == 0 => {
+                let tb = o.attr_i("transB", 0) != 0;
+                match (tb, a) {
+                    (false, 0) => Some(Layout::RowsIn),
+                    (true, 1) => Some(Layout::ColsIn),
+                    _ => None,
+                }
+            }
+            ("Conv", 1, 4, 1) if o.attr_i("group", 1) == 1 && xs.len() == 4 => {
+                let ys = model.value(model.output(op, 0)).shape.clone().unwrap_or_default();
+                let kernel: Vec<i64> = data.dims[2..].iter().map(|&d| d as i64).collect();
+                crate::engine::lower::window(o, &xs, &ys, &kernel).ok().map(|(_, w)| Layout::Conv(w))
+            }
+            _ => None,
+        };
+        let Some(layout) = layout else {
+            skipped.push(format!("'{}' ({} {}): not a dense MatMul/Gemm/Conv weight", wv.name, o.op_type, o.name));
+            continue;
+        };
+        let mut mask = vec![false; data.dims[axis]];
+        for i in idx {
+            if i < mask.len() {
+                mask[i] = true;
+            }
+        }
+        let nout = match &layout {
+            Layout::RowsIn => data.dims[1],
+            _ => data.dims[0],
+        };
+        out.push(Consumer { op, weight: w, x, layout, pruned: mask, bias: bias_of(model, op, nout) });
+    }
+    out.sort_by_key(|c| order.get(&c.op).copied().unwrap_or(usize::MAX));
+    (out, skipped)
+}
+
+/// The bias added to consumer `op`'s output: a 1-D weight of `nout` entries, read by this
+/// op only — input 2 of Gemm/Conv, or the other operand of the Add that alone reads a
+/// MatMul's output.
+fn bias_of(model: &Model, op: Id, nout: usize) -> Option<Id> {
+    let own = |v: Id| -> bool {
+        let val = model.value(v);
+        val.kind == crate::ir::ValueKind::Weight
+            && val.data.as_ref().is_some_and(|d| d.dims == [nout] && d.dtype.is_float())
+            && model.consumers(v).len() == 1
+    };
+    let o = model.op(op);
+    match o.op_type.as_str() {
+        "Gemm" | "Conv" => model.input(op, 2).filter(|&b| own(b)),
+        "MatMul" => {
+            let y = model.output(op, 0);
+            match model.consumers(y).as_slice() {
+                [(add, k)] if model.op(*add).op_type == "Add" => model.input(*add, 1 - k).filter(|&b| own(b)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A model lowered for `batch`'s shapes.
+fn lowered(model: &Model, batch: &crate::calib::Batch) -> Result<(Model, Engine, Vec<(String, Tensor)>)> {
+    let shapes: BTreeMap<String, Vec<usize>> = batch.arrays.iter().map(|(k, t)| (k.clone(), t.dims.clone())).collect();
+    let mut m = model.clone();
+    crate::passes::infer_shapes::infer(&mut m, &shapes)?;
+    let engine = Engine::new(&m).map_err(|e| {
+        Error::Other(format!("--recover lsq runs the model on the compute engine, which cannot lower it: {e}"))
+    })?;
+    let inputs = batch.ordered(&m);
+    Ok((m, engine, inputs))
+}
+
+/// Runs `engine` with `params`, keeping `keep` (value ids) and the outputs.
+fn run_keep(
+    engine: &Engine,
+    inputs: &[(String, Tensor)],
+    params: &Params<f32>,
+    keep: &[Id],
+) -> Result<(Arena<f32>, BTreeMap<Id, usize>)> {
+    let slots: BTreeMap<Id, usize> =
+        keep.iter().filter_map(|v| engine.lowered.values.get(v).map(|&s| (*v, s))).collect();
+    let mut k: HashSet<usize> = slots.values().copied().collect();
+    k.extend(engine.lowered.outputs.iter().map(|(_, s)| *s));
+    let arena = engine.forward_keep(inputs, params, &k)?;
+    Ok((arena, slots))
+}
+
+fn dense_outputs(model: &Model, batch: &crate::calib::Batch) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let (m, engine, inputs) = lowered(model, batch)?;
+    engine.forward(&inputs, &engine.params(&m))
+}
+
+fn masked_outputs(
+    model: &Model,
+    groups: &[UnitGroup],
+    keep: &KeepSet,
+    batch: &crate::calib::Batch,
+) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
+    let (m, engine, inputs) = lowered(&masked, batch)?;
+    engine.forward(&inputs, &engine.params(&m))
+}
+
+/// Activation `x` as a row-major [rows, features] matrix in f64, features in the order of
+/// the weight matrix's rows.
+fn activation_rows(layout: &Layout, x: &[f32], x_shape: &[usize], features: usize) -> (Vec<f64>, usize) {
+    match layout {
+        Layout::RowsIn | Layout::ColsIn => (x.iter().map(|&v| v as f64).collect(), x.len() / features.max(1)),
+        Layout::Conv(w) => {
+            // im2col gives [C·kh·kw, N·L]; transpose to [N·L, C·kh·kw].
+            let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let mut win = w.clone();
+            win.input = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
+            let cols = cpu::window::im2col(&xs, &win);
+            let rows = cols.len() / features.max(1);
+            let mut a = vec![0.0; cols.len()];
+            for f in 0..features {
+                for r in 0..rows {
+                    a[r * features + f] = cols[f * rows + r];
+                }
+            }
+            (a, rows)
+        }
+    }
+}
+
+/// The weight as Wm [features, outputs] (f64), and features per input channel.
+fn weight_matrix(layout: &Layout, w: &Tensor) -> (Vec<f64>, usize, usize, usize) {
+    let d = w.to_f64_vec();
+    match layout {
+        Layout::RowsIn => (d, w.dims[0], w.dims[1], 1),
+        Layout::ColsIn => {
+            let (nout, k) = (w.dims[0], w.dims[1]);
+            let mut m = vec![0.0; k * nout];
+            for o in 0..nout {
+                for f in 0..k {
+                    m[f * nout + o] = d[o * k + f];
+                }
+            }
+            (m, k, nout, 1)
+        }
+        Layout::Conv(_) => {
+            let nout = w.dims[0];
+            let f: usize = w.dims[1..].iter().product();
+            let mut m = vec![0.0; f * nout];
+            for o in 0..nout {
+                for j in 0..f {
+                    m[j * nout + o] = d[o * f + j];
+                }
+            }
+            (m, f, nout, w.dims[2] * w.dims[3])
+        }
+    }
+}
+
+/// Writes Wm [features, outputs] back into the weight's own layout and dtype.
+fn store_weight(layout: &Layout, w: &Tensor, m: &[f64]) -> Tensor {
+    let mut d = vec![0.0; w.numel()];
+    match layout {
+        Layout::RowsIn => d.copy_from_slice(m),
+        Layout::ColsIn => {
+            let (nout, k) = (w.dims[0], w.dims[1]);
+            for o in 0..nout {
+                for f in 0..k {
+                    d[o * k + f] = m[f * nout + o];
+                }
+            }
+        }
+        Layout::Conv(_) => {
+            let nout = w.dims[0];
+            let f: usize = w.dims[1..].iter().product();
+            for o in 0..nout {
+                for j in 0..f {
+                    d[o * f + j] = m[j * nout + o];
+                }
+            }
+        }
+    }
+    Tensor::from_f64_as(w.dtype, w.dims.clone(), &d)
+}
+
+/// C [m, n] = Aᵀ B for row-major A [r, m], B [r, n].
+fn at_b(a: &[f64], b: &[f64], r: usize, m: usize, n: usize) -> Vec<f64> {
+    let mut c = vec![0.0; m * n];
+    if r * m * n == 0 {
+        return c;
+    }
+    // SAFETY: the strides describe A [r, m] and B [r, n] row-major inside their slices.
+    unsafe {
+        f64::gemm(m, r, n, a.as_ptr(), 1, m as isize, b.as_ptr(), n as isize, 1, c.as_mut_ptr(), n as isize, 1);
+    }
+    c
+}
+
+/// C [r, n] = A B for row-major A [r, k], B [k, n].
+fn a_b(a: &[f64], b: &[f64], r: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut c = vec![0.0; r * n];
+    if r * k * n == 0 {
+        return c;
+    }
+    // SAFETY: as above, A [r, k] and B [k, n] row-major.
+    unsafe {
+        f64::gemm(r, k, n, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, c.as_mut_ptr(), n as isize, 1);
+    }
+    c
+}
+
+fn refit(
+    model: &mut Model,
+    groups: &[UnitGroup],
+    keep: &KeepSet,
+    fit: &crate::calib::Batch,
+    consumers: &[Consumer],
+    ridge: f64,
+) -> Result<Vec<RefitLayer>> {
+    let xs: Vec<Id> = consumers.iter().map(|c| c.x).collect();
+    let (dm, engine, inputs) = lowered(model, fit)?;
+    let (arena, slots) = run_keep(&engine, &inputs, &engine.params(&dm), &xs)?;
+    // Dense targets A_d W per consumer.
+    let mut targets = Vec::new();
+    for c in consumers {
+        let w = model.value(c.weight).data.clone().expect("consumers have data");
+        let (wm, f, nout, _) = weight_matrix(&c.layout, &w);
+        let s = slots.get(&c.x).copied().ok_or_else(|| Error::Other("consumer input was not lowered".into()))?;
+        let x = arena.get(s).ok_or_else(|| Error::Other("consumer input was not kept".into()))?;
+        let (a, rows) = activation_rows(&c.layout, x, engine.lowered.program.shape(s), f);
+        targets.push(a_b(&a, &wm, rows, f, nout));
+    }
+    drop(arena);
+    let mut layers = Vec::new();
+    for (c, target) in consumers.iter().zip(targets) {
+        let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
+        let params: Params<f32> = engine.params(&masked);
+        let (arena, slots) = run_keep(&engine, &inputs, &params, &[c.x])?;
+        let s = slots[&c.x];
+        let x = arena.get(s).ok_or_else(|| Error::Other("consumer input was not kept".into()))?;
+        let w = model.value(c.weight).data.clone().expect("consumers have data");
+        let (mut wm, f, nout, per) = weight_matrix(&c.layout, &w);
+        let (a, rows) = activation_rows(&c.layout, x, engine.lowered.program.shape(s), f);
+        drop(arena);
+        let kept: Vec<usize> = (0..f).filter(|&j| !c.pruned[j / per]).collect();
+        // With a bias, a column of ones joins A and the bias joins W as its last row; the
+        // dense target then includes the dense bias.
+        let bias = c.bias.and_then(|b| model.value(b).data.clone());
+        let nb = usize::from(bias.is_some());
+        let fk = kept.len() + nb;
+        let mut ak: Vec<f64> = Vec::with_capacity(rows * fk);
+        for r in 0..rows {
+            ak.extend(kept.iter().map(|&j| a[r * f + j]));
+            ak.extend(std::iter::repeat_n(1.0, nb));
+        }
+        let mut wk: Vec<f64> = kept.iter().flat_map(|&j| wm[j * nout..(j + 1) * nout].to_vec()).collect();
+        let mut target = target;
+        if let Some(b) = &bias {
+            let bv = b.to_f64_vec();
+            wk.extend_from_slice(&bv);
+            for row in target.chunks_mut(nout) {
+                for (t, x) in row.iter_mut().zip(&bv) {
+                    *t += x;
+                }
+            }
+        }
+        let norm = target.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+        let err = |wk: &[f64]| -> f64 {
+            let y = a_b(&ak, wk, rows, fk, nout);
+            y.iter().zip(&target).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt() / norm
+        };
+        let before = err(&wk);
+        let mut g = at_b(&ak, &ak, rows, fk, fk);
+        let mut b = at_b(&ak, &target, rows, fk, nout);
+        let mean_diag = (0..fk).map(|i| g[i * fk + i]).sum::<f64>() / fk.max(1) as f64;
+        let lambda = (ridge * mean_diag).max(1e-12);
+        for i in 0..fk {
+            g[i * fk + i] += lambda;
+        }
+        for (bv, wv) in b.iter_mut().zip(&wk) {
+            *bv += lambda * wv;
+        }
+        let solved = crate::linalg::cholesky_solve(&mut g, &mut b, fk, nout);
+        let (new_wk, after) = match solved {
+            Ok(()) => {
+                let e = err(&b);
+                if e < before {
+                    (b, e)
+                } else {
+                    (wk, before)
+                }
+            }
+            Err(_) => (wk, before),
+        };
+        for (i, &j) in kept.iter().enumerate() {
+            wm[j * nout..(j + 1) * nout].copy_from_slice(&new_wk[i * nout..(i + 1) * nout]);
+        }
+        let t = store_weight(&c.layout, &w, &wm);
+        model.value_mut(c.weight).set_data(t);
+        if let (Some(b), Some(old)) = (c.bias, &bias) {
+            let nbv = &new_wk[kept.len() * nout..];
+            model.value_mut(b).set_data(Tensor::from_f64_as(old.dtype, old.dims.clone(), nbv));
+        }
+        layers.push(RefitLayer {
+            node: model.op(c.op).name.clone(),
+            weight: model.value(c.weight).name.clone(),
+            inputs: c.pruned.len(),
+            kept_inputs: c.pruned.iter().filter(|p| !**p).count(),
+            bias: bias.is_some(),
+            rows,
+            rel_err_before: before,
+            rel_err_after: after,
+        });
+    }
+    Ok(layers)
+}
+
+fn fidelity(name: &str, shape: &[usize], logits: bool, dense: &[f32], before: &[f32], after: &[f32]) -> Fidelity {
+    let n = shape.first().copied().unwrap_or(1).max(1);
+    let per = dense.len() / n;
+    let cos = |x: &[f32]| -> f64 {
+        (0..n)
+            .map(|s| {
+                let (a, b) = (&dense[s * per..(s + 1) * per], &x[s * per..(s + 1) * per]);
+                let dot: f64 = a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum();
+                let na: f64 = a.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+                let nb: f64 = b.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+                if na * nb > 0.0 {
+                    dot / (na * nb)
+                } else {
+                    0.0
+                }
+            })
+            .sum::<f64>()
+            / n as f64
+    };
+    let rel = |x: &[f32]| -> f64 {
+        let e: f64 = dense.iter().zip(x).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum();
+        let d: f64 = dense.iter().map(|p| (*p as f64).powi(2)).sum();
+        (e / d.max(f64::MIN_POSITIVE)).sqrt()
+    };
+    let argmax =
+        |v: &[f32]| -> usize { v.iter().enumerate().fold(0, |best, (i, x)| if *x > v[best] { i } else { best }) };
+    let top1 = |x: &[f32]| -> Option<f64> {
+        logits.then(|| {
+            (0..n).filter(|&s| argmax(&dense[s * per..(s + 1) * per]) == argmax(&x[s * per..(s + 1) * per])).count()
+                as f64
+                / n as f64
+        })
+    };
+    Fidelity {
+        output: name.to_string(),
+        cosine_before: cos(before),
+        cosine_after: cos(after),
+        rel_err_before: rel(before),
+        rel_err_after: rel(after),
+        top1_before: top1(before),
+        top1_after: top1(after),
+    }
+}
