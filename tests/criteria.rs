@@ -266,7 +266,8 @@ fn hutchinson_on_gpu_matches_the_cpu_with_the_same_probes() {
     let (mut fc, _) = ntk::ntk_features(&cpu, &cpu.base, &r, &scored).unwrap();
     let (mut fg, _) = ntk::ntk_features(&gpu, &gpu.base, &r, &scored).unwrap();
     ntk::hutchinson(&cpu, &ones, 64, 7, &mut fc).unwrap();
-    ntk::hutchinson(&gpu, &ones, 64, 7, &mut fg).unwrap();
+    let plprune_onnx::engine::gpu::Device::Gpu(cx) = &gpu.device else { panic!("gpu probe on the cpu") };
+    ntk::hutchinson_gpu(cx, &gpu, &ones, 64, 7, &mut fg).unwrap();
     let hmax = fc.iter().flatten().flatten().fold(0.0f64, |m, f| m.max(f.hessian.abs()));
     assert!(hmax > 0.0);
     let mut worst: f64 = 0.0;

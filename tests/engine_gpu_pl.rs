@@ -8,8 +8,10 @@
 //! under CI=true.
 //!
 //! Tolerances (f32 on the device against f64 on the host):
-//! - Grams: 1e-5 · max|K_u| per unit for the kernel (f32 sums of ≤ 300 products); 1e-4 ·
-//!   max|K_u| for the whole path (f32 activations, gradients and products).
+//! - Grams: 1e-5 · max|K_u| per unit for the kernel (f32 accuracy: the kernel's
+//!   double-f32 compensation is simplified away by Mesa's shader compiler on lavapipe,
+//!   measured 9e-8; on drivers that keep it the error is far smaller); 1e-4 · max|K_u| for the whole path
+//!   (f32 activations, gradients and per-sample products).
 //! - Eigenvalues: every eigenvalue within 4 n ε_f32 · λ_max (absolute accuracy of f32
 //!   Jacobi is about n · ε_f32 · λ_max ≈ 8e-6 λ_max at n = 64; 3e-5 at n = 64). λ_min of an
 //!   ill-conditioned Gram (≈ 1e-7 λ_max) is therefore only checked to that absolute
@@ -74,16 +76,17 @@ fn gram_units_matches_its_cpu_twin() {
         let csr = Csr::new(&l).unwrap();
         // Accumulates into what is there.
         let k0 = rand_vec(units * n * n, 9);
-        let kb = cx.upload(&f32s(&k0));
+        let k0d: Vec<f32> = k0.iter().flat_map(|&x| [x as f32, 0.0]).collect();
+        let kb = cx.upload(&k0d);
         pl::gram_units(&cx, &cx.upload(&f32s(&g)), n, numel, &csr, &kb).unwrap();
-        let got = cx.read(&kb, units * n * n).unwrap();
+        let got = pl::read_double(&cx, &kb, units * n * n).unwrap();
         let g32: Vec<f64> = f32s(&g).iter().map(|&x| x as f64).collect();
         for (u, idx) in l.iter().enumerate() {
             let want = gram::unit_gram(&g32, n, numel, idx);
             let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
             for e in 0..n * n {
                 let w = want[e] + k0[u * n * n + e] as f32 as f64;
-                let d = (got[u * n * n + e] as f64 - w).abs() / scale;
+                let d = (got[u * n * n + e] - w).abs() / scale;
                 worst = worst.max(d);
                 assert!(d <= 1e-5, "n={n} unit {u} entry {e}: gpu {} vs cpu {w}", got[u * n * n + e]);
             }

@@ -302,8 +302,10 @@ pub fn grams<T: Real>(
 /// [`grams`] in f32 on `device`. On the CPU, exactly [`grams`]. On a GPU everything runs
 /// there: the forward and backward, the per-sample products from the kept activations and
 /// output gradients (batched matmuls, transposes, reductions), the re-layout to the
-/// weight's own order (a gather) and the per-unit Gram accumulation (`gram_units.wgsl`),
-/// in f32; only the finished Grams are read back.
+/// weight's own order (a gather) in f32, and the per-unit Gram accumulation
+/// (`gram_units.wgsl`) in double-f32 (exact products, compensated sums: as accurate as the
+/// CPU's f64 sum, which λ_min of ill-conditioned Grams needs); only the finished Grams are
+/// read back.
 #[allow(clippy::too_many_arguments)]
 pub fn grams_on(
     device: &super::gpu::Device,
@@ -424,7 +426,7 @@ fn grams_gpu(
     let uses = find_uses(gp, &tensors, n, &mut skipped);
     let keep = kept(gp, &uses);
     let (_, bufs) = gp.run_device(cx, inputs, params, |outs| super::loss::projection(outs, output, r), &keep)?;
-    let kbufs: Vec<wgpu::Buffer> = groups.iter().map(|g| cx.empty(g.count * n * n)).collect();
+    let kbufs: Vec<wgpu::Buffer> = groups.iter().map(|g| cx.empty(2 * g.count * n * n)).collect();
     let flags = cx.empty(1);
     for &t in &tensors {
         let numel = p.slots[gp.lowered.params[&t]].numel();
@@ -470,8 +472,8 @@ fn grams_gpu(
     }
     let mut k = Vec::with_capacity(groups.len());
     for (g, kb) in groups.iter().zip(&kbufs) {
-        let data = cx.read(kb, g.count * n * n)?;
-        k.push(data.chunks(n * n).map(|c| c.iter().map(|&x| x as f64).collect()).collect());
+        let data = pl::read_double(cx, kb, g.count * n * n)?;
+        k.push(data.chunks(n * n).map(|c| c.to_vec()).collect());
     }
     Ok(Grams { n, k, skipped })
 }

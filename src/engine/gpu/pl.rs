@@ -50,7 +50,8 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
 }
 
 /// K[u] += G_u G_uᵀ for every unit of `csr`, G = `g` viewed as [n, numel]; `k` holds
-/// [units, n, n]. CPU twin: `engine::gram::unit_gram`.
+/// [units, n, n, 2] as double-f32 (hi, lo) pairs (see [`read_double`]), accumulated with
+/// exact products, so K matches an f64 sum. CPU twin: `engine::gram::unit_gram`.
 pub fn gram_units(
     cx: &GpuContext,
     g: &wgpu::Buffer,
@@ -70,6 +71,11 @@ pub fn gram_units(
     cx.dispatch("gram_units", &[g, &offs, &idx, k, &meta], groups)
 }
 
+/// `len` double-f32 values (hi, lo pairs) of `buf`, as f64.
+pub fn read_double(cx: &GpuContext, buf: &wgpu::Buffer, len: usize) -> Result<Vec<f64>> {
+    Ok(cx.read(buf, 2 * len)?.chunks(2).map(|c| c[0] as f64 + c[1] as f64).collect())
+}
+
 /// Largest matrix `sym_eigvals` takes.
 pub const EIG_MAX_N: usize = 64;
 /// Sweeps of the Jacobi kernel at most (it stops earlier once converged).
@@ -78,6 +84,17 @@ pub const EIG_MAX_SWEEPS: u32 = 16;
 pub const EIG_TOL: f32 = 1e-7;
 /// Workgroup memory the Jacobi kernel declares (matrix, rotations, pairs, scratch, flags).
 const EIG_WORKGROUP_BYTES: u32 = 4 * 4096 + 8 * 32 + 8 * 32 + 4 * 64 + 8;
+
+/// Eigenvalues from [`sym_eigvals`] are accurate to about this multiple of ε_f32 · n · λ_max
+/// (absolute); tests/engine_gpu_pl.rs checks 4.
+pub const EIG_ABS_ERR: f64 = 4.0;
+
+/// Whether λ_min = `lmin` from [`sym_eigvals`] is known to 1e-3 relative: above
+/// 1e3 · 4 n ε_f32 · λ_max. Below that (ill-conditioned Grams) f32 Jacobi cannot resolve
+/// it and callers recompute the spectrum in f64.
+pub fn lambda_min_resolved(lmin: f64, lmax: f64, n: usize) -> bool {
+    lmin >= 1e3 * EIG_ABS_ERR * n.max(4) as f64 * f32::EPSILON as f64 * lmax.abs()
+}
 
 /// Whether this adapter can run [`sym_eigvals`] on n × n matrices.
 pub fn eig_supported(cx: &GpuContext, n: usize) -> bool {
