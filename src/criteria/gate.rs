@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use super::ntk::Features;
 use super::probe::Probe;
+use crate::engine::gpu::{kernels, pl, Device, GpuContext};
 use crate::error::Result;
 use crate::ir::Model;
 use crate::passes::select_units;
@@ -69,21 +70,23 @@ pub struct GateTraining {
     pub lambda_min_val_loss: Option<f64>,
 }
 
-/// 2 → hidden → 1 with tanh, parameters flat: [w1 (h×2), b1 (h), w2 (h), b2].
-struct Net {
-    h: usize,
-    p: Vec<f64>,
+/// 2 → hidden → 1 with tanh, parameters flat: [w1 (h×2), b1 (h), w2 (h), b2] (the CPU
+/// twin of `gate_forward.wgsl` / `gate_backward.wgsl`).
+#[derive(Clone, Debug)]
+pub struct GateNet {
+    pub h: usize,
+    pub p: Vec<f64>,
 }
 
-impl Net {
-    fn new(h: usize, rng: &mut Rng) -> Net {
+impl GateNet {
+    pub fn new(h: usize, rng: &mut Rng) -> GateNet {
         let mut p: Vec<f64> = (0..4 * h + 1).map(|_| (rng.next_f64() - 0.5) * 0.5).collect();
         p[4 * h] = 0.0;
-        Net { h, p }
+        GateNet { h, p }
     }
 
     /// Logit and hidden activations.
-    fn forward(&self, d: [f64; 2]) -> (f64, Vec<f64>) {
+    pub fn forward(&self, d: [f64; 2]) -> (f64, Vec<f64>) {
         let h = self.h;
         let act: Vec<f64> =
             (0..h).map(|j| (self.p[2 * j] * d[0] + self.p[2 * j + 1] * d[1] + self.p[2 * h + j]).tanh()).collect();
@@ -92,7 +95,7 @@ impl Net {
     }
 
     /// Adds ∂a/∂p · da to `grad`.
-    fn backward(&self, d: [f64; 2], act: &[f64], da: f64, grad: &mut [f64]) {
+    pub fn backward(&self, d: [f64; 2], act: &[f64], da: f64, grad: &mut [f64]) {
         let h = self.h;
         for j in 0..h {
             grad[3 * h + j] += da * act[j];
@@ -103,9 +106,21 @@ impl Net {
         }
         grad[4 * h] += da;
     }
+
+    /// Σ_u da[u] ∂a(pts[u])/∂p, summed over units in order.
+    pub fn grad(&self, pts: &[[f64; 2]], da: &[f64]) -> Vec<f64> {
+        let mut grad = vec![0.0; self.p.len()];
+        for (x, &g) in pts.iter().zip(da) {
+            let (_, act) = self.forward(*x);
+            self.backward(*x, &act, g, &mut grad);
+        }
+        grad
+    }
 }
 
-struct Adam {
+/// Adam (β1 0.9, β2 0.999, ε 1e-8): the CPU twin of `adam.wgsl`.
+#[derive(Clone, Debug)]
+pub struct Adam {
     m: Vec<f64>,
     v: Vec<f64>,
     t: i32,
@@ -113,11 +128,11 @@ struct Adam {
 }
 
 impl Adam {
-    fn new(n: usize, lr: f64) -> Adam {
+    pub fn new(n: usize, lr: f64) -> Adam {
         Adam { m: vec![0.0; n], v: vec![0.0; n], t: 0, lr }
     }
 
-    fn step(&mut self, p: &mut [f64], g: &[f64]) {
+    pub fn step(&mut self, p: &mut [f64], g: &[f64]) {
         self.t += 1;
         let (b1, b2) = (0.9f64, 0.999f64);
         for i in 0..p.len() {
@@ -126,6 +141,104 @@ impl Adam {
             let mh = self.m[i] / (1.0 - b1.powi(self.t));
             let vh = self.v[i] / (1.0 - b2.powi(self.t));
             p[i] -= self.lr * mh / (vh.sqrt() + 1e-8);
+        }
+    }
+}
+
+/// One gate network on the GPU: its parameters and Adam moments in device buffers (f32),
+/// the features of its units uploaded once.
+pub struct GpuGateNet<'a> {
+    cx: &'a GpuContext,
+    h: usize,
+    units: usize,
+    p: wgpu::Buffer,
+    m: wgpu::Buffer,
+    v: wgpu::Buffer,
+    d: wgpu::Buffer,
+    t: i32,
+    lr: f64,
+}
+
+impl<'a> GpuGateNet<'a> {
+    /// `net`'s parameters on the device, for the units with features `pts`.
+    pub fn new(cx: &'a GpuContext, net: &GateNet, pts: &[[f64; 2]]) -> GpuGateNet<'a> {
+        let p: Vec<f32> = net.p.iter().map(|&x| x as f32).collect();
+        let d: Vec<f32> = pts.iter().flatten().map(|&x| x as f32).collect();
+        let np = p.len();
+        GpuGateNet {
+            cx,
+            h: net.h,
+            units: pts.len(),
+            p: cx.upload(&p),
+            m: cx.empty(np),
+            v: cx.empty(np),
+            d: cx.upload(&d),
+            t: 0,
+            lr: 0.0,
+        }
+    }
+
+    /// A fresh Adam optimiser (zero moments) with learning rate `lr`.
+    pub fn reset_adam(&mut self, lr: f64) -> Result<()> {
+        let np = 4 * self.h + 1;
+        kernels::fill(self.cx, &self.m, np, 0.0)?;
+        kernels::fill(self.cx, &self.v, np, 0.0)?;
+        self.t = 0;
+        self.lr = lr;
+        Ok(())
+    }
+
+    /// The logits of every unit (`gate_forward.wgsl`).
+    pub fn logits(&self) -> Result<Vec<f64>> {
+        let a = pl::gate_forward(self.cx, &self.p, &self.d, self.units, self.h)?;
+        Ok(self.cx.read(&a, self.units)?.into_iter().map(|x| x as f64).collect())
+    }
+
+    /// One Adam step on Σ_u da[u] ∂a_u/∂p (`gate_backward.wgsl`, `adam.wgsl`).
+    pub fn step(&mut self, da: &[f64]) -> Result<()> {
+        self.t += 1;
+        let da: Vec<f32> = da.iter().map(|&x| x as f32).collect();
+        let g = pl::gate_backward(self.cx, &self.p, &self.d, &self.cx.upload(&da), self.units, self.h)?;
+        pl::adam(self.cx, &self.p, &self.m, &self.v, &g, 4 * self.h + 1, self.lr, self.t)
+    }
+
+    /// The parameters, read back.
+    pub fn params(&self) -> Result<Vec<f64>> {
+        Ok(self.cx.read(&self.p, 4 * self.h + 1)?.into_iter().map(|x| x as f64).collect())
+    }
+}
+
+/// The networks of every unit kind, on the CPU (f64) or the GPU (f32).
+enum Nets<'a> {
+    Cpu { nets: Vec<GateNet>, opts: Vec<Adam>, pts: Vec<Vec<[f64; 2]>> },
+    Gpu(Vec<GpuGateNet<'a>>),
+}
+
+impl Nets<'_> {
+    fn reset_adam(&mut self, lr: f64) -> Result<()> {
+        match self {
+            Nets::Cpu { nets, opts, .. } => *opts = nets.iter().map(|n| Adam::new(n.p.len(), lr)).collect(),
+            Nets::Gpu(g) => g.iter_mut().try_for_each(|n| n.reset_adam(lr))?,
+        }
+        Ok(())
+    }
+
+    /// Logits of kind `k`'s units, in order.
+    fn logits(&self, k: usize) -> Result<Vec<f64>> {
+        match self {
+            Nets::Cpu { nets, pts, .. } => Ok(pts[k].iter().map(|x| nets[k].forward(*x).0).collect()),
+            Nets::Gpu(g) => g[k].logits(),
+        }
+    }
+
+    fn step(&mut self, k: usize, da: &[f64]) -> Result<()> {
+        match self {
+            Nets::Cpu { nets, opts, pts } => {
+                let grad = nets[k].grad(&pts[k], da);
+                opts[k].step(&mut nets[k].p, &grad);
+                Ok(())
+            }
+            Nets::Gpu(g) => g[k].step(da),
         }
     }
 }
@@ -210,38 +323,41 @@ pub fn train(
         |g: usize, u: usize| sel.selected[g] && features[g].is_some() && !sel.forced[g][u] && kind_of(g).is_some();
     let h = |g: usize, u: usize| features[g].as_ref().map(|f| f[u].hessian).unwrap_or(0.0);
 
+    // Each kind's active units, in group and unit order, and their features.
+    let members: Vec<Vec<(usize, usize)>> = (0..kinds.len())
+        .map(|ki| {
+            (0..groups.len())
+                .filter(|&g| kind_of(g) == Some(ki))
+                .flat_map(|g| (0..groups[g].count).filter(move |&u| active(g, u)).map(move |u| (g, u)))
+                .collect()
+        })
+        .collect();
+    let pts: Vec<Vec<[f64; 2]>> = members.iter().map(|m| m.iter().map(|&(g, u)| d[g][u]).collect()).collect();
     let mut rng = Rng::new(seed ^ 0x6A7E);
-    let mut nets: Vec<Net> = kinds.iter().map(|_| Net::new(cfg.hidden, &mut rng)).collect();
+    let init: Vec<GateNet> = kinds.iter().map(|_| GateNet::new(cfg.hidden, &mut rng)).collect();
+    let mut nets = match &probe.device {
+        Device::Cpu => Nets::Cpu { nets: init, opts: Vec::new(), pts: pts.clone() },
+        Device::Gpu(cx) => Nets::Gpu(init.iter().zip(&pts).map(|(n, p)| GpuGateNet::new(cx, n, p)).collect()),
+    };
     // Start from ranking by λ_min: fit a ≈ z(log λ_min) by regression on the features.
-    for (ki, net) in nets.iter_mut().enumerate() {
-        let mut opt = Adam::new(net.p.len(), 0.02);
-        let pts: Vec<[f64; 2]> = (0..groups.len())
-            .filter(|&g| kind_of(g) == Some(ki))
-            .flat_map(|g| (0..groups[g].count).filter(move |&u| active(g, u)).map(move |u| (g, u)))
-            .map(|(g, u)| d[g][u])
-            .collect();
+    nets.reset_adam(0.02)?;
+    for (ki, p) in pts.iter().enumerate() {
         for _ in 0..300 {
-            let mut grad = vec![0.0; net.p.len()];
-            for x in &pts {
-                let (a, act) = net.forward(*x);
-                net.backward(*x, &act, 2.0 * (a - x[0]) / pts.len().max(1) as f64, &mut grad);
-            }
-            opt.step(&mut net.p, &grad);
+            let a = nets.logits(ki)?;
+            let da: Vec<f64> = a.iter().zip(p).map(|(a, x)| 2.0 * (a - x[0]) / p.len().max(1) as f64).collect();
+            nets.step(ki, &da)?;
         }
     }
-    let logits = |nets: &[Net]| -> Vec<Vec<f64>> {
-        (0..groups.len())
-            .map(|g| {
-                (0..groups[g].count)
-                    .map(|u| match kind_of(g) {
-                        Some(k) if active(g, u) => nets[k].forward(d[g][u]).0,
-                        _ => 0.0,
-                    })
-                    .collect()
-            })
-            .collect()
+    let logits = |nets: &Nets| -> Result<Vec<Vec<f64>>> {
+        let mut out: Vec<Vec<f64>> = groups.iter().map(|g| vec![0.0; g.count]).collect();
+        for (ki, m) in members.iter().enumerate() {
+            for (&(g, u), a) in m.iter().zip(nets.logits(ki)?) {
+                out[g][u] = a;
+            }
+        }
+        Ok(out)
     };
-    let mut opts: Vec<Adam> = nets.iter().map(|n| Adam::new(n.p.len(), cfg.lr)).collect();
+    nets.reset_adam(cfg.lr)?;
     let mut curve = Vec::new();
     let mut best: Option<(f64, usize, Vec<Vec<f64>>)> = None;
     // The mask of ranking by λ_min alone, for comparison.
@@ -253,7 +369,7 @@ pub fn train(
     let lambda_min_val_loss = probe.val_loss(&lm_mask)?;
     let mut best_mask: Option<Vec<Vec<f64>>> = None;
     for epoch in 0..=cfg.epochs {
-        let a = logits(&nets);
+        let a = logits(&nets)?;
         let (scores, m) = sel.mask(&a);
         let (ls, dm) = probe.gate_gradients(&m)?;
         let penalty: f64 = m
@@ -278,32 +394,17 @@ pub fn train(
             break;
         }
         // Straight-through: ∂L/∂g_i := ∂L/∂m_i; then softmax and the networks.
-        let grads: Vec<Vec<f64>> = nets
-            .iter()
-            .enumerate()
-            .map(|(ki, net)| {
-                let units: Vec<(usize, usize)> = (0..groups.len())
-                    .filter(|&g| kind_of(g) == Some(ki))
-                    .flat_map(|g| (0..groups[g].count).filter(move |&u| active(g, u)).map(move |u| (g, u)))
-                    .collect();
-                let mut grad = vec![0.0; net.p.len()];
-                if units.is_empty() {
-                    return grad;
-                }
-                let mx = units.iter().map(|&(g, u)| a[g][u]).fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = units.iter().map(|&(g, u)| (a[g][u] - mx).exp()).sum();
-                let gs: Vec<f64> = units.iter().map(|&(g, u)| (a[g][u] - mx).exp() / z).collect();
-                let dg: Vec<f64> = units.iter().map(|&(g, u)| dm[g][u] + 2.0 * cfg.alpha * m[g][u] * h(g, u)).collect();
-                let dot: f64 = gs.iter().zip(&dg).map(|(x, y)| x * y).sum();
-                for (k, &(g, u)) in units.iter().enumerate() {
-                    let (_, act) = net.forward(d[g][u]);
-                    net.backward(d[g][u], &act, gs[k] * (dg[k] - dot), &mut grad);
-                }
-                grad
-            })
-            .collect();
-        for ((net, opt), g) in nets.iter_mut().zip(opts.iter_mut()).zip(&grads) {
-            opt.step(&mut net.p, g);
+        for (ki, units) in members.iter().enumerate() {
+            if units.is_empty() {
+                continue;
+            }
+            let mx = units.iter().map(|&(g, u)| a[g][u]).fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = units.iter().map(|&(g, u)| (a[g][u] - mx).exp()).sum();
+            let gs: Vec<f64> = units.iter().map(|&(g, u)| (a[g][u] - mx).exp() / z).collect();
+            let dg: Vec<f64> = units.iter().map(|&(g, u)| dm[g][u] + 2.0 * cfg.alpha * m[g][u] * h(g, u)).collect();
+            let dot: f64 = gs.iter().zip(&dg).map(|(x, y)| x * y).sum();
+            let da: Vec<f64> = gs.iter().zip(&dg).map(|(g, d)| g * (d - dot)).collect();
+            nets.step(ki, &da)?;
         }
     }
     let (_, best_epoch, scores) = best.expect("at least one epoch");

@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use super::probe::Probe;
 use super::unit_sum;
+use crate::engine::gpu::{pl, Device};
 use crate::engine::{gram, hvp, Params};
 use crate::error::{Error, Result};
 use crate::ir::Id;
@@ -115,10 +116,31 @@ pub fn ntk_features(
     }
     let mut out: Features = vec![None; probe.groups.len()];
     for (gi, k) in idx.into_iter().zip(acc) {
+        let eigs: Vec<Vec<f64>> = match &probe.device {
+            Device::Gpu(cx) if pl::eig_supported(cx, n) => {
+                let flat: Vec<f32> = k.iter().flatten().map(|&x| x as f32).collect();
+                let e = pl::sym_eigvals(cx, &cx.upload(&flat), n, k.len())?;
+                let e = cx.read(&e, k.len() * n)?;
+                // f32 Jacobi resolves λ_min only down to ~1e-3·λ_max at this accuracy:
+                // below that, the spectrum is recomputed in f64 on the CPU.
+                e.par_chunks(n.max(1))
+                    .zip(&k)
+                    .map(|(c, ku)| {
+                        let (lmin, lmax) = (c[0] as f64, c[c.len() - 1] as f64);
+                        if pl::lambda_min_resolved(lmin, lmax, n) {
+                            c.iter().map(|&x| x as f64).collect()
+                        } else {
+                            crate::linalg::sym_eigvals(ku, n)
+                        }
+                    })
+                    .collect()
+            }
+            _ => k.par_iter().map(|ku| crate::linalg::sym_eigvals(ku, n)).collect(),
+        };
         let feats: Vec<UnitFeatures> = k
             .par_iter()
-            .map(|ku| {
-                let eig = crate::linalg::sym_eigvals(ku, n);
+            .zip(eigs)
+            .map(|(ku, eig)| {
                 let (lmin, lmax, kappa, rho) = crate::linalg::spectral_features(&eig);
                 let trace_k = (0..n).map(|i| ku[i * n + i]).sum();
                 UnitFeatures {
@@ -164,13 +186,8 @@ pub fn hutchinson(probe: &Probe, gates: &[Vec<f64>], probes: usize, seed: u64, f
     let objective = probe.objective.clone();
     let output = probe.output;
     for _ in 0..probes {
-        let z: BTreeMap<Id, Vec<f64>> = tensors
-            .iter()
-            .map(|&t| {
-                let len = params[&t].len();
-                (t, (0..len).map(|_| if rng.next_u64() & 1 == 1 { 1.0 } else { -1.0 }).collect())
-            })
-            .collect();
+        let lens: Vec<usize> = tensors.iter().map(|t| params[t].len()).collect();
+        let z: BTreeMap<Id, Vec<f64>> = tensors.iter().copied().zip(rademacher(&mut rng, &lens)).collect();
         let seedf = |o: &crate::engine::loss::Outputs<f64>| Probe::seed(&objective, output, o);
         let hz = hvp::hvp::<f64>(&probe.low.gp, &probe.inputs, &params, &z, eps, &seedf)?;
         let prod: BTreeMap<Id, Vec<f64>> =
@@ -196,6 +213,122 @@ pub fn hutchinson(probe: &Probe, gates: &[Vec<f64>], probes: usize, seed: u64, f
         }
     }
     Ok(())
+}
+
+/// Step of the f32 central differences, relative to the weights' RMS: round-off in the
+/// difference of two f32 gradients grows as ε_f32/ε and truncation as ε², balanced near
+/// ε_f32^(1/3) ≈ 5e-3.
+pub const HUTCHINSON_F32_STEP: f64 = 4e-3;
+
+/// The probes of [`hutchinson`] (same seed → same Rademacher vectors, drawn in the same
+/// order over the same tensors).
+fn rademacher(rng: &mut Rng, lens: &[usize]) -> Vec<Vec<f64>> {
+    lens.iter().map(|&len| (0..len).map(|_| if rng.next_u64() & 1 == 1 { 1.0 } else { -1.0 }).collect()).collect()
+}
+
+/// [`hutchinson`] on the GPU: the same probes; both gradients of each central difference
+/// by the GPU executor (f32, step [`HUTCHINSON_F32_STEP`] × RMS of the weights), and the
+/// per-unit sums Σ_{p∈u} z_p (Hz)_p by `unit_dots.wgsl` over the concatenated unit tensors.
+/// Mean and standard error over probes in f64 on the host.
+///
+/// Not used by the pipeline yet: on digits/vgg_bn (labelled cross-entropy) the f32
+/// central differences differ from the f64 ones by as much as the traces themselves, which
+/// changes the PL selection; the scoring keeps the f64 CPU estimator.
+pub fn hutchinson_gpu(
+    cx: &crate::engine::gpu::GpuContext,
+    probe: &Probe,
+    gates: &[Vec<f64>],
+    probes: usize,
+    seed: u64,
+    features: &mut Features,
+) -> Result<()> {
+    let params = probe.gated(gates);
+    let tensors: Vec<Id> = probe.unit_tensors.iter().copied().filter(|t| probe.low.gp.wrt.contains_key(t)).collect();
+    let lens: Vec<usize> = tensors.iter().map(|t| params.get(t).map(|w| w.len()).unwrap_or(0)).collect();
+    let mut offset: BTreeMap<Id, usize> = BTreeMap::new();
+    let mut total = 0;
+    for (t, l) in tensors.iter().zip(&lens) {
+        offset.insert(*t, total);
+        total += l;
+    }
+    let (ss, cnt) = tensors
+        .iter()
+        .filter_map(|t| params.get(t))
+        .fold((0.0, 0usize), |(s, c), w| (s + w.iter().map(|&x| x as f64 * x as f64).sum::<f64>(), c + w.len()));
+    let eps = HUTCHINSON_F32_STEP * (ss / cnt.max(1) as f64).sqrt().max(1e-3);
+    // Every scored unit, group-major, as lists of flat indices.
+    let mut lists = Vec::new();
+    let mut slots = Vec::new();
+    for (gi, g) in probe.groups.iter().enumerate() {
+        if features[gi].is_none() {
+            continue;
+        }
+        for u in 0..g.count {
+            let mut l = Vec::new();
+            super::unit_fold(&probe.low.model, g, u, |t, e| {
+                if let Some(o) = offset.get(&t) {
+                    l.push(o + e);
+                }
+            });
+            lists.push(l);
+            slots.push((gi, u));
+        }
+    }
+    let csr = pl::Csr::new(&lists)?;
+    let out = cx.empty(probes * csr.units());
+    let mut rng = Rng::new(seed ^ 0x4855_5443_4849_4E53);
+    let objective = probe.objective.clone();
+    let output = probe.output;
+    let flat = |m: &BTreeMap<Id, Vec<f32>>| -> Vec<f32> {
+        tensors.iter().zip(&lens).flat_map(|(t, &l)| m.get(t).cloned().unwrap_or_else(|| vec![0.0; l])).collect()
+    };
+    for k in 0..probes {
+        let z = rademacher(&mut rng, &lens);
+        let shifted = |sign: f64| -> Params<f32> {
+            let mut p = params.clone();
+            for (t, dz) in tensors.iter().zip(&z) {
+                if let Some(w) = params.get(t) {
+                    let nw: Vec<f32> = w.iter().zip(dz).map(|(&a, &d)| (a as f64 + sign * eps * d) as f32).collect();
+                    p.insert(*t, std::sync::Arc::new(nw));
+                }
+            }
+            p
+        };
+        let seedf = |o: &crate::engine::loss::Outputs<f32>| Probe::seed(&objective, output, o);
+        let none = std::collections::HashSet::new();
+        let plus = probe.low.gp.run_on(&probe.device, &probe.inputs, &shifted(1.0), seedf, &none)?;
+        let minus = probe.low.gp.run_on(&probe.device, &probe.inputs, &shifted(-1.0), seedf, &none)?;
+        let zf: Vec<f32> = z.iter().flatten().map(|&x| x as f32).collect();
+        let (gp, gm) = (cx.upload(&flat(&plus.grads)), cx.upload(&flat(&minus.grads)));
+        pl::unit_dots(cx, &cx.upload(&zf), &gp, &gm, &csr, (0.5 / eps) as f32, &out, k)?;
+    }
+    let vals = cx.read(&out, probes * csr.units())?;
+    for (j, &(gi, u)) in slots.iter().enumerate() {
+        let s: Vec<f64> = (0..probes).map(|k| vals[k * csr.units() + j] as f64).collect();
+        let m = s.len().max(1) as f64;
+        let mean = s.iter().sum::<f64>() / m;
+        let var = s.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (m - 1.0).max(1.0);
+        if let Some(f) = features[gi].as_mut() {
+            f[u].hessian = mean;
+            f[u].hessian_se = Some((var / m).sqrt());
+        }
+    }
+    Ok(())
+}
+
+/// Where each phase of the NTK features and Hessian traces runs on `device` for n samples.
+pub fn placement(device: &Device, n: usize) -> Vec<(&'static str, &'static str)> {
+    match device {
+        Device::Cpu => vec![("grams", "cpu"), ("eigenvalues", "cpu"), ("hutchinson", "cpu (f64)")],
+        Device::Gpu(cx) => vec![
+            ("grams", "gpu"),
+            (
+                "eigenvalues",
+                if pl::eig_supported(cx, n) { "gpu (f64 cpu where λ_min < 1e-3 resolution)" } else { "cpu (n > 64)" },
+            ),
+            ("hutchinson", "cpu (f64; hvp gradients in f64)"),
+        ],
+    }
 }
 
 /// One feature as scores (group-aligned; unscored groups get zeros).

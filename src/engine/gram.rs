@@ -299,8 +299,13 @@ pub fn grams<T: Real>(
     })
 }
 
-/// [`grams`] in f32 with the forward and backward on `device` (the per-sample products
-/// and the Gram accumulation run on the CPU from the read-back activations).
+/// [`grams`] in f32 on `device`. On the CPU, exactly [`grams`]. On a GPU everything runs
+/// there: the forward and backward, the per-sample products from the kept activations and
+/// output gradients (batched matmuls, transposes, reductions), the re-layout to the
+/// weight's own order (a gather) in f32, and the per-unit Gram accumulation
+/// (`gram_units.wgsl`) in double-f32 (exact products, compensated sums: as accurate as the
+/// CPU's f64 sum, which λ_min of ill-conditioned Grams needs); only the finished Grams are
+/// read back.
 #[allow(clippy::too_many_arguments)]
 pub fn grams_on(
     device: &super::gpu::Device,
@@ -312,9 +317,173 @@ pub fn grams_on(
     output: usize,
     r: &[f64],
 ) -> Result<Grams> {
-    grams_with(gp, model, groups, output, |keep| {
-        gp.run_on(device, inputs, params, |outs| super::loss::projection(outs, output, r), keep)
-    })
+    match device {
+        super::gpu::Device::Cpu => grams(gp, model, inputs, params, groups, output, r),
+        super::gpu::Device::Gpu(cx) => grams_gpu(cx, gp, model, inputs, params, groups, output, r),
+    }
+}
+
+/// The flat indices, in the weight's own layout, of unit `u`'s entries in slice `sl` of a
+/// tensor of shape `dims` (outer blocks ascending, then the unit's indices in order).
+pub fn slice_indices(dims: &[usize], sl: &crate::units::Slice, u: usize) -> Vec<usize> {
+    let outer: usize = dims[..sl.axis].iter().product();
+    let len = dims[sl.axis];
+    let inner: usize = dims[sl.axis + 1..].iter().product();
+    let mut idx = Vec::new();
+    for o in 0..outer {
+        for i in UnitGroup::indices(sl, u).filter(|&i| i < len) {
+            idx.extend((o * len + i) * inner..(o * len + i + 1) * inner);
+        }
+    }
+    idx
+}
+
+/// G_u G_uᵀ (n × n, f64) for the per-sample gradients `gw` ([n, numel]) restricted to the
+/// elements `idx`: the CPU twin of `gram_units.wgsl`.
+pub fn unit_gram(gw: &[f64], n: usize, numel: usize, idx: &[usize]) -> Vec<f64> {
+    let m = idx.len();
+    let sub: Vec<f64> = (0..n).flat_map(|s| idx.iter().map(move |&e| (s, e))).map(|(s, e)| gw[s * numel + e]).collect();
+    let mut out = vec![0.0f64; n * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    // SAFETY: sub is n×m; out is n×n.
+    unsafe {
+        f64::gemm(n, m, n, sub.as_ptr(), m as isize, 1, sub.as_ptr(), 1, m as isize, out.as_mut_ptr(), n as isize, 1);
+    }
+    out
+}
+
+/// Per-sample gradients of one use on the device, in derived-operand layout: [n × |derived|]
+/// (the GPU twin of [`per_sample`]).
+fn per_sample_gpu(
+    cx: &super::gpu::GpuContext,
+    p: &Program,
+    bufs: &BTreeMap<Slot, wgpu::Buffer>,
+    u: &Use,
+    dc: &wgpu::Buffer,
+    n: usize,
+) -> Result<wgpu::Buffer> {
+    use super::gpu::kernels;
+    let get = |s: Slot| bufs.get(&s).ok_or_else(|| Error::Other(format!("engine (gpu): slot {s} was not kept")));
+    let ds = p.shape(u.derived).to_vec();
+    match &u.kind {
+        UseKind::Right { a, tb } => {
+            let ash = p.shape(*a);
+            let (r, kk) = (ash[0] / n, ash[1]);
+            let nn = p.slots[p.instrs[u.instr].out].numel() / ash[0];
+            let ab = get(*a)?;
+            if !tb {
+                kernels::matmul(cx, ab, &[n, r, kk], dc, &[n, r, nn], true, false, &[n, kk, nn])
+            } else {
+                kernels::matmul(cx, dc, &[n, r, nn], ab, &[n, r, kk], true, false, &[n, nn, kk])
+            }
+        }
+        UseKind::Left { b } => {
+            let bs = p.shape(*b);
+            let (gr, ck, nl) = (bs[0], bs[1], bs[2]);
+            let l = nl / n;
+            let o = ds[1];
+            let dct = kernels::transpose(cx, dc, &[gr, o, n, l], &[2, 0, 1, 3])?;
+            let colst = kernels::transpose(cx, get(*b)?, &[gr, ck, n, l], &[2, 0, 1, 3])?;
+            kernels::matmul(cx, &dct, &[n, gr, o, l], &colst, &[n, gr, ck, l], false, true, &[n, gr, o, ck])
+        }
+        UseKind::Elementwise { other } => {
+            let ins = &p.instrs[u.instr];
+            let ys = p.shape(ins.out).to_vec();
+            let prod = match other {
+                Some(o) => kernels::binary(cx, BinaryOp::Mul, dc, &ys, get(*o)?, p.shape(*o), &ys)?,
+                None => dc.clone(),
+            };
+            let off = ys.len() - ds.len();
+            let axes: Vec<usize> = (1..ys.len()).filter(|&i| ys[i] != 1 && (i < off || ds[i - off] == 1)).collect();
+            if axes.is_empty() {
+                Ok(prod)
+            } else {
+                kernels::reduce(cx, super::program::ReduceOp::Sum, &prod, &ys, &axes)
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grams_gpu(
+    cx: &super::gpu::GpuContext,
+    gp: &GradProgram,
+    model: &Model,
+    inputs: &[(String, Tensor)],
+    params: &Params<f32>,
+    groups: &[UnitGroup],
+    output: usize,
+    r: &[f64],
+) -> Result<Grams> {
+    use super::gpu::{kernels, pl};
+    let p = &gp.lowered.program;
+    let (_, os) = gp.lowered.outputs.get(output).ok_or_else(|| Error::Other(format!("no output {output}")))?;
+    let n = p.shape(*os).first().copied().unwrap_or(1);
+    let mut skipped = Vec::new();
+    let tensors = gram_tensors(gp, groups);
+    let uses = find_uses(gp, &tensors, n, &mut skipped);
+    let keep = kept(gp, &uses);
+    let (_, bufs) = gp.run_device(cx, inputs, params, |outs| super::loss::projection(outs, output, r), &keep)?;
+    let kbufs: Vec<wgpu::Buffer> = groups.iter().map(|g| cx.empty(2 * g.count * n * n)).collect();
+    let flags = cx.empty(1);
+    for &t in &tensors {
+        let numel = p.slots[gp.lowered.params[&t]].numel();
+        let mut gw: Option<wgpu::Buffer> = None;
+        for u in uses.iter().filter(|u| u.param == t) {
+            let Some(&gs) = gp.grad.out_grads.get(&u.instr) else { continue };
+            let dc = bufs.get(&gs).ok_or_else(|| Error::Other("engine: output gradient was not kept".into()))?;
+            let g = per_sample_gpu(cx, p, &bufs, u, dc, n)?;
+            let dn = u.map.len();
+            if dn != numel || dn >= 1 << 24 {
+                return Err(Error::Other(format!(
+                    "engine (gpu): per-sample gradients of '{}': a layout chain of {dn} elements for a weight of \
+                     {numel} (the GPU Gram path needs a bijection under 2^24 elements)",
+                    p.slots[gp.lowered.params[&t]].name
+                )));
+            }
+            let g = if u.map.iter().enumerate().all(|(j, &m)| j == m) {
+                g
+            } else {
+                let mut inv = vec![0.0f32; numel];
+                for (j, &m) in u.map.iter().enumerate() {
+                    inv[m] = j as f32;
+                }
+                let flag = kernels::Flag { flags: &flags, at: 0 };
+                kernels::gather(cx, &g, &[n, dn], &cx.upload(&inv), numel, 1, flag)?
+            };
+            gw = Some(match gw {
+                None => g,
+                Some(prev) => {
+                    let sh = [n * numel];
+                    kernels::binary(cx, BinaryOp::Add, &prev, &sh, &g, &sh, &sh)?
+                }
+            });
+        }
+        let Some(gw) = gw else { continue };
+        let dims = model.value(t).shape.clone().unwrap_or_default();
+        for (gi, g) in groups.iter().enumerate() {
+            for sl in g.slices.iter().filter(|s| s.tensor == t) {
+                let lists: Vec<Vec<usize>> = (0..g.count).map(|u| slice_indices(&dims, sl, u)).collect();
+                pl::gram_units(cx, &gw, n, numel, &pl::Csr::new(&lists)?, &kbufs[gi])?;
+            }
+        }
+    }
+    let mut k = Vec::with_capacity(groups.len());
+    for (g, kb) in groups.iter().zip(&kbufs) {
+        let data = pl::read_double(cx, kb, g.count * n * n)?;
+        k.push(data.chunks(n * n).map(|c| c.to_vec()).collect());
+    }
+    Ok(Grams { n, k, skipped })
+}
+
+/// The weights in unit slices that `gp` differentiates, sorted.
+fn gram_tensors(gp: &GradProgram, groups: &[UnitGroup]) -> Vec<Id> {
+    let mut tensors: Vec<Id> = groups.iter().flat_map(|g| g.slices.iter().map(|s| s.tensor)).collect();
+    tensors.sort();
+    tensors.dedup();
+    tensors.into_iter().filter(|t| gp.wrt.contains_key(t)).collect()
 }
 
 fn grams_with<T: Real>(
@@ -328,10 +497,7 @@ fn grams_with<T: Real>(
     let (_, os) = gp.lowered.outputs.get(output).ok_or_else(|| Error::Other(format!("no output {output}")))?;
     let n = p.shape(*os).first().copied().unwrap_or(1);
     let mut skipped = Vec::new();
-    let mut tensors: Vec<Id> = groups.iter().flat_map(|g| g.slices.iter().map(|s| s.tensor)).collect();
-    tensors.sort();
-    tensors.dedup();
-    let tensors: Vec<Id> = tensors.into_iter().filter(|t| gp.wrt.contains_key(t)).collect();
+    let tensors = gram_tensors(gp, groups);
     let uses = find_uses(gp, &tensors, n, &mut skipped);
     let keep = kept(gp, &uses);
     let run = run(&keep)?;
@@ -358,37 +524,8 @@ fn grams_with<T: Real>(
         let dims = model.value(t).shape.clone().unwrap_or_default();
         for (gi, g) in groups.iter().enumerate() {
             for sl in g.slices.iter().filter(|s| s.tensor == t) {
-                let outer: usize = dims[..sl.axis].iter().product();
-                let len = dims[sl.axis];
-                let inner: usize = dims[sl.axis + 1..].iter().product();
                 k[gi].par_iter_mut().enumerate().for_each(|(u, ku)| {
-                    let mut idx = Vec::new();
-                    for o in 0..outer {
-                        for i in UnitGroup::indices(sl, u).filter(|&i| i < len) {
-                            idx.extend((o * len + i) * inner..(o * len + i + 1) * inner);
-                        }
-                    }
-                    let m = idx.len();
-                    let sub: Vec<f64> =
-                        (0..n).flat_map(|s| idx.iter().map(move |&e| (s, e))).map(|(s, e)| gw[s * numel + e]).collect();
-                    let mut out = vec![0.0f64; n * n];
-                    // SAFETY: sub is n×m; out is n×n.
-                    unsafe {
-                        f64::gemm(
-                            n,
-                            m,
-                            n,
-                            sub.as_ptr(),
-                            m as isize,
-                            1,
-                            sub.as_ptr(),
-                            1,
-                            m as isize,
-                            out.as_mut_ptr(),
-                            n as isize,
-                            1,
-                        );
-                    }
+                    let out = unit_gram(&gw, n, numel, &slice_indices(&dims, sl, u));
                     for (a, b) in ku.iter_mut().zip(out) {
                         *a += b;
                     }

@@ -345,6 +345,32 @@ impl GradProgram {
             Device::Cpu => return self.run::<f32>(inputs, params, seed, keep),
             Device::Gpu(cx) => cx.as_ref(),
         };
+        Ok(self.run_gpu(cx, inputs, params, seed, keep, true)?.0)
+    }
+
+    /// [`GradProgram::run_on`] on the GPU that leaves the slots in `keep` on the device:
+    /// they come back as buffers (by slot) instead of in the arena, for kernels that
+    /// continue from them (the per-unit Grams).
+    pub fn run_device(
+        &self,
+        cx: &GpuContext,
+        inputs: &[(String, Tensor)],
+        params: &Params<f32>,
+        seed: impl FnOnce(&[(String, Vec<usize>, Vec<f32>)]) -> Result<(f64, Vec<Vec<f32>>)>,
+        keep: &HashSet<Slot>,
+    ) -> Result<(Run<f32>, BTreeMap<Slot, wgpu::Buffer>)> {
+        self.run_gpu(cx, inputs, params, seed, keep, false)
+    }
+
+    fn run_gpu(
+        &self,
+        cx: &GpuContext,
+        inputs: &[(String, Tensor)],
+        params: &Params<f32>,
+        seed: impl FnOnce(&[(String, Vec<usize>, Vec<f32>)]) -> Result<(f64, Vec<Vec<f32>>)>,
+        keep: &HashSet<Slot>,
+        read_keep: bool,
+    ) -> Result<(Run<f32>, BTreeMap<Slot, wgpu::Buffer>)> {
         let l = &self.lowered;
         let p = &l.program;
         let nf = self.grad.n_forward;
@@ -354,6 +380,7 @@ impl GradProgram {
         keep_all.extend(l.outputs.iter().map(|(_, s)| *s));
         keep_all.extend(self.grad.grads.values().copied());
         let frees = cpu::plan_frees(p, 0..p.instrs.len(), &keep_all);
+        let mut on_device = BTreeMap::new();
         let (outputs, loss) = scoped(cx, || {
             let mut g = GpuArena::new(cx, p);
             g.load(l, &arena)?;
@@ -385,7 +412,18 @@ impl GradProgram {
             let mut want: Vec<Slot> = self.grad.grads.values().copied().collect();
             let mut kept: Vec<Slot> = keep.iter().copied().collect();
             kept.sort_unstable();
-            want.extend(kept);
+            if read_keep {
+                want.extend(kept);
+            } else {
+                for s in kept {
+                    if let Some(b) = g.bufs.get(s).and_then(|b| b.clone()) {
+                        on_device.insert(s, b);
+                    } else if let SlotKind::Const(d) = &p.slots[s].kind {
+                        let v: Vec<f32> = d.iter().map(|&x| x as f32).collect();
+                        on_device.insert(s, cx.upload(&v));
+                    }
+                }
+            }
             want.sort_unstable();
             want.dedup();
             want.retain(|&s| arena.get(s).is_none() && g.has(s));
@@ -401,6 +439,6 @@ impl GradProgram {
             };
             grads.insert(id, g);
         }
-        Ok(Run { outputs, grads, loss, arena })
+        Ok((Run { outputs, grads, loss, arena }, on_device))
     }
 }

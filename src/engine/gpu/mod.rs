@@ -4,9 +4,11 @@
 //! buffers; shape data goes in a small read-only `params` buffer per dispatch. [`exec`]
 //! runs whole programs (forward and backward) with the slots on the device. Adapter
 //! choice: `auto` takes a hardware adapter only, `gpu` accepts software ones (lavapipe).
+//! [`pl`] holds the PL criterion's kernels (Grams, eigenvalues, Hutchinson, gate).
 
 pub mod exec;
 pub mod kernels;
+pub mod pl;
 pub mod shaders;
 
 use std::collections::HashMap;
@@ -83,6 +85,9 @@ impl GpuContext {
         limits.max_storage_buffer_binding_size = al.max_storage_buffer_binding_size;
         limits.max_buffer_size = al.max_buffer_size;
         limits.max_storage_buffers_per_shader_stage = al.max_storage_buffers_per_shader_stage.min(8);
+        // The Jacobi eigenvalue kernel keeps a 64 × 64 matrix in workgroup memory.
+        limits.max_compute_workgroup_storage_size =
+            al.max_compute_workgroup_storage_size.max(limits.max_compute_workgroup_storage_size);
         let desc =
             wgpu::DeviceDescriptor { label: Some("plprune-engine"), required_limits: limits, ..Default::default() };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
