@@ -47,6 +47,9 @@ impl Pass for DiscoverUnits {
         let (experts, blocked) = crate::experts::discover_stacked(model);
         groups.extend(experts);
         unprunable.extend(blocked);
+        let (experts, blocked) = crate::experts::discover_ms_moe(model);
+        groups.extend(experts);
+        unprunable.extend(blocked);
         cx.groups = groups;
         cx.unprunable = unprunable;
         Ok(())
