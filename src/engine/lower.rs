@@ -1063,7 +1063,7 @@ fn last_axis_slice(p: &mut Program, x: Slot, start: usize, len: usize, n: &str) 
 /// `MultiHeadAttention` (separate 3-D Q/K/V, optional packed bias), `GroupQueryAttention`
 /// (prompt without cache or padding: seqlens_k must be known and equal to T − 1) and
 /// `MoE` (softmax over the router logits, top-k, optional renormalisation, per-expert
-/// FFN with relu/gelu/silu/identity, weighted sum).
+/// FFN with relu/gelu (tanh form)/silu/identity, weighted sum).
 fn lower_microsoft(cx: &mut Cx, id: Id, op: &Op) -> Result<()> {
     let n = op.name.as_str();
     let y = match op.op_type.as_str() {
@@ -1196,9 +1196,15 @@ fn lower_ms_moe(cx: &mut Cx, id: Id, op: &Op) -> Result<Slot> {
     let h = match op.attr_str("activation_type").unwrap_or("relu") {
         "relu" => cx.p.unary(UnaryOp::Relu, h, n),
         "gelu" => {
-            let s = cx.p.unary(UnaryOp::Affine(std::f32::consts::FRAC_1_SQRT_2, 0.0), h, n);
-            let er = cx.p.unary(UnaryOp::Erf, s, n);
-            let half = cx.p.unary(UnaryOp::Affine(0.5, 0.5), er, n);
+            // onnxruntime's MoE kernel uses the tanh approximation (checked against it in
+            // tests/patterns.rs): 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))).
+            let h2 = cx.p.binary(BinaryOp::Mul, h, h, n);
+            let h3 = cx.p.binary(BinaryOp::Mul, h2, h, n);
+            let c = cx.p.unary(UnaryOp::Affine(0.044715, 0.0), h3, n);
+            let inner = cx.p.binary(BinaryOp::Add, h, c, n);
+            let sc = cx.p.unary(UnaryOp::Affine((2.0 / std::f64::consts::PI).sqrt() as f32, 0.0), inner, n);
+            let th = cx.p.unary(UnaryOp::Tanh, sc, n);
+            let half = cx.p.unary(UnaryOp::Affine(0.5, 0.5), th, n);
             cx.p.binary(BinaryOp::Mul, h, half, n)
         }
         "silu" => {
