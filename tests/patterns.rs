@@ -451,3 +451,34 @@ fn verification_without_any_executor_fails_loudly() {
     assert_eq!(msg.lines().count(), 1, "{msg}");
     assert_eq!(err.exit_code(), 3);
 }
+
+#[test]
+fn per_head_inputs_and_sparse_mixer_stay_unprunable() {
+    let config = |kind| Config {
+        kinds: Some(vec![kind]),
+        criterion: plprune_onnx::criteria::Criterion::Magnitude,
+        input_shapes: [("x".to_string(), vec![2, 5, 16])].into_iter().collect(),
+        ..Config::default()
+    };
+    // A per-head additive mask [1, H, S, T] on layer 0's Attention: its heads cannot be
+    // removed without slicing it, so they stay whole; layer 1 is unaffected.
+    let mut s = Session::open(&fixture("attn_onnx_op.onnx"), config(UnitKind::Heads)).unwrap();
+    let mut mask = plprune_onnx::ir::Value::new("head_mask", plprune_onnx::ir::ValueKind::Weight);
+    mask.set_data(Tensor::from_f32(vec![1, 4, 5, 5], &[0.0; 100]));
+    let mask = s.model.add_value(mask);
+    let att = s.model.ops().into_iter().find(|&o| s.model.op(o).name == "l0_attention").unwrap();
+    s.model.replace_input(att, 3, mask);
+    s.analyze().unwrap();
+    assert_eq!(counts(&s, UnitKind::Heads), vec![2], "{:?}", s.cx.unprunable);
+    let why: Vec<&str> = s.cx.unprunable.iter().map(|u| u.reason.as_str()).collect();
+    assert!(why.iter().any(|r| r.contains("'head_mask' has one slice per head")), "{why:?}");
+    // Sparse-mixer routing depends on every expert's logit.
+    let mut s = Session::open(&fixture("ms_moe.onnx"), config(UnitKind::Experts)).unwrap();
+    let moe = s.model.ops().into_iter().find(|&o| s.model.op(o).name == "l1_moe").unwrap();
+    s.model.op_mut(moe).set_attr("use_sparse_mixer", plprune_onnx::ir::Attr::Int(1));
+    s.analyze().unwrap();
+    assert_eq!(counts(&s, UnitKind::Experts), vec![4]);
+    let blocked = s.cx.unprunable.iter().find(|u| u.layer == "l1_moe").expect("l1_moe listed");
+    assert!(blocked.reason.contains("sparse-mixer"), "{}", blocked.reason);
+    assert_eq!(blocked.count, 4);
+}
