@@ -1214,7 +1214,8 @@ impl<'m> Analysis<'m> {
             if sh[axis] % h != 0 {
                 return Err(format!("{} entries do not split into {h} heads", sh[axis]));
             }
-            let unit = if rank == 3 { sh[axis] / h } else { 1 } * if i == 0 { r } else { 1 };
+            let heads_per_unit = if i == 0 { r } else { 1 };
+            let unit = if rank == 3 { (sh[axis] / h) * heads_per_unit } else { heads_per_unit };
             per.push(unit);
         }
         let (dq, dv) = (qkv[0].1[axis] / hq, qkv[2].1[axis] / hkv);
