@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::error::Result;
 use crate::ir::{Id, Model, IMPLICIT_SLOT};
 use crate::pipeline::{Context, Pass};
-use crate::units::{Role, ShapeEdit, ShapeTarget, Slice, UnitGroup, UnitKind, Unprunable};
+use crate::units::{AttrEdit, Role, ShapeEdit, ShapeTarget, Slice, UnitGroup, UnitKind, Unprunable};
 
 pub struct DiscoverUnits;
 
@@ -45,6 +45,9 @@ impl Pass for DiscoverUnits {
         groups.extend(experts);
         unprunable.extend(blocked);
         let (experts, blocked) = crate::experts::discover_stacked(model);
+        groups.extend(experts);
+        unprunable.extend(blocked);
+        let (experts, blocked) = crate::experts::discover_ms_moe(model);
         groups.extend(experts);
         unprunable.extend(blocked);
         cx.groups = groups;
@@ -82,6 +85,8 @@ struct Analysis<'m> {
     shape_edits: Vec<(usize, ShapeEdit)>,
     /// The Reshape each shape edit was recorded for (same order as `shape_edits`).
     shape_readers: Vec<Id>,
+    /// Head-count attributes of fused attention ops, by space.
+    attr_edits: Vec<(usize, AttrEdit)>,
     depthwise: Vec<(usize, Id)>,
     /// (tensor, op) pairs accounted for by some slice.
     users: BTreeSet<(Id, Id)>,
@@ -99,6 +104,7 @@ pub fn discover(model: &Model) -> (Vec<UnitGroup>, Vec<Unprunable>) {
         slices: Vec::new(),
         shape_edits: Vec::new(),
         shape_readers: Vec::new(),
+        attr_edits: Vec::new(),
         depthwise: Vec::new(),
         users: BTreeSet::new(),
     };
@@ -250,10 +256,96 @@ impl<'m> Analysis<'m> {
         self.model.value(v).shape.clone().ok_or_else(|| format!("shape of '{}' is unknown", self.model.value(v).name))
     }
 
+    /// Dims of a constant operand: a stored tensor, or a weight behind a dequantize chain.
     fn static_dims(&self, v: Option<Id>) -> Option<Vec<usize>> {
         let v = v?;
         let val = self.model.value(v);
-        val.data.as_ref().map(|d| d.dims.clone())
+        match &val.data {
+            Some(d) => Some(d.dims.clone()),
+            None => self.dequant_parts(v, 0).and_then(|_| val.shape.clone()),
+        }
+    }
+
+    /// The stored tensors behind a dequantized weight `v` — Cast (f16 → f32), Mul by a
+    /// constant scale, DequantizeLinear with zero points 0 (per tensor or per axis) — each
+    /// with the op that reads it and its axis lining up with `axis` of `v`; tensors that
+    /// broadcast along `axis` are left out. Zeroing a part's slice zeroes the weight's slice
+    /// exactly (so masking works through the chain). None when `v` is not such a chain or
+    /// an intermediate value has other uses.
+    fn dequant_parts(&self, v: Id, axis: usize) -> Option<Vec<(Id, Id, usize)>> {
+        let model = self.model;
+        let val = model.value(v);
+        if val.data.is_some() {
+            return None;
+        }
+        let rank = val.shape.as_ref()?.len();
+        let (p, _) = model.producer(v)?;
+        if model.consumers(v).len() != 1 || model.is_graph_output(v) {
+            return None;
+        }
+        let o = model.op(p);
+        if !o.domain.is_empty() && o.domain != "ai.onnx" {
+            return None;
+        }
+        let ins = model.inputs(p);
+        let part = |t: Id, local: usize| -> Option<Vec<(Id, Id, usize)>> {
+            if model.value(t).data.is_some() {
+                Some(vec![(t, p, local)])
+            } else {
+                self.dequant_parts(t, local)
+            }
+        };
+        match o.op_type.as_str() {
+            "Cast" | "Identity" => {
+                let x = ins.first().copied().flatten()?;
+                if model.value(x).shape.as_ref()?.len() != rank {
+                    return None;
+                }
+                part(x, axis)
+            }
+            "Mul" => {
+                let mut parts = Vec::new();
+                for x in ins.iter().copied() {
+                    let x = x?;
+                    let sh = model.value(x).shape.clone()?;
+                    let Some(local) = (axis + sh.len()).checked_sub(rank) else {
+                        // Broadcasts along `axis`: must still be constant.
+                        model.value(x).known()?;
+                        continue;
+                    };
+                    if sh[local] == 1 {
+                        model.value(x).known()?;
+                        continue;
+                    }
+                    parts.extend(part(x, local)?);
+                }
+                Some(parts)
+            }
+            "DequantizeLinear" => {
+                if o.attr_i("block_size", 0) != 0 {
+                    return None;
+                }
+                let x = ins.first().copied().flatten()?;
+                let scale = ins.get(1).copied().flatten()?;
+                let zp = ins.get(2).copied().flatten();
+                let xd = model.value(x).data.as_ref()?;
+                let sd = model.value(scale).data.as_ref()?;
+                if let Some(z) = zp {
+                    if model.value(z).data.as_ref()?.to_f64_vec().iter().any(|&q| q != 0.0) {
+                        return None; // a zeroed quantized entry would not dequantize to 0
+                    }
+                }
+                let mut parts = vec![(x, p, axis)];
+                let dq_axis = o.attr_i("axis", 1);
+                let dq_axis = if dq_axis < 0 { dq_axis + xd.dims.len() as i64 } else { dq_axis };
+                if sd.numel() > 1 && dq_axis == axis as i64 {
+                    parts.push((scale, p, 0));
+                    parts.extend(zp.map(|z| (z, p, 0)));
+                }
+                Some(parts)
+            }
+            _ => None,
+        }
     }
 
     fn set_layout(&mut self, v: Id, l: Layout) {
@@ -281,6 +373,22 @@ impl<'m> Analysis<'m> {
     /// Records `tensor`'s `axis` as owned by the layout's segments. The tensor's extent on
     /// that axis must equal the activation's extent on the layout axis.
     fn add_slices(&mut self, l: &Layout, extent: usize, tensor: Id, axis: usize, role: Role, op: Id) -> Step {
+        if self.model.value(tensor).data.is_none() {
+            if let Some(parts) = self.dequant_parts(tensor, axis) {
+                let dims = self.model.value(tensor).shape.clone().unwrap_or_default();
+                if dims.get(axis) != Some(&extent) {
+                    return Err(format!(
+                        "parameter '{}' has shape {dims:?}, expected {extent} along axis {axis}",
+                        self.model.value(tensor).name
+                    ));
+                }
+                self.users.insert((tensor, op));
+                for (t, reader, ax) in parts {
+                    self.add_slices(l, extent, t, ax, role, reader)?;
+                }
+                return Ok(());
+            }
+        }
         let dims = self.static_dims(Some(tensor)).ok_or("a coupled parameter is not constant")?;
         if dims.get(axis) != Some(&extent) {
             return Err(format!(
@@ -313,6 +421,13 @@ impl<'m> Analysis<'m> {
         let outs = model.outputs(op);
         let in_l = |slot: usize| laid.iter().find(|(s, _)| *s == slot).map(|(_, l)| l.clone());
         let t = o.op_type.as_str();
+        if o.domain == "com.microsoft" {
+            match t {
+                "Attention" => return self.visit_packed_attention(op, laid),
+                "MultiHeadAttention" | "GroupQueryAttention" => return self.visit_attention(op, laid),
+                _ => {}
+            }
+        }
         if !o.domain.is_empty() && o.domain != "ai.onnx" {
             return if laid.is_empty() { Ok(()) } else { Err(format!("custom-domain op '{}'", o.domain)) };
         }
@@ -560,6 +675,7 @@ impl<'m> Analysis<'m> {
                 self.set_layout(outs[0], Layout { axis, ..l });
                 Ok(())
             }
+            "Attention" => self.visit_attention(op, laid),
             "Shape" | "Size" => Err("the channel count is read as data".into()),
             _ => Err(format!("{t} is not known to keep channels separate")),
         }
@@ -846,6 +962,11 @@ impl<'m> Analysis<'m> {
                 e.factor *= n;
             }
         }
+        for (s, e) in self.attr_edits.iter_mut() {
+            if members.contains(s) {
+                e.factor *= n;
+            }
+        }
         for l in self.layouts.values_mut() {
             if !l.segs.iter().any(|s| members.contains(&s.space)) {
                 continue;
@@ -1002,6 +1123,222 @@ impl<'m> Analysis<'m> {
         Ok(())
     }
 
+    /// An attention op that splits its Q, K and V inputs into heads itself: ONNX
+    /// `Attention` (3-D inputs with `q_num_heads`/`kv_num_heads`, or 4-D `[B, H, S, D]`
+    /// inputs whose heads come from a reshape), com.microsoft `MultiHeadAttention` and
+    /// `GroupQueryAttention`. One unit is one KV head with the `r = Hq / Hkv` query heads that
+    /// read it (a head when `r = 1`): the Q space is coarsened to `r·D` channels per unit, K
+    /// and V to `D` (`Dv`), and the three are tied. The output carries the units (`r·Dv`
+    /// channels each) to the output projection. Head-count attributes become attribute
+    /// edits; a packed bias input is sliced in its three blocks. Inputs that hold one entry
+    /// per head (KV caches, per-head attention biases, head sinks) or used cache outputs
+    /// make the heads unprunable.
+    fn visit_attention(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        if laid.is_empty() {
+            return Ok(());
+        }
+        let model = self.model;
+        let o = model.op(op);
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        let in_l = |slot: usize| laid.iter().find(|(s, _)| *s == slot).map(|(_, l)| l.clone());
+        // (cache inputs, per-head bias inputs, per-head vectors, packed bias)
+        let (caches, biases, per_head, packed): (&[usize], &[usize], &[usize], Option<usize>) =
+            match (o.domain.as_str(), o.op_type.as_str()) {
+                ("com.microsoft", "MultiHeadAttention") => (&[6, 7, 8, 9], &[5], &[], Some(3)),
+                ("com.microsoft", "GroupQueryAttention") => (&[3, 4, 12, 13], &[10], &[11], None),
+                _ => (&[4, 5], &[3], &[], None),
+            };
+        if laid.iter().any(|(s, _)| *s > 2) {
+            return Err("channels reach an attention mask, bias or cache input".into());
+        }
+        for &slot in caches {
+            if ins.get(slot).copied().flatten().is_some() {
+                return Err("a KV-cache input holds the heads".into());
+            }
+        }
+        for &slot in per_head {
+            if let Some(v) = ins.get(slot).copied().flatten() {
+                return Err(format!("'{}' holds one entry per head", model.value(v).name));
+            }
+        }
+        for &slot in biases {
+            if let Some(v) = ins.get(slot).copied().flatten() {
+                let sh = self.shape(v)?;
+                if sh.len() >= 3 && sh[sh.len() - 3] > 1 {
+                    return Err(format!("'{}' has one slice per head", model.value(v).name));
+                }
+            }
+        }
+        for &v in outs.iter().skip(1) {
+            if !model.consumers(v).is_empty() || model.is_graph_output(v) {
+                return Err(format!("output '{}' (a KV cache or QK product) is used", model.value(v).name));
+            }
+        }
+        let mut qkv = Vec::with_capacity(3);
+        for slot in 0..3 {
+            let v = ins.get(slot).copied().flatten().ok_or("packed QKV (no separate key and value inputs)")?;
+            let l = in_l(slot)
+                .ok_or_else(|| format!("'{}' spans the heads but belongs to no unit group", model.value(v).name))?;
+            qkv.push((v, self.shape(v)?, l));
+        }
+        let rank = qkv[0].1.len();
+        if qkv.iter().any(|(_, s, _)| s.len() != rank) || !(rank == 3 || (rank == 4 && o.domain.is_empty())) {
+            return Err("Q, K and V are not all [B, S, H·D] (or all [B, H, S, D])".into());
+        }
+        let attr = |name: &str| -> std::result::Result<usize, String> {
+            match o.attr(name) {
+                Some(_) if o.attr_i(name, 0) > 0 => Ok(o.attr_i(name, 0) as usize),
+                _ => Err(format!("attribute {name} is missing or not positive")),
+            }
+        };
+        let (hq, hkv) = if rank == 4 {
+            (qkv[0].1[1], qkv[1].1[1])
+        } else if o.domain.is_empty() {
+            (attr("q_num_heads")?, attr("kv_num_heads")?)
+        } else if o.op_type == "MultiHeadAttention" {
+            (attr("num_heads")?, attr("num_heads")?)
+        } else {
+            (attr("num_heads")?, attr("kv_num_heads")?)
+        };
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(format!("{hq} query heads do not group over {hkv} KV heads"));
+        }
+        let r = hq / hkv;
+        let axis = if rank == 3 { 2 } else { 1 };
+        let heads_of = |i: usize| if i == 0 { hq } else { hkv };
+        // Entries of each input's layout axis per unit.
+        let mut per = Vec::with_capacity(3);
+        for (i, (_, sh, _)) in qkv.iter().enumerate() {
+            let h = heads_of(i);
+            if sh[axis] % h != 0 {
+                return Err(format!("{} entries do not split into {h} heads", sh[axis]));
+            }
+            let heads_per_unit = if i == 0 { r } else { 1 };
+            let unit = if rank == 3 { (sh[axis] / h) * heads_per_unit } else { heads_per_unit };
+            per.push(unit);
+        }
+        let (dq, dv) = (qkv[0].1[axis] / hq, qkv[2].1[axis] / hkv);
+        let mut coarsen: BTreeMap<usize, usize> = BTreeMap::new();
+        for (i, (_, sh, l)) in qkv.iter().enumerate() {
+            let [seg] = l.segs.as_slice() else {
+                return Err("heads of several layers meet in one attention input".into());
+            };
+            let root = self.find(seg.space);
+            if l.axis != axis || seg.offset != 0 || self.spaces[root].channels * seg.factor != sh[axis] {
+                return Err("the heads do not line up with the projection's channels".into());
+            }
+            if per[i] % seg.factor != 0 {
+                return Err("head size does not align with the channel groups".into());
+            }
+            let q = per[i] / seg.factor;
+            if self.spaces[root].channels % q != 0 || self.spaces[root].channels / q != hkv {
+                return Err("head split does not match the channel count".into());
+            }
+            if coarsen.insert(root, q).is_some_and(|old| old != q) {
+                return Err("one projection feeds Q, K or V with different head sizes".into());
+            }
+        }
+        for (&root, &q) in &coarsen {
+            self.coarsen(root, q);
+        }
+        let spaces: Vec<usize> = qkv.iter().map(|(_, _, l)| l.segs[0].space).collect();
+        self.union(spaces[0], spaces[1]);
+        self.union(spaces[0], spaces[2]);
+        let space = spaces[0];
+        if let Some(slot) = packed {
+            if let Some(b) = ins.get(slot).copied().flatten() {
+                let dims = self.static_dims(Some(b)).ok_or("the packed bias is not constant")?;
+                if dims != [hq * dq * 2 + hkv * dv] || r != 1 || self.model.value(b).data.is_none() {
+                    return Err(format!("packed bias of shape {dims:?} does not match the heads"));
+                }
+                for (offset, factor) in [(0, dq), (hq * dq, dq), (2 * hq * dq, dv)] {
+                    self.slices.push((space, Slice { tensor: b, axis: 0, offset, factor, role: Role::Coupled }));
+                }
+                self.users.insert((b, op));
+            }
+        }
+        if rank == 3 {
+            let names: &[(&str, usize)] = match (o.domain.as_str(), o.op_type.as_str()) {
+                ("com.microsoft", "MultiHeadAttention") => &[("num_heads", 1)],
+                ("com.microsoft", _) => &[("num_heads", r), ("kv_num_heads", 1)],
+                _ => &[("q_num_heads", r), ("kv_num_heads", 1)],
+            };
+            for &(name, factor) in names {
+                self.attr_edits.push((space, AttrEdit { op, name: name.to_string(), factor }));
+            }
+        }
+        let factor = if rank == 3 { r * dv } else { r };
+        self.set_layout(outs[0], Layout { axis, segs: vec![Seg { space, offset: 0, factor }] });
+        Ok(())
+    }
+
+    /// com.microsoft `Attention`: the Q, K and V projections are inside the op (packed
+    /// weight `[C, 3·H·D]`, bias `[3·H·D]`), so the op seeds a space of `num_heads` heads,
+    /// each owning `D` columns of each of the three blocks (and of the bias); channels
+    /// arriving on its input are consumed by the weight's rows, like a MatMul's.
+    fn visit_packed_attention(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let o = model.op(op);
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        if laid.iter().any(|(s, _)| *s != 0) {
+            return Err("channels reach the weights, bias, mask or cache of an attention op".into());
+        }
+        let w = ins.get(1).copied().flatten().ok_or("missing weights")?;
+        let wd = self.static_dims(Some(w)).filter(|d| d.len() == 2).ok_or("the packed QKV weight is not constant")?;
+        if let Some((_, l)) = laid.first() {
+            let x = ins[0].ok_or("missing input")?;
+            if l.axis + 1 != self.shape(x)?.len() {
+                return Err("channels are not the attention input's features".into());
+            }
+            self.add_slices(l, wd[0], w, 0, Role::Consumer, op)?;
+        }
+        let heads = o.attr_i("num_heads", 0).max(0) as usize;
+        if heads == 0 || wd[1] % (3 * heads) != 0 {
+            return Err(format!("packed weight {wd:?} does not split into 3 blocks of {heads} heads"));
+        }
+        let d = wd[1] / (3 * heads);
+        let s = self.new_space(UnitKind::Heads, heads, op);
+        let l = Layout { axis: 2, segs: vec![Seg { space: s, offset: 0, factor: d }] };
+        let mut reasons = Vec::new();
+        if o.attr("qkv_hidden_sizes").is_some() {
+            reasons.push("the qkv_hidden_sizes attribute is not rewritten".to_string());
+        }
+        if ins.get(4).copied().flatten().is_some() || outs.iter().skip(1).any(|&v| !model.consumers(v).is_empty()) {
+            reasons.push("a KV cache (past/present) holds the heads".to_string());
+        }
+        if let Some(v) = ins.get(5).copied().flatten() {
+            let sh = self.shape(v)?;
+            if sh.len() >= 3 && sh[sh.len() - 3] > 1 {
+                reasons.push(format!("'{}' has one slice per head", model.value(v).name));
+            }
+        }
+        let block = |a: &mut Self, t: Id, axis: usize, role: Role| -> Step {
+            let dims = a.static_dims(Some(t)).ok_or("a packed parameter is not constant")?;
+            if dims.get(axis) != Some(&(3 * heads * d)) {
+                return Err(format!("packed parameter of shape {dims:?} does not hold 3 blocks of {heads} heads"));
+            }
+            for p in 0..3 {
+                let seg = Layout { axis: l.axis, segs: vec![Seg { space: s, offset: p * heads * d, factor: d }] };
+                a.add_slices(&seg, 3 * heads * d, t, axis, role, op)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = block(self, w, 1, Role::Producer) {
+            reasons.push(e);
+        }
+        if let Some(b) = ins.get(2).copied().flatten() {
+            if let Err(e) = block(self, b, 0, Role::Coupled) {
+                reasons.push(e);
+            }
+        }
+        self.spaces[s].reasons.extend(reasons);
+        self.attr_edits.push((s, AttrEdit { op, name: "num_heads".into(), factor: 1 }));
+        self.set_layout(outs[0], l);
+        Ok(())
+    }
+
     /// Groups `q` consecutive units of a space (and its tied spaces) into one head.
     fn coarsen(&mut self, root: usize, q: usize) {
         if q == 1 && self.spaces[root].kind == UnitKind::Heads {
@@ -1018,6 +1355,11 @@ impl<'m> Analysis<'m> {
             }
         }
         for (s, e) in self.shape_edits.iter_mut() {
+            if members.contains(s) {
+                e.factor *= q;
+            }
+        }
+        for (s, e) in self.attr_edits.iter_mut() {
             if members.contains(s) {
                 e.factor *= q;
             }
@@ -1226,6 +1568,10 @@ impl<'m> Analysis<'m> {
                 self.shape_edits.iter().filter(|(s, _)| roots[*s] == r).map(|(_, e)| e.clone()).collect();
             shape_edits.sort();
             shape_edits.dedup();
+            let mut attr_edits: Vec<AttrEdit> =
+                self.attr_edits.iter().filter(|(s, _)| roots[*s] == r).map(|(_, e)| e.clone()).collect();
+            attr_edits.sort();
+            attr_edits.dedup();
             let mut depthwise: Vec<Id> =
                 self.depthwise.iter().filter(|(s, _)| roots[*s] == r).map(|(_, o)| *o).collect();
             depthwise.sort();
@@ -1234,6 +1580,7 @@ impl<'m> Analysis<'m> {
             groups.push(UnitGroup {
                 slices,
                 shape_edits,
+                attr_edits,
                 depthwise,
                 ..UnitGroup::new(sp.kind, name, producers, sp.channels)
             });

@@ -3,8 +3,10 @@
 //! For every (tensor, axis) that some group owns, the entries of pruned units are dropped
 //! with one index map built from all groups that meet there (concat offsets, a conv's input
 //! and output channels belonging to different groups). Then the dependent attributes and
-//! shape constants follow: depthwise convs get `group` = their new channel count, and every
-//! Reshape literal that counts a group's channels shrinks by `factor` per pruned unit.
+//! shape constants follow: depthwise convs get `group` = their new channel count, every
+//! Reshape literal that counts a group's channels shrinks by `factor` per pruned unit, and
+//! so do the head-count attributes of fused attention ops (`num_heads`, `q_num_heads`,
+//! `kv_num_heads`).
 //! Removed experts are bypassed in their Add chain and the kept ones renumbered; a keep-set
 //! below a group's `min_keep` (TopK's k for top-k experts) is refused. Shapes
 //! are re-inferred after dead-node elimination (InferShapes, which also updates declared
@@ -85,6 +87,20 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
             *x -= pruned * e.factor as i64;
             let t = crate::tensor::Tensor::from_i64_as(dtype, dims, &vals);
             model.value_mut(tensor).set_data(t);
+        }
+        for e in &group.attr_edits {
+            let o = model.op(e.op);
+            let old = o.attr_i(&e.name, 0);
+            let new = old - pruned * e.factor as i64;
+            if o.attr(&e.name).is_none() || new < 1 {
+                return Err(Error::Node {
+                    path: std::path::PathBuf::from("<model>"),
+                    node: o.name.clone(),
+                    op: o.op_type.clone(),
+                    msg: format!("attribute {} = {old} cannot lose {} units", e.name, pruned * e.factor as i64),
+                });
+            }
+            model.op_mut(e.op).set_attr(&e.name, Attr::Int(new));
         }
         if let Some(r) = &group.routing {
             reroute(model, r, &keep.keep[g])?;

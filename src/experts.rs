@@ -12,8 +12,8 @@
 //! the branch. Routing among the kept experts is unchanged: the masked reference sets the
 //! removed experts' router logits to −∞, which is exactly what a smaller router computes.
 //! Anything else consuming the routing probabilities makes the block unprunable, with the
-//! reason recorded. Stacked-weight experts routed by top-k: [`discover_stacked`]. The
-//! com.microsoft MoE op is not handled yet.
+//! reason recorded. Stacked-weight experts routed by top-k: [`discover_stacked`]; the
+//! com.microsoft `MoE` op: [`discover_ms_moe`].
 
 use std::collections::BTreeSet;
 
@@ -685,4 +685,92 @@ fn einsum_step(
         None if gated => Ok(vec![]),
         None => Err("sums over experts without a routing gate".into()),
     }
+}
+
+/// Finds com.microsoft `MoE` ops (onnxruntime's fused expert layer: softmax over
+/// `router_probs`, top-`k`, per-expert FFN `fc1 [E, F·fusion, C]`, `fc2 [E, C, F]`, optional
+/// `fc3`, biases `[E, ·]`) whose router logits are `x·Wr + br` used by that op alone. One
+/// expert unit owns its router column and bias entry and its slice (axis 0) of every
+/// stacked weight and bias. The masked reference sets a removed expert's logit to −∞: the
+/// op's softmax then gives it weight exactly 0, it is never among the top k while at least
+/// k experts are kept, and the kept experts' probabilities are those of the smaller router
+/// (normalized or not). `k` is the group's minimum keep; sparse-mixer routing (which
+/// depends on the gaps between logits) is left unprunable.
+pub fn discover_ms_moe(model: &Model) -> (Vec<UnitGroup>, Vec<Unprunable>) {
+    let mut groups = Vec::new();
+    let mut unprunable = Vec::new();
+    for op in model.ops() {
+        let o = model.op(op);
+        if o.op_type != "MoE" || o.domain != "com.microsoft" {
+            continue;
+        }
+        let experts = model
+            .input(op, 2)
+            .and_then(|w| model.value(w).data.as_ref().map(|d| d.dims.first().copied().unwrap_or(0)))
+            .unwrap_or(0);
+        match ms_moe(model, op) {
+            Ok(g) => groups.push(g),
+            Err(reason) => unprunable.push(Unprunable {
+                kind: Some(UnitKind::Experts),
+                layer: o.name.clone(),
+                count: experts,
+                reason,
+            }),
+        }
+    }
+    (groups, unprunable)
+}
+
+fn ms_moe(model: &Model, op: Id) -> Result<UnitGroup, String> {
+    let o = model.op(op);
+    if o.attr_i("use_sparse_mixer", 0) != 0 {
+        return Err("sparse-mixer routing depends on every expert's logit".into());
+    }
+    let logits = model.input(op, 1).ok_or("no router_probs input")?;
+    let router = router_at(model, logits).ok_or("router_probs is not x·Wr + br with a constant [d, E] Wr")?;
+    if model.consumers(logits).len() != 1 || model.is_graph_output(logits) {
+        return Err("the router logits have other uses".into());
+    }
+    let bias = router.bias.ok_or("the router has no bias (the masked reference needs one)")?;
+    let e = router.experts;
+    let mut slices = vec![
+        Slice { tensor: router.weight, axis: 1, offset: 0, factor: 1, role: Role::Producer },
+        Slice { tensor: bias, axis: 0, offset: 0, factor: 1, role: Role::Logit },
+    ];
+    for s in &slices {
+        if model.consumers(s.tensor).len() != 1 || model.is_graph_output(s.tensor) {
+            return Err(format!("router parameter '{}' is shared", model.value(s.tensor).name));
+        }
+    }
+    let mut stacked = 0;
+    for (slot, v) in model.inputs(op).into_iter().enumerate().skip(2) {
+        let Some(v) = v else { continue };
+        let val = model.value(v);
+        let Some(d) = val.data.as_ref() else {
+            return Err(format!("expert parameter '{}' (input {slot}) is not a stored weight", val.name));
+        };
+        if slot > 7 {
+            return Err(format!("input {slot} ('{}', quantization data) is not handled", val.name));
+        }
+        if d.dims.first() != Some(&e) {
+            return Err(format!("'{}' of shape {:?} is not stacked over {e} experts", val.name, d.dims));
+        }
+        if model.consumers(v).len() != 1 || model.is_graph_output(v) {
+            return Err(format!("stacked weight '{}' is shared", val.name));
+        }
+        slices.push(Slice { tensor: v, axis: 0, offset: 0, factor: 1, role: Role::Coupled });
+        stacked += 1;
+    }
+    if stacked == 0 {
+        return Err("no stacked expert weights".into());
+    }
+    let k = o.attr_i("k", 1);
+    if k < 1 || k as usize > e {
+        return Err(format!("k = {k} for {e} experts"));
+    }
+    Ok(UnitGroup {
+        slices,
+        min_keep: k as usize,
+        ..UnitGroup::new(UnitKind::Experts, o.name.clone(), vec![router.matmul], e)
+    })
 }

@@ -12,7 +12,8 @@
 //! 6. `RewriteGraph` — slices every coupled tensor, reroutes experts; keeps the dense model.
 //! 7. `EliminateDeadNodes` — removes what the rewrite left unused (pruned expert branches).
 //! 8. `InferShapes` again — the slim graph must be consistent; declared dims follow.
-//! 9. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract.
+//! 9. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract (or, for
+//!    ops tract lacks, by the plprune engine).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -87,6 +88,8 @@ pub struct Verification {
     pub samples: usize,
     pub outputs: Vec<OutputCheck>,
     pub passed: bool,
+    /// What ran both models: "tract", or the plprune engine with the reason tract could not.
+    pub executor: String,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]

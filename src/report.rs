@@ -304,9 +304,10 @@ impl Report {
         }
         if let Some(v) = &self.verification {
             let worst = v.outputs.iter().map(|o| o.max_abs_diff).fold(0.0f64, f64::max);
+            let with = if v.executor == "tract" { String::new() } else { format!(" with {}", v.executor) };
             let _ = writeln!(
                 s,
-                "verified slim == masked dense on {} samples ({} outputs, max abs diff {:.2e})",
+                "verified slim == masked dense{with} on {} samples ({} outputs, max abs diff {:.2e})",
                 v.samples,
                 v.outputs.len(),
                 worst

@@ -78,6 +78,15 @@ pub struct ShapeEdit {
     pub factor: usize,
 }
 
+/// An integer attribute that counts a group's units (`num_heads`, `q_num_heads`,
+/// `kv_num_heads` of a fused attention op): it shrinks by `factor` per pruned unit.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AttrEdit {
+    pub op: Id,
+    pub name: String,
+    pub factor: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct UnitGroup {
     pub kind: UnitKind,
@@ -88,6 +97,8 @@ pub struct UnitGroup {
     pub count: usize,
     pub slices: Vec<Slice>,
     pub shape_edits: Vec<ShapeEdit>,
+    /// Head-count attributes of fused attention ops.
+    pub attr_edits: Vec<AttrEdit>,
     /// Depthwise convs whose `group` attribute equals the group's channel count.
     pub depthwise: Vec<Id>,
     /// Whole tensors each unit owns (an expert's sub-network), by unit.
@@ -120,6 +131,7 @@ impl UnitGroup {
             count,
             slices: Vec::new(),
             shape_edits: Vec::new(),
+            attr_edits: Vec::new(),
             depthwise: Vec::new(),
             owned: Vec::new(),
             routing: None,

@@ -3,7 +3,7 @@
 
 Usage:
   ort_check.py SLIM MASKED [--calib FILE.npz] [--samples N]
-               [--rtol 1e-4] [--atol 1e-4] [--seed 0]
+               [--rtol 1e-4] [--atol 1e-4] [--seed 0] [--opt-level all]
 
 SLIM   the physically pruned model written by plprune-onnx
 MASKED the dense model with the pruned units masked to zero (the reference)
@@ -17,6 +17,9 @@ Steps:
      contains 'mask', otherwise random integers in [0, 2).
   3. run both with onnxruntime (CPUExecutionProvider, intra_op_num_threads=2) and
      compare every output: |slim - masked| <= atol * max(1, max|masked|) + rtol * |masked|.
+     --opt-level basic|extended|all picks onnxruntime's graph optimization level (default
+     all). Extended fuses DequantizeLinear(int8) + MatMul into MatMulNBits, which
+     approximates (it quantizes activations), so two equal models can differ there.
      Also prints the parameter count of both models (initializer elements plus the
      elements of floating-point Constant-node tensors).
 
@@ -69,6 +72,8 @@ def parse_args(argv):
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opt-level", choices=["basic", "extended", "all"], default="all",
+                   help="onnxruntime graph optimization level (default all)")
     args = p.parse_args(argv)  # exits 2 on bad arguments
     for label, path in (("SLIM", args.slim), ("MASKED", args.masked), ("--calib", args.calib)):
         if path is not None and not os.path.isfile(path):
@@ -195,10 +200,18 @@ def calib_inputs(inputs, calib_path, n):
 # ----------------------------------------------------------------------------- running
 
 
+OPT_LEVEL = "all"
+
+
 def make_session(path):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[OPT_LEVEL]
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only
@@ -261,6 +274,8 @@ def compare(name, a, b, rtol, atol):
 def main(argv):
     sys.stdout.reconfigure(line_buffering=True)  # keep stdout and stderr in order
     args = parse_args(argv)
+    global OPT_LEVEL
+    OPT_LEVEL = args.opt_level
     ok = True
 
     # (i) structural validity of the pruned model

@@ -274,6 +274,9 @@ fn lower_op(cx: &mut Cx, id: Id) -> Result<()> {
     let name = op.name.clone();
     let n = name.as_str();
     let opset = cx.model.opsets.get("").copied().or_else(|| cx.model.opsets.get("ai.onnx").copied()).unwrap_or(17);
+    if op.domain == "com.microsoft" {
+        return lower_microsoft(cx, id, &op);
+    }
     if !matches!(op.domain.as_str(), "" | "ai.onnx") {
         return Err(node_err(&op, format!("the compute engine does not support ops of domain '{}'", op.domain)));
     }
@@ -752,6 +755,34 @@ fn lower_op(cx: &mut Cx, id: Id) -> Result<()> {
             let y = cx.p.reshape(y, want, n);
             cx.set(id, 0, y);
         }
+        "Attention" => lower_onnx_attention(cx, id, &op)?,
+        "DequantizeLinear" => {
+            let x = cx.input(id, 0)?;
+            let scale = cx.input(id, 1)?;
+            let zp = cx.opt_input(id, 2)?;
+            let xs = cx.shape(x);
+            if op.attr_i("block_size", 0) != 0 {
+                return Err(node_err(&op, "blocked DequantizeLinear is not supported"));
+            }
+            // Per-axis parameters are 1-D along `axis`: reshape them to broadcast there.
+            let per_axis = |cx: &mut Cx, t: Slot| -> Result<Slot> {
+                if cx.p.shape(t).iter().product::<usize>() <= 1 {
+                    return Ok(t);
+                }
+                let a = norm_axis(op.attr_i("axis", 1), xs.len(), &op)?;
+                let mut sh = vec![1; xs.len()];
+                sh[a] = xs[a];
+                Ok(cx.p.reshape(t, sh, n))
+            };
+            let scale = per_axis(cx, scale)?;
+            let mut y = x;
+            if let Some(z) = zp {
+                let z = per_axis(cx, z)?;
+                y = cx.p.binary(BinaryOp::Sub, y, z, n);
+            }
+            let y = cx.p.binary(BinaryOp::Mul, y, scale, n);
+            cx.set(id, 0, y);
+        }
         _ => {
             return Err(node_err(&op, format!("the compute engine has no lowering for {}", op.op_type)));
         }
@@ -995,4 +1026,283 @@ fn einsum(p: &mut Program, eq: &str, ins: &[Slot], n: &str) -> std::result::Resu
         return Err(format!("einsum '{eq}': output letters do not match the operands"));
     }
     Ok(permute(p, y, &y_order, &out))
+}
+
+/// Errors unless the optional inputs `slots` of `op` are all omitted and its outputs after
+/// the first are unused (caches, QK products: not lowered).
+fn only_main_io(cx: &Cx, id: Id, op: &Op, slots: std::ops::Range<usize>) -> Result<()> {
+    for slot in slots {
+        if cx.model.input(id, slot).is_some() {
+            return Err(node_err(op, format!("input {slot} (mask, bias, cache or position data) is not supported")));
+        }
+    }
+    for v in cx.model.outputs(id).into_iter().skip(1) {
+        if !cx.model.consumers(v).is_empty() || cx.model.is_graph_output(v) {
+            return Err(node_err(
+                op,
+                format!("output '{}' (cache or QK product) is not supported", cx.model.value(v).name),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[B, S, H·D]` → `[B, H, S, D]`.
+fn to_heads(p: &mut Program, x: Slot, heads: usize, n: &str) -> Slot {
+    let s = p.shape(x).to_vec();
+    let d = s[2] / heads.max(1);
+    let x4 = p.reshape(x, vec![s[0], s[1], heads, d], n);
+    p.push(Prim::Transpose { perm: vec![0, 2, 1, 3] }, vec![x4], vec![s[0], heads, s[1], d], n)
+}
+
+/// `[B, H, S, D]` → `[B, S, H·D]`.
+fn from_heads(p: &mut Program, y: Slot, n: &str) -> Slot {
+    let s = p.shape(y).to_vec();
+    let t = p.push(Prim::Transpose { perm: vec![0, 2, 1, 3] }, vec![y], vec![s[0], s[2], s[1], s[3]], n);
+    p.reshape(t, vec![s[0], s[2], s[1] * s[3]], n)
+}
+
+/// softmax(q·kᵀ·scale (+ causal mask))·v for q `[B, Hq, S, D]`, k `[B, Hkv, T, D]`, v
+/// `[B, Hkv, T, Dv]`; query head h reads KV head ⌊h / (Hq/Hkv)⌋ (grouped-query attention).
+/// With `causal = Some(offset)`, query i sees keys j ≤ i + offset (the others get −1e30,
+/// whose exp is exactly 0).
+fn sdpa(p: &mut Program, q: Slot, k: Slot, v: Slot, scale: f64, causal: Option<usize>, n: &str) -> Slot {
+    let (qs, ks, vs) = (p.shape(q).to_vec(), p.shape(k).to_vec(), p.shape(v).to_vec());
+    let (b, hq, s, d) = (qs[0], qs[1], qs[2], qs[3]);
+    let (hkv, t, dv) = (ks[1], ks[2], vs[3]);
+    let r = hq / hkv.max(1);
+    let qg = p.reshape(q, vec![b, hkv, r * s, d], n);
+    let sc = matmul(p, qg, k, false, true, n);
+    let sc = p.unary(UnaryOp::Affine(scale as f32, 0.0), sc, n);
+    let mut sc = p.reshape(sc, vec![b, hkv, r, s, t], n);
+    if let Some(off) = causal {
+        let m: Vec<f64> = (0..s).flat_map(|i| (0..t).map(move |j| if j <= i + off { 0.0 } else { -1e30 })).collect();
+        let mask = p.constant(vec![s, t], m);
+        sc = p.binary(BinaryOp::Add, sc, mask, n);
+    }
+    let pr = softmax(p, sc, &[4], false, n);
+    let pr = p.reshape(pr, vec![b, hkv, r * s, t], n);
+    let y = matmul(p, pr, v, false, false, n);
+    p.reshape(y, vec![b, hq, s, dv], n)
+}
+
+fn heads_attr(op: &Op, name: &str) -> Result<usize> {
+    match op.attr_i(name, 0) {
+        h if h > 0 => Ok(h as usize),
+        _ => Err(node_err(op, format!("attribute {name} is missing or not positive"))),
+    }
+}
+
+fn attention_scale(op: &Op, head_size: usize) -> f64 {
+    match op.attr("scale") {
+        Some(_) if op.attr_f("scale", 0.0) != 0.0 => op.attr_f("scale", 0.0) as f64,
+        _ => 1.0 / (head_size.max(1) as f64).sqrt(),
+    }
+}
+
+/// ONNX `Attention` (opset 23) without mask, cache or softcap: 3-D inputs split into heads
+/// by `q_num_heads`/`kv_num_heads`, or 4-D `[B, H, S, D]` inputs; `is_causal` is the
+/// upper-left aligned lower-triangular mask.
+fn lower_onnx_attention(cx: &mut Cx, id: Id, op: &Op) -> Result<()> {
+    let n = op.name.as_str();
+    only_main_io(cx, id, op, 3..8)?;
+    if op.attr_f("softcap", 0.0) != 0.0 {
+        return Err(node_err(op, "softcap is not supported"));
+    }
+    let (q, k, v) = (cx.input(id, 0)?, cx.input(id, 1)?, cx.input(id, 2)?);
+    let three = cx.shape(q).len() == 3;
+    let (q, k, v) = if three {
+        let (hq, hkv) = (heads_attr(op, "q_num_heads")?, heads_attr(op, "kv_num_heads")?);
+        (to_heads(&mut cx.p, q, hq, n), to_heads(&mut cx.p, k, hkv, n), to_heads(&mut cx.p, v, hkv, n))
+    } else {
+        (q, k, v)
+    };
+    let d = cx.shape(q)[3];
+    let causal = (op.attr_i("is_causal", 0) != 0).then_some(0);
+    let mut y = sdpa(&mut cx.p, q, k, v, attention_scale(op, d), causal, n);
+    if three {
+        y = from_heads(&mut cx.p, y, n);
+    }
+    let want = cx.out_shape(id, 0)?;
+    let y = cx.p.reshape(y, want, n);
+    cx.set(id, 0, y);
+    Ok(())
+}
+
+/// `[.., c]` → the last-axis range `start .. start + len`.
+fn last_axis_slice(p: &mut Program, x: Slot, start: usize, len: usize, n: &str) -> Slot {
+    let mut sh = p.shape(x).to_vec();
+    let r = sh.len();
+    let mut starts = vec![0; r];
+    starts[r - 1] = start;
+    sh[r - 1] = len;
+    p.push(Prim::Slice { starts, steps: vec![1; r] }, vec![x], sh, n)
+}
+
+/// com.microsoft ops, as onnxruntime's ContribOperators.md defines them, in their plain
+/// forms: `Attention` (packed QKV projection inside the op; no mask, cache or rotary),
+/// `MultiHeadAttention` (separate 3-D Q/K/V, optional packed bias), `GroupQueryAttention`
+/// (prompt without cache or padding: seqlens_k must be known and equal to T − 1) and
+/// `MoE` (softmax over the router logits, top-k, optional renormalisation, per-expert
+/// FFN with relu/gelu (tanh form)/silu/identity, weighted sum).
+fn lower_microsoft(cx: &mut Cx, id: Id, op: &Op) -> Result<()> {
+    let n = op.name.as_str();
+    let y = match op.op_type.as_str() {
+        "Attention" => {
+            only_main_io(cx, id, op, 3..8)?;
+            if op.attr_i("do_rotary", 0) != 0 {
+                return Err(node_err(op, "rotary embeddings are not supported"));
+            }
+            let heads = heads_attr(op, "num_heads")?;
+            let x = cx.input(id, 0)?;
+            let w = cx.input(id, 1)?;
+            let total = cx.shape(w)[1];
+            let sizes: Vec<usize> = match op.attr_ints("qkv_hidden_sizes") {
+                Some(h) => h.iter().map(|&v| v.max(0) as usize).collect(),
+                None => vec![total / 3; 3],
+            };
+            let mut qkv = matmul(&mut cx.p, x, w, false, false, n);
+            if let Some(b) = cx.opt_input(id, 2)? {
+                qkv = cx.p.binary(BinaryOp::Add, qkv, b, n);
+            }
+            let q = last_axis_slice(&mut cx.p, qkv, 0, sizes[0], n);
+            let k = last_axis_slice(&mut cx.p, qkv, sizes[0], sizes[1], n);
+            let v = last_axis_slice(&mut cx.p, qkv, sizes[0] + sizes[1], sizes[2], n);
+            let (q, k, v) =
+                (to_heads(&mut cx.p, q, heads, n), to_heads(&mut cx.p, k, heads, n), to_heads(&mut cx.p, v, heads, n));
+            let (s, t) = (cx.shape(q)[2], cx.shape(k)[2]);
+            let causal = (op.attr_i("unidirectional", 0) != 0).then_some(t - s.min(t));
+            let y = sdpa(&mut cx.p, q, k, v, attention_scale(op, sizes[0] / heads), causal, n);
+            from_heads(&mut cx.p, y, n)
+        }
+        "MultiHeadAttention" => {
+            only_main_io(cx, id, op, 4..10)?;
+            let heads = heads_attr(op, "num_heads")?;
+            let (mut q, mut k, mut v) = (cx.input(id, 0)?, cx.input(id, 1)?, cx.input(id, 2)?);
+            if [q, k, v].iter().any(|&x| cx.shape(x).len() != 3) {
+                return Err(node_err(op, "only separate 3-D query, key and value are supported"));
+            }
+            if let Some(b) = cx.opt_input(id, 3)? {
+                let (hq, hk, hv) = (cx.shape(q)[2], cx.shape(k)[2], cx.shape(v)[2]);
+                let bq = last_axis_slice(&mut cx.p, b, 0, hq, n);
+                let bk = last_axis_slice(&mut cx.p, b, hq, hk, n);
+                let bv = last_axis_slice(&mut cx.p, b, hq + hk, hv, n);
+                q = cx.p.binary(BinaryOp::Add, q, bq, n);
+                k = cx.p.binary(BinaryOp::Add, k, bk, n);
+                v = cx.p.binary(BinaryOp::Add, v, bv, n);
+            }
+            let (q, k, v) =
+                (to_heads(&mut cx.p, q, heads, n), to_heads(&mut cx.p, k, heads, n), to_heads(&mut cx.p, v, heads, n));
+            let (s, t, d) = (cx.shape(q)[2], cx.shape(k)[2], cx.shape(q)[3]);
+            let causal = (op.attr_i("unidirectional", 0) != 0).then_some(t - s.min(t));
+            let y = sdpa(&mut cx.p, q, k, v, attention_scale(op, d), causal, n);
+            from_heads(&mut cx.p, y, n)
+        }
+        "GroupQueryAttention" => {
+            for slot in [3, 4] {
+                if cx.model.input(id, slot).is_some() {
+                    return Err(node_err(op, "a KV cache (past_key/past_value) is not supported"));
+                }
+            }
+            only_main_io(cx, id, op, 7..16)?;
+            if op.attr_i("do_rotary", 0) != 0
+                || op.attr_f("softcap", 0.0) != 0.0
+                || op.attr_i("local_window_size", -1) != -1
+                || op.attr_i("smooth_softmax", 0) != 0
+            {
+                return Err(node_err(op, "rotary, softcap, local windows and smooth softmax are not supported"));
+            }
+            let (hq, hkv) = (heads_attr(op, "num_heads")?, heads_attr(op, "kv_num_heads")?);
+            let (q, k, v) = (cx.input(id, 0)?, cx.input(id, 1)?, cx.input(id, 2)?);
+            let t = cx.shape(k).get(1).copied().unwrap_or(0);
+            let lens = cx.ints(id, 5)?.unwrap_or_default();
+            let total = cx.ints(id, 6)?.unwrap_or_default();
+            if lens.iter().any(|&l| l != t as i64 - 1) || total != [t as i64] {
+                return Err(node_err(
+                    op,
+                    format!("seqlens_k {lens:?} / total_sequence_length {total:?} mean padding or a cache (only T − 1 = {} is supported)", t as i64 - 1),
+                ));
+            }
+            let (q, k, v) =
+                (to_heads(&mut cx.p, q, hq, n), to_heads(&mut cx.p, k, hkv, n), to_heads(&mut cx.p, v, hkv, n));
+            let (s, d) = (cx.shape(q)[2], cx.shape(q)[3]);
+            let causal = (op.attr_i("causal", 1) != 0).then_some(t - s.min(t));
+            let y = sdpa(&mut cx.p, q, k, v, attention_scale(op, d), causal, n);
+            from_heads(&mut cx.p, y, n)
+        }
+        "MoE" => lower_ms_moe(cx, id, op)?,
+        other => return Err(node_err(op, format!("the compute engine has no lowering for com.microsoft {other}"))),
+    };
+    let want = cx.out_shape(id, 0)?;
+    let y = cx.p.reshape(y, want, n);
+    cx.set(id, 0, y);
+    Ok(())
+}
+
+fn lower_ms_moe(cx: &mut Cx, id: Id, op: &Op) -> Result<Slot> {
+    let n = op.name.as_str();
+    if op.attr_i("use_sparse_mixer", 0) != 0 || cx.model.input(id, 6).is_some() || cx.model.inputs(id).len() > 8 {
+        return Err(node_err(op, "sparse mixer, fc3 and quantized experts are not supported"));
+    }
+    let x = cx.input(id, 0)?;
+    let logits = cx.input(id, 1)?;
+    let w1 = cx.input(id, 2)?;
+    let b1 = cx.opt_input(id, 3)?;
+    let w2 = cx.input(id, 4)?;
+    let b2 = cx.opt_input(id, 5)?;
+    let xs = cx.shape(x);
+    let c = *xs.last().ok_or_else(|| node_err(op, "input has rank 0"))?;
+    let tokens: usize = xs[..xs.len() - 1].iter().product();
+    let (e, f) = (cx.shape(w1)[0], cx.shape(w1)[1]);
+    let x2 = cx.p.reshape(x, vec![1, tokens, c], n);
+    let lg = cx.p.reshape(logits, vec![tokens, e], n);
+    // Routing: dense gates [tokens, E], zero outside each token's top k.
+    let probs = softmax(&mut cx.p, lg, &[1], false, n);
+    let k = op.attr_i("k", 1).clamp(1, e as i64) as usize;
+    let idx = cx.p.push(Prim::TopKIndices { axis: 1, k, largest: true }, vec![probs], vec![tokens, k], n);
+    let mut top = cx.p.push(Prim::GatherElements { axis: 1 }, vec![probs, idx], vec![tokens, k], n);
+    if op.attr_i("normalize_routing_weights", 0) != 0 {
+        let sum = reduce(&mut cx.p, ReduceOp::Sum, top, &[1], n);
+        top = cx.p.binary(BinaryOp::Div, top, sum, n);
+    }
+    let zero = cx.p.scalar(0.0);
+    let zeros = cx.p.push(Prim::Broadcast, vec![zero], vec![tokens, e], n);
+    let gates = cx.p.push(Prim::ScatterElements { axis: 1, add: false }, vec![zeros, idx, top], vec![tokens, e], n);
+    // Every expert on every token: [E, tokens, F] then [E, tokens, C].
+    let mut h = matmul(&mut cx.p, x2, w1, false, true, n);
+    if let Some(b) = b1 {
+        let b = cx.p.reshape(b, vec![e, 1, f], n);
+        h = cx.p.binary(BinaryOp::Add, h, b, n);
+    }
+    let h = match op.attr_str("activation_type").unwrap_or("relu") {
+        "relu" => cx.p.unary(UnaryOp::Relu, h, n),
+        "gelu" => {
+            // onnxruntime's MoE kernel uses the tanh approximation (checked against it in
+            // tests/patterns.rs): 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))).
+            let h2 = cx.p.binary(BinaryOp::Mul, h, h, n);
+            let h3 = cx.p.binary(BinaryOp::Mul, h2, h, n);
+            let c = cx.p.unary(UnaryOp::Affine(0.044715, 0.0), h3, n);
+            let inner = cx.p.binary(BinaryOp::Add, h, c, n);
+            let sc = cx.p.unary(UnaryOp::Affine((2.0 / std::f64::consts::PI).sqrt() as f32, 0.0), inner, n);
+            let th = cx.p.unary(UnaryOp::Tanh, sc, n);
+            let half = cx.p.unary(UnaryOp::Affine(0.5, 0.5), th, n);
+            cx.p.binary(BinaryOp::Mul, h, half, n)
+        }
+        "silu" => {
+            let sg = cx.p.unary(UnaryOp::Sigmoid, h, n);
+            cx.p.binary(BinaryOp::Mul, h, sg, n)
+        }
+        "identity" => h,
+        other => return Err(node_err(op, format!("activation_type '{other}' is not supported"))),
+    };
+    let mut o = matmul(&mut cx.p, h, w2, false, true, n);
+    if let Some(b) = b2 {
+        let b = cx.p.reshape(b, vec![e, 1, c], n);
+        o = cx.p.binary(BinaryOp::Add, o, b, n);
+    }
+    let gt = cx.p.push(Prim::Transpose { perm: vec![1, 0] }, vec![gates], vec![e, tokens], n);
+    let gt = cx.p.reshape(gt, vec![e, tokens, 1], n);
+    let weighted = cx.p.binary(BinaryOp::Mul, o, gt, n);
+    let y = reduce(&mut cx.p, ReduceOp::Sum, weighted, &[0], n);
+    Ok(cx.p.reshape(y, xs, n))
 }

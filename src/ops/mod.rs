@@ -19,6 +19,7 @@
 mod common;
 mod conv;
 mod elementwise;
+mod fused;
 mod linalg;
 mod reduce;
 mod shape;
@@ -60,10 +61,14 @@ pub type InferFn = fn(&OpCtx) -> Result<Vec<Fact>, String>;
 
 /// Looks up the inference rule for an op type in a domain ("" or "ai.onnx" = standard).
 pub fn rule(domain: &str, op_type: &str) -> Option<InferFn> {
+    if domain == "com.microsoft" {
+        return fused::microsoft_rule(op_type);
+    }
     if !matches!(domain, "" | "ai.onnx") {
         return None;
     }
     elementwise::rule(op_type)
+        .or_else(|| fused::rule(op_type))
         .or_else(|| linalg::rule(op_type))
         .or_else(|| conv::rule(op_type))
         .or_else(|| shape::rule(op_type))
@@ -158,6 +163,8 @@ mod tests {
         "Softmax",
         "LogSoftmax",
         "CumSum",
+        "Attention",
+        "DequantizeLinear",
     ];
 
     /// A small deterministic generator (xorshift), so the test needs no extra crates.
@@ -271,7 +278,9 @@ mod tests {
                 let _ = f(&OpCtx { op: &o, inputs: &inputs, opset });
             }
         }
-        assert!(rule("com.microsoft", "Attention").is_none());
+        assert!(rule("com.microsoft", "Attention").is_some());
+        assert!(rule("com.microsoft", "NoSuchOp").is_none());
+        assert!(rule("org.example", "Attention").is_none());
         assert!(rule("", "NoSuchOp").is_none());
     }
 }
