@@ -1,20 +1,26 @@
-//! Criteria compared on the shared models (issue 4's evidence table): every criterion prunes
-//! the same unit kind at the same ratio, the pruned model is run by tract on held-out data,
-//! and one table is printed: fidelity, parameters, scoring time, and for `pl` how its trained
-//! gate's selection differs from ranking by λ_min alone.
+//! Criteria compared on the shared models (issues 4 and 7): every criterion prunes the same
+//! unit kinds at each ratio, without and with `--recover lsq`; the pruned model is run by
+//! tract on held-out data, and one table is printed: unit kinds, parameters, FLOPs (for the
+//! held-out batch shape), fidelity, time, and for `pl` how its trained gate's selection
+//! differs from ranking by λ_min alone.
 //!
-//! - digits/vgg_bn: 50% of filters; test accuracy on digits/img_test.npz (540 samples).
-//! - digits/moe_transformer: 50% of FFN neurons; test accuracy on digits/test.npz.
-//! - minilm-l6: 50% of FFN neurons; mean cosine of sentence_embedding to the dense model's
+//! - vgg: digits/vgg_bn filters; test accuracy on digits/img_test.npz (540 samples).
+//! - moe: digits/moe_transformer FFN neurons; test accuracy on digits/test.npz.
+//! - minilm: minilm-l6 FFN neurons; mean cosine of sentence_embedding to the dense model's
 //!   on the first 128 sentences of minilm-l6/heldout.npz.
+//! - minilm-hn: minilm-l6 heads and FFN neurons, the same metric.
+//! - effnet: effnet-lite0 filters; top-1 agreement with the dense model and mean KL(dense ‖
+//!   pruned) of the softmax on effnet-lite0/heldout.npz (24 images).
 //!
-//! No recovery (fine-tuning) anywhere. Run:
-//!   cargo bench --bench criteria [-- --models vgg,moe,minilm --criteria pl,magnitude --ratio 0.5 --n 32]
+//! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
+//!   cargo bench --bench criteria [-- --models vgg,moe,minilm,minilm-hn,effnet
+//!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32]
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use plprune_onnx::criteria::Criterion;
+use plprune_onnx::passes::recover_weights::Recover;
 use plprune_onnx::tensor::Tensor;
 use plprune_onnx::units::UnitKind;
 use plprune_onnx::{calib, runtime, Config, Session};
@@ -29,11 +35,19 @@ struct Case {
     model: &'static str,
     calib: &'static str,
     test: &'static str,
-    kind: UnitKind,
-    /// Output index evaluated, and whether it is logits (accuracy) or an embedding (cosine).
+    kinds: &'static [UnitKind],
+    /// Output index evaluated, and how: accuracy against labels, cosine to dense, or
+    /// top-1 agreement with dense (KL in the note).
     output: usize,
-    logits: bool,
+    metric: Metric,
     test_samples: usize,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Metric {
+    Accuracy,
+    Cosine,
+    Agreement,
 }
 
 const CASES: &[Case] = &[
@@ -42,9 +56,9 @@ const CASES: &[Case] = &[
         model: "digits/vgg_bn.onnx",
         calib: "digits/img_train.npz",
         test: "digits/img_test.npz",
-        kind: UnitKind::Filters,
+        kinds: &[UnitKind::Filters],
         output: 0,
-        logits: true,
+        metric: Metric::Accuracy,
         test_samples: 540,
     },
     Case {
@@ -52,9 +66,9 @@ const CASES: &[Case] = &[
         model: "digits/moe_transformer.onnx",
         calib: "digits/train.npz",
         test: "digits/test.npz",
-        kind: UnitKind::Neurons,
+        kinds: &[UnitKind::Neurons],
         output: 0,
-        logits: true,
+        metric: Metric::Accuracy,
         test_samples: 540,
     },
     Case {
@@ -62,10 +76,30 @@ const CASES: &[Case] = &[
         model: "minilm-l6/model.onnx",
         calib: "minilm-l6/calib.npz",
         test: "minilm-l6/heldout.npz",
-        kind: UnitKind::Neurons,
+        kinds: &[UnitKind::Neurons],
         output: 1,
-        logits: false,
+        metric: Metric::Cosine,
         test_samples: 128,
+    },
+    Case {
+        key: "minilm-hn",
+        model: "minilm-l6/model.onnx",
+        calib: "minilm-l6/calib.npz",
+        test: "minilm-l6/heldout.npz",
+        kinds: &[UnitKind::Heads, UnitKind::Neurons],
+        output: 1,
+        metric: Metric::Cosine,
+        test_samples: 128,
+    },
+    Case {
+        key: "effnet",
+        model: "effnet-lite0/model.onnx",
+        calib: "effnet-lite0/calib.npz",
+        test: "effnet-lite0/heldout.npz",
+        kinds: &[UnitKind::Filters],
+        output: 0,
+        metric: Metric::Agreement,
+        test_samples: 24,
     },
 ];
 
@@ -73,12 +107,37 @@ fn outputs(bytes: &[u8], inputs: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
     runtime::run(bytes, inputs, &[]).expect("tract runs the model")
 }
 
-/// Accuracy against labels, or mean cosine to `dense`.
+/// Mean KL(softmax(dense) ‖ softmax(out)) over samples.
+fn mean_kl(out: &Tensor, dense: &Tensor) -> f64 {
+    let (v, d) = (out.to_f64_vec(), dense.to_f64_vec());
+    let n = out.dims[0];
+    let c = v.len() / n;
+    let logsm = |row: &[f64]| -> Vec<f64> {
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z = row.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
+        row.iter().map(|x| x - z).collect()
+    };
+    (0..n)
+        .map(|s| {
+            let (p, q) = (logsm(&d[s * c..(s + 1) * c]), logsm(&v[s * c..(s + 1) * c]));
+            p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>()
+        })
+        .sum::<f64>()
+        / n as f64
+}
+
+/// Accuracy against labels, mean cosine to `dense`, or top-1 agreement with `dense`.
 fn fidelity(case: &Case, out: &Tensor, labels: Option<&[i64]>, dense: &Tensor) -> f64 {
     let v = out.to_f64_vec();
     let n = out.dims[0];
     let c = v.len() / n;
-    if case.logits {
+    let argmax = |row: &[f64]| (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+    if case.metric == Metric::Agreement {
+        let d = dense.to_f64_vec();
+        let same = (0..n).filter(|&s| argmax(&v[s * c..(s + 1) * c]) == argmax(&d[s * c..(s + 1) * c])).count();
+        return same as f64 / n as f64;
+    }
+    if case.metric == Metric::Accuracy {
         let labels = labels.expect("labels in the test file");
         let hits = (0..n)
             .filter(|&s| {
@@ -111,12 +170,23 @@ fn main() {
         Some(list) => list.split(',').map(|c| Criterion::parse(c).expect("known criterion")).collect(),
         None => Criterion::ALL.to_vec(),
     };
-    let ratio: f64 = arg("--ratio").and_then(|r| r.parse().ok()).unwrap_or(0.5);
+    let ratios: Vec<f64> = arg("--ratios")
+        .or_else(|| arg("--ratio"))
+        .unwrap_or_else(|| "0.5".into())
+        .split(',')
+        .map(|r| r.parse().expect("ratio"))
+        .collect();
+    let recovers: Vec<Recover> = arg("--recover")
+        .unwrap_or_else(|| "none".into())
+        .split(',')
+        .map(|r| Recover::parse(r).expect("none or lsq"))
+        .collect();
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
-    println!("| model | kind | criterion | fidelity | kind params | model params | scoring s | note |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| model | kinds | ratio | criterion | recover | fidelity | kinds' params | model params | FLOPs | time s | note |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for case in CASES.iter().filter(|c| models.split(',').any(|m| m == c.key)) {
         let model: PathBuf = root.join(case.model);
+        let kinds = case.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join("+");
         let dense_session = Session::open(&model, Config::default()).expect("open");
         let test = calib::load(&root.join(case.test), &dense_session.model).expect("test data").take(case.test_samples);
         let inputs = test.ordered(&dense_session.model);
@@ -124,63 +194,92 @@ fn main() {
         let dense_bytes = std::fs::read(&model).expect("read");
         let dense_out = outputs(&dense_bytes, &inputs).swap_remove(case.output).1;
         let dense_fid = fidelity(case, &dense_out, labels.as_deref(), &dense_out);
-        let metric = if case.logits { "test accuracy" } else { "mean cosine to dense" };
-        println!("| {} | {} | dense | {dense_fid:.4} ({metric}) | | | | |", case.key, case.kind.name());
-        let mut lambda_min_keep = None;
-        let mut pl_keep = None;
-        for &criterion in &criteria {
-            let config = Config {
-                ratio,
-                kinds: Some(vec![case.kind]),
-                criterion,
-                calib: Some(root.join(case.calib)),
-                verify: false,
-                scoring: plprune_onnx::criteria::ScoringConfig { calib_samples: n, ..Default::default() },
-                ..Config::default()
-            };
-            let mut s = Session::open(&model, config).expect("open");
-            let t = Instant::now();
-            s.analyze().expect("analyze");
-            s.select().expect("score and select");
-            let secs = t.elapsed().as_secs_f64();
-            s.apply(None).expect("rewrite");
-            let report = s.report();
-            let bytes = s.model_bytes().expect("serialize");
-            let out = outputs(&bytes, &inputs).swap_remove(case.output).1;
-            let fid = fidelity(case, &out, labels.as_deref(), &dense_out);
-            let k = &report.kinds[&case.kind];
-            let mut note = String::new();
-            if let Some(g) = report.scoring.as_ref().and_then(|sc| sc.steps.first()).and_then(|st| st.gate.as_ref()) {
-                let best = &g.curve[g.best_epoch];
-                note = format!(
-                    "gate: L_total {:.4} -> {:.4} (epoch {}), {} units differ from λ_min ranking",
-                    g.curve[0].total, best.total, g.best_epoch, g.differs_from_lambda_min
+        let shapes: std::collections::BTreeMap<String, Vec<usize>> =
+            test.arrays.iter().map(|(k, t)| (k.clone(), t.dims.clone())).collect();
+        let flops_of = |bytes: &[u8]| -> f64 {
+            let (_, mut m) = plprune_onnx::onnx_io::load_bytes(bytes, Path::new("<bench>")).expect("import");
+            plprune_onnx::passes::infer_shapes::infer(&mut m, &shapes).expect("shapes");
+            plprune_onnx::diff::flops(&m) as f64
+        };
+        let dense_flops = flops_of(&dense_bytes);
+        let metric = match case.metric {
+            Metric::Accuracy => "test accuracy",
+            Metric::Cosine => "mean cosine to dense",
+            Metric::Agreement => "top-1 agreement with dense",
+        };
+        println!(
+            "| {} | {kinds} | 0 | dense | | {dense_fid:.4} ({metric}) | | | {:.3} G | | |",
+            case.key,
+            dense_flops / 1e9
+        );
+        for &ratio in &ratios {
+            let mut lambda_min_keep = None;
+            let mut pl_keep = None;
+            for &criterion in &criteria {
+                for &recover in &recovers {
+                    let config = Config {
+                        ratio,
+                        kinds: Some(case.kinds.to_vec()),
+                        criterion,
+                        calib: Some(root.join(case.calib)),
+                        verify: false,
+                        scoring: plprune_onnx::criteria::ScoringConfig { calib_samples: n, ..Default::default() },
+                        recover,
+                        ..Config::default()
+                    };
+                    let mut s = Session::open(&model, config).expect("open");
+                    let t = Instant::now();
+                    s.analyze().expect("analyze");
+                    s.select().expect("score and select");
+                    s.apply(None).expect("rewrite");
+                    let secs = t.elapsed().as_secs_f64();
+                    let report = s.report();
+                    let bytes = s.model_bytes().expect("serialize");
+                    let out = outputs(&bytes, &inputs).swap_remove(case.output).1;
+                    let fid = fidelity(case, &out, labels.as_deref(), &dense_out);
+                    let (kb, ka) = case
+                        .kinds
+                        .iter()
+                        .filter_map(|k| report.kinds.get(k))
+                        .fold((0, 0), |(b, a), k| (b + k.parameters.before, a + k.parameters.after));
+                    let mut note = String::new();
+                    if case.metric == Metric::Agreement {
+                        note = format!("KL {:.4}; ", mean_kl(&out, &dense_out));
+                    }
+                    if let Some(g) =
+                        report.scoring.as_ref().and_then(|sc| sc.steps.first()).and_then(|st| st.gate.as_ref())
+                    {
+                        let best = &g.curve[g.best_epoch];
+                        note += &format!(
+                            "gate: L_total {:.4} -> {:.4} (epoch {}), {} units differ from λ_min ranking",
+                            g.curve[0].total, best.total, g.best_epoch, g.differs_from_lambda_min
+                        );
+                    }
+                    let keep = s.cx.keep.clone();
+                    match criterion {
+                        Criterion::NtkMin => lambda_min_keep = keep,
+                        Criterion::Pl => pl_keep = keep,
+                        _ => {}
+                    }
+                    println!(
+                        "| {} | {kinds} | {ratio} | {} | {} | {fid:.4} | {kb} -> {ka} | {} -> {} | {:.3} G | {secs:.1} | {note} |",
+                        case.key,
+                        criterion.name(),
+                        if recover == Recover::Lsq { "lsq" } else { "" },
+                        report.parameters.before,
+                        report.parameters.after,
+                        flops_of(&bytes) / 1e9,
+                    );
+                }
+            }
+            if let (Some(a), Some(b)) = (&lambda_min_keep, &pl_keep) {
+                let differ: usize =
+                    a.keep.iter().flatten().zip(b.keep.iter().flatten()).filter(|(x, y)| x != y).count();
+                println!(
+                    "| {} | {kinds} | {ratio} | pl vs ntk-min | | {differ} units decided differently | | | | | |",
+                    case.key
                 );
             }
-            let keep = s.cx.keep.clone();
-            match criterion {
-                Criterion::NtkMin => lambda_min_keep = keep,
-                Criterion::Pl => pl_keep = keep,
-                _ => {}
-            }
-            println!(
-                "| {} | {} | {} | {fid:.4} | {} -> {} | {} -> {} | {secs:.1} | {note} |",
-                case.key,
-                case.kind.name(),
-                criterion.name(),
-                k.parameters.before,
-                k.parameters.after,
-                report.parameters.before,
-                report.parameters.after,
-            );
-        }
-        if let (Some(a), Some(b)) = (&lambda_min_keep, &pl_keep) {
-            let differ: usize = a.keep.iter().flatten().zip(b.keep.iter().flatten()).filter(|(x, y)| x != y).count();
-            println!(
-                "| {} | {} | pl vs ntk-min | {differ} units decided differently | | | | |",
-                case.key,
-                case.kind.name()
-            );
         }
     }
 }

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Inference latency of pruned models against their dense source in onnxruntime, as ratios
+measured in the same run (a benchmark, never a test).
+
+    python3 benches/ort_latency.py DENSE.onnx PRUNED.onnx [PRUNED2.onnx ...] \
+        --calib data.npz [--batches 1 32] [--threads 2] [--reps 20]
+
+Inputs come from the calibration file (its first b samples; arrays named like the model's
+inputs). Each model gets its own session (intra-op threads = --threads, inter-op 1,
+default graph optimisations); after warm-up runs, the median of --reps runs is reported per
+batch size, with the speed-up dense / pruned.
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session(path, threads):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def feeds(sess, data, b):
+    out = {}
+    for i in sess.get_inputs():
+        if i.name not in data:
+            raise SystemExit(f"calibration file has no array '{i.name}'")
+        a = data[i.name]
+        if a.shape[0] < b:
+            reps = -(-b // a.shape[0])
+            a = np.concatenate([a] * reps)
+        out[i.name] = a[:b]
+    return out
+
+
+def median_ms(sess, f, reps):
+    for _ in range(3):
+        sess.run(None, f)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, f)
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dense")
+    ap.add_argument("pruned", nargs="+")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    data = dict(np.load(a.calib))
+    dense = session(a.dense, a.threads)
+    print(f"onnxruntime {ort.__version__}, {a.threads} threads, median of {a.reps}")
+    print(f"{'model':<40} {'batch':>5} {'ms':>10} {'dense ms':>10} {'speed-up':>9}")
+    for b in a.batches:
+        fd = feeds(dense, data, b)
+        for p in a.pruned:
+            s = session(p, a.threads)
+            # Interleave dense and pruned so load changes hit both alike.
+            d_ms = median_ms(dense, fd, a.reps)
+            p_ms = median_ms(s, feeds(s, data, b), a.reps)
+            print(f"{p[-40:]:<40} {b:>5} {p_ms:>10.2f} {d_ms:>10.2f} {d_ms / p_ms:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
