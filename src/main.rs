@@ -144,6 +144,10 @@ struct PruneArgs {
     /// file measure fidelity before and after).
     #[arg(long, default_value_t = 128)]
     recover_samples: usize,
+    /// Also measure the model-level NTK condition number on the calibration set before and
+    /// after pruning (two extra Gram passes over every unit).
+    #[arg(long)]
+    ntk_condition: bool,
     /// Seed for every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -285,6 +289,7 @@ fn config(a: &PruneArgs) -> Result<Config> {
         recover,
         recover_ridge: a.ridge,
         recover_samples: a.recover_samples,
+        ntk_condition: a.ntk_condition,
     })
 }
 

@@ -6,6 +6,8 @@ pub mod discover_units;
 pub mod eliminate_dead_nodes;
 #[path = "../passes/infer_shapes.rs"]
 pub mod infer_shapes;
+#[path = "../passes/measure_conditioning.rs"]
+pub mod measure_conditioning;
 #[path = "../passes/recover_weights.rs"]
 pub mod recover_weights;
 #[path = "../passes/rewrite_graph.rs"]

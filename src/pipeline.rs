@@ -7,6 +7,8 @@
 //! 2. `DiscoverUnits` — coupled unit groups (filters, neurons), and what is unprunable.
 //! 3. `ScoreUnits` — one score per unit from the chosen criterion.
 //! 4. `SelectUnits` — keep-set from scores, ratio, scope and per-layer protection.
+//!    `MeasureConditioning` — with `--ntk-condition`, the model-level NTK condition number
+//!    before and after pruning (no-op otherwise).
 //! 5. `RecoverWeights` — with `--recover lsq`, a ridge least-squares refit of the weights
 //!    that read pruned units, on calibration activations (no-op otherwise).
 //! 6. `RewriteGraph` — slices every coupled tensor, reroutes experts; keeps the dense model.
@@ -58,6 +60,8 @@ pub struct Config {
     pub recover_ridge: f64,
     /// Calibration samples the refit is fit on (at most; the rest of the file evaluates).
     pub recover_samples: usize,
+    /// Measure the model-level NTK condition number before and after pruning.
+    pub ntk_condition: bool,
 }
 
 impl Default for Config {
@@ -78,6 +82,7 @@ impl Default for Config {
             recover: crate::passes::recover_weights::Recover::None,
             recover_ridge: 1e-2,
             recover_samples: 128,
+            ntk_condition: false,
         }
     }
 }
@@ -127,6 +132,8 @@ pub struct Context {
     pub dense: Option<Model>,
     /// What `--recover` refit, and fidelity with and without it.
     pub recovery: Option<crate::passes::recover_weights::RecoveryReport>,
+    /// `--ntk-condition`: the model-level NTK spectrum before and after pruning.
+    pub conditioning: Option<crate::passes::measure_conditioning::Conditioning>,
     pub verification: Option<Verification>,
     pub timings: Vec<(String, f64)>,
     pub warnings: Vec<String>,
@@ -150,6 +157,7 @@ impl Context {
             keep: None,
             dense: None,
             recovery: None,
+            conditioning: None,
             verification: None,
             timings: Vec::new(),
             warnings: Vec::new(),
@@ -189,8 +197,8 @@ pub fn run_passes(passes: &[&dyn Pass], cx: &mut Context, model: &mut Model) -> 
 
 use crate::passes::{
     discover_units::DiscoverUnits, eliminate_dead_nodes::EliminateDeadNodes, infer_shapes::InferShapes,
-    recover_weights::RecoverWeights, rewrite_graph::RewriteGraph, score_units::ScoreUnits, select_units::SelectUnits,
-    verify_rewrite::VerifyRewrite,
+    measure_conditioning::MeasureConditioning, recover_weights::RecoverWeights, rewrite_graph::RewriteGraph,
+    score_units::ScoreUnits, select_units::SelectUnits, verify_rewrite::VerifyRewrite,
 };
 
 /// Import-side analysis: what `inspect` runs.
@@ -200,7 +208,7 @@ pub fn analysis_passes() -> Vec<&'static dyn Pass> {
 
 /// Scoring and selection.
 pub fn selection_passes() -> Vec<&'static dyn Pass> {
-    vec![&ScoreUnits, &SelectUnits]
+    vec![&ScoreUnits, &SelectUnits, &MeasureConditioning]
 }
 
 /// Recovery (a no-op unless `--recover`), rewrite, clean-up and (unless disabled in tests)

@@ -40,6 +40,8 @@ pub struct Report {
     pub device: Option<String>,
     /// `--recover lsq`: the refit layers and fidelity to the dense model without and with it.
     pub recovery: Option<crate::passes::recover_weights::RecoveryReport>,
+    /// `--ntk-condition`: model-level NTK spectrum before and after pruning.
+    pub ntk_condition: Option<crate::passes::measure_conditioning::Conditioning>,
     pub timings_s: BTreeMap<String, f64>,
 }
 
@@ -181,6 +183,7 @@ impl Report {
             }),
             device: cx.device.clone(),
             recovery: cx.recovery.clone(),
+            ntk_condition: cx.conditioning.clone(),
             timings_s: cx.timings.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
                 *m.entry(k.clone()).or_insert(0.0) += v;
                 m
@@ -281,6 +284,21 @@ impl Report {
             human(p.after),
             pct(p.before, p.after)
         );
+        if let Some(c) = &self.ntk_condition {
+            let k = |s: &crate::passes::measure_conditioning::Spectrum| match s.kappa {
+                Some(k) => format!("{k:.3e}"),
+                None => format!("inf (λ_min {:.2e})", s.lambda_min),
+            };
+            let _ = writeln!(
+                s,
+                "ntk      model-level condition number {} -> {} on {} samples (λ_max {:.3e} -> {:.3e})",
+                k(&c.before),
+                k(&c.after),
+                c.samples,
+                c.before.lambda_max,
+                c.after.lambda_max
+            );
+        }
         if let Some(r) = &self.recovery {
             let held = if r.eval_held_out { "held-out" } else { "calibration" };
             let _ = writeln!(
