@@ -14,7 +14,10 @@
 //!
 //! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
 //!   cargo bench --bench criteria [-- --models vgg,moe,minilm,minilm-hn,effnet
-//!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32]
+//!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
+//!       --ntk-condition]
+//! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
+//! each row's note.)
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -182,6 +185,7 @@ fn main() {
         .map(|r| Recover::parse(r).expect("none or lsq"))
         .collect();
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
+    let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
     println!("| model | kinds | ratio | criterion | recover | fidelity | kinds' params | model params | FLOPs | time s | note |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for case in CASES.iter().filter(|c| models.split(',').any(|m| m == c.key)) {
@@ -225,6 +229,7 @@ fn main() {
                         verify: false,
                         scoring: plprune_onnx::criteria::ScoringConfig { calib_samples: n, ..Default::default() },
                         recover,
+                        ntk_condition,
                         ..Config::default()
                     };
                     let mut s = Session::open(&model, config).expect("open");
@@ -245,6 +250,12 @@ fn main() {
                     let mut note = String::new();
                     if case.metric == Metric::Agreement {
                         note = format!("KL {:.4}; ", mean_kl(&out, &dense_out));
+                    }
+                    if let Some(c) = &report.ntk_condition {
+                        let k = |s: &plprune_onnx::passes::measure_conditioning::Spectrum| {
+                            s.kappa.map_or("inf".to_string(), |k| format!("{k:.3e}"))
+                        };
+                        note += &format!("NTK κ {} -> {}; ", k(&c.before), k(&c.after));
                     }
                     if let Some(g) =
                         report.scoring.as_ref().and_then(|sc| sc.steps.first()).and_then(|st| st.gate.as_ref())
