@@ -148,6 +148,8 @@ impl Pass for RecoverWeights {
             if batch.samples > n { (batch.range(n, (n + m).min(batch.samples)), true) } else { (batch.take(m), false) };
         let ridge = cx.config.recover_ridge;
         let (consumers, mut skipped) = consumers(model, &cx.groups, &keep);
+        // Both references before the refit changes `model`'s weights.
+        let dense = dense_outputs(model, &eval)?;
         let before = masked_outputs(model, &cx.groups, &keep, &eval)?;
         let mut layers = Vec::new();
         if !consumers.is_empty() {
@@ -156,7 +158,6 @@ impl Pass for RecoverWeights {
             skipped.push("no consumer of pruned units can be refit".into());
         }
         let after = masked_outputs(model, &cx.groups, &keep, &eval)?;
-        let dense = dense_outputs(model, &eval)?;
         let fidelity = dense
             .iter()
             .zip(before.iter().zip(&after))
