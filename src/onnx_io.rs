@@ -612,3 +612,192 @@ pub fn strip_value_info(bytes: &[u8]) -> Result<Vec<u8>> {
     proto.graph.mut_or_insert_default().value_info.clear();
     to_bytes(&proto)
 }
+
+/// The protobuf size limit: a serialized `ModelProto` above 2 GiB cannot be read back by
+/// protobuf implementations (onnx, onnxruntime), so larger models keep their tensors in an
+/// external data file.
+pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+
+/// How `save` places tensor data: inline, or in `OUT.data` beside the model (the ONNX
+/// external-data convention: `location`, `offset`, `length` per tensor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExternalData {
+    /// Always write external data (`--external-data`).
+    pub force: bool,
+    /// Tensors of at least this many bytes go to the data file; smaller ones stay inline
+    /// (onnx's `convert_model_to_external_data` default is 1024).
+    pub threshold: usize,
+    /// Serialized model sizes above which external data is used even when not forced.
+    pub limit: u64,
+}
+
+impl Default for ExternalData {
+    fn default() -> ExternalData {
+        ExternalData { force: false, threshold: 1024, limit: PROTOBUF_LIMIT }
+    }
+}
+
+impl ExternalData {
+    /// Whether a model whose inline serialization takes `inline_size` bytes is written with
+    /// external data.
+    pub fn decide(&self, inline_size: u64) -> bool {
+        self.force || inline_size > self.limit
+    }
+}
+
+/// Offsets in the data file are multiples of this for tensors of at least 1 MiB (pages,
+/// so a reader can map them), and of [`SMALL_ALIGN`] below.
+pub const PAGE_ALIGN: u64 = 4096;
+pub const SMALL_ALIGN: u64 = 64;
+
+/// What [`save`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Saved {
+    /// Size of the model file.
+    pub model_bytes: u64,
+    /// The data file and its size, when external data was written.
+    pub data: Option<(PathBuf, u64)>,
+    /// Tensors moved to the data file.
+    pub external_tensors: usize,
+}
+
+/// The data file of a model written to `path`: `path` + ".data", in the same folder.
+pub fn data_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "model.onnx".into());
+    name.push(".data");
+    path.with_file_name(name)
+}
+
+/// Sum of the tensor payloads in a model; with the node and graph overhead a lower bound
+/// of its serialized size that costs nothing to compute (compared with `compute_size`,
+/// which walks every field).
+fn tensor_payload(proto: &ModelProto) -> u64 {
+    let t = |t: &TensorProto| -> u64 {
+        t.raw_data.len() as u64
+            + 4 * (t.float_data.len() + t.int32_data.len()) as u64
+            + 8 * (t.double_data.len() + t.int64_data.len() + t.uint64_data.len()) as u64
+    };
+    let g = proto.graph.get_or_default();
+    g.initializer.iter().map(t).sum::<u64>()
+        + g.node.iter().flat_map(|n| n.attribute.iter()).filter_map(|a| a.t.as_ref()).map(t).sum::<u64>()
+}
+
+/// Writes a model to `path`, with its large tensors in `path.data` when `ext` says so
+/// (forced, or the model would exceed the protobuf limit). The inline model is never
+/// serialized when external data is used, so no protobuf above 2 GiB is built.
+///
+/// Both files are written to temporary files in the target folder and synced first; then
+/// any previous model at `path` is removed, the data file renamed into place, and the
+/// model last. A reader therefore finds no model, or a complete model whose data file is
+/// complete and matches it, never a model beside half-written or stale data.
+pub fn save(path: &Path, mut proto: ModelProto, ext: &ExternalData) -> Result<Saved> {
+    let size = tensor_payload(&proto).max(if ext.force { 0 } else { proto.compute_size() });
+    if !ext.decide(size) {
+        let bytes = to_bytes(&proto)?;
+        write_atomic(path, &bytes)?;
+        return Ok(Saved { model_bytes: bytes.len() as u64, data: None, external_tensors: 0 });
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let data = data_path(path);
+    let location = data.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| {
+        Error::Option(format!("{}: the output file name must be valid UTF-8 for external data", path.display()))
+    })?;
+    let temp = |p: &Path| {
+        tempfile::Builder::new()
+            .prefix(&format!(".{}.", p.file_name().and_then(|n| n.to_str()).unwrap_or("out")))
+            .suffix(".tmp")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io(&dir, e))
+    };
+    let mut data_tmp = temp(&data)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, data_tmp.as_file_mut());
+    let mut offset = 0u64;
+    let mut moved = 0usize;
+    let mut move_out = |t: &mut TensorProto| -> Result<()> {
+        if t.data_location.enum_value() == Ok(DataLocation::EXTERNAL) {
+            return Err(Error::Other(format!("tensor '{}' still refers to external data when saving", t.name)));
+        }
+        let bytes = if !t.raw_data.is_empty() {
+            std::mem::take(&mut t.raw_data)
+        } else {
+            match decode_tensor(t, Path::new(""), path)? {
+                Some(d) if !d.bytes.is_empty() => d.bytes,
+                _ => return Ok(()), // strings and exotic types stay inline
+            }
+        };
+        if bytes.len() < ext.threshold {
+            t.raw_data = bytes;
+            t.float_data.clear();
+            t.int32_data.clear();
+            t.int64_data.clear();
+            t.double_data.clear();
+            t.uint64_data.clear();
+            return Ok(());
+        }
+        let align = if bytes.len() >= 1 << 20 { PAGE_ALIGN } else { SMALL_ALIGN };
+        let pad = offset.next_multiple_of(align) - offset;
+        w.write_all(&vec![0u8; pad as usize]).map_err(|e| Error::io(&data, e))?;
+        offset += pad;
+        w.write_all(&bytes).map_err(|e| Error::io(&data, e))?;
+        let entry = |k: &str, v: String| {
+            let mut e = onnx_protobuf::StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            e
+        };
+        t.external_data = vec![
+            entry("location", location.clone()),
+            entry("offset", offset.to_string()),
+            entry("length", bytes.len().to_string()),
+        ];
+        t.data_location = DataLocation::EXTERNAL.into();
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        offset += bytes.len() as u64;
+        moved += 1;
+        Ok(())
+    };
+    let graph = proto.graph.mut_or_insert_default();
+    for t in graph.initializer.iter_mut() {
+        move_out(t)?;
+    }
+    for n in graph.node.iter_mut() {
+        for a in n.attribute.iter_mut() {
+            if let Some(t) = a.t.as_mut() {
+                move_out(t)?;
+            }
+        }
+    }
+    w.flush().map_err(|e| Error::io(&data, e))?;
+    drop(w);
+    data_tmp.as_file().sync_all().map_err(|e| Error::io(&data, e))?;
+    let bytes = to_bytes(&proto)?;
+    if bytes.len() as u64 > PROTOBUF_LIMIT {
+        return Err(Error::Other(format!(
+            "{}: the model is {} bytes even with its tensors in {location}",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    let mut model_tmp = temp(path)?;
+    model_tmp.write_all(&bytes).map_err(|e| Error::io(path, e))?;
+    model_tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    // Commit: old model out of the way, then the data, then the model.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    data_tmp.persist(&data).map_err(|e| Error::io(&data, e.error))?;
+    model_tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all(); // make the renames durable where the platform allows
+    }
+    Ok(Saved { model_bytes: bytes.len() as u64, data: Some((data, offset)), external_tensors: moved })
+}
