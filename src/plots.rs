@@ -4,7 +4,7 @@
 //! a value of (λ_min, λ_max, κ, ρ, tr K, Hessian trace): one row per layer (unit group), one cell per
 //! unit coloured on viridis (perceptually uniform, readable in grey), pruned units crossed
 //! out, layer names on the y axis and a colour bar with the minimum and maximum. A
-//! quantity that is positive and spans two decades or more is drawn on a log10 scale, and
+//! quantity that is non-negative and whose positive values span two decades or more is drawn on a log10 scale, and
 //! the title says so. Layers wider than [`MAX_COLUMNS`] units (MiniLM's 1536 FFN neurons)
 //! are binned: units sorted by score within the layer, consecutive runs of equal size
 //! averaged into one cell, a cell crossed when all its units are pruned and slashed when
@@ -166,10 +166,13 @@ impl Scale {
         }
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let log = lo > 0.0 && hi / lo >= 100.0;
+        // Non-negative values whose positive part spans two decades: log scale, zeros
+        // (a unit with λ_min = 0) drawn at the smallest positive value.
+        let min_pos = v.iter().copied().filter(|&x| x > 0.0).fold(f64::INFINITY, f64::min);
+        let log = lo >= 0.0 && min_pos.is_finite() && hi / min_pos >= 100.0;
         let (min, max) = (lo, hi);
         Some(if log {
-            Scale { log, lo: lo.log10(), hi: hi.log10(), min, max }
+            Scale { log, lo: min_pos.log10(), hi: hi.log10(), min, max }
         } else {
             Scale { log, lo, hi, min, max }
         })
@@ -178,7 +181,7 @@ impl Scale {
     /// The value in plot space (log10 when logarithmic).
     fn map(&self, x: f64) -> f64 {
         if self.log {
-            x.log10()
+            x.log10().max(self.lo)
         } else {
             x
         }
@@ -277,7 +280,7 @@ fn heatmap(
     let scale = Scale::of(values.iter().flatten().flatten().copied());
     let cell_value = |r: usize, units: &[usize]| -> Option<f64> {
         let sc = scale.as_ref()?;
-        let v: Vec<f64> = units.iter().filter_map(|&u| values[r][u]).filter(|&x| !sc.log || x > 0.0).collect();
+        let v: Vec<f64> = units.iter().filter_map(|&u| values[r][u]).collect();
         (!v.is_empty()).then(|| v.iter().map(|&x| sc.map(x)).sum::<f64>() / v.len() as f64)
     };
 
@@ -294,7 +297,11 @@ fn heatmap(
     let height = top + grid_h.max(90.0) + 48.0;
 
     let scale_note = match &scale {
-        Some(s) if s.log => format!("log10 colour scale (values span {:.1} decades)", s.hi - s.lo),
+        Some(s) if s.log => format!(
+            "log10 colour scale (values span {:.1} decades{})",
+            s.hi - s.lo,
+            if s.min <= 0.0 { "; zeros drawn at the smallest positive value" } else { "" }
+        ),
         Some(_) => "linear colour scale".to_string(),
         None => "no values".to_string(),
     };
@@ -421,7 +428,13 @@ fn heatmap(
             "<rect x=\"{bar_x:.1}\" y=\"{top:.1}\" width=\"12\" height=\"{bh:.1}\" fill=\"url(#cbar)\" stroke=\"#000000\" stroke-width=\"0.5\"/>"
         );
         let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\">max {}</text>", bar_x + 16.0, top + 9.0, esc(&num(sc.max)));
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\">min {}</text>", bar_x + 16.0, top + bh, esc(&num(sc.min)));
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\">min {}</text>",
+            bar_x + 16.0,
+            top + bh,
+            esc(&if sc.log && sc.min <= 0.0 { format!("{} (and 0)", num(10f64.powf(sc.lo))) } else { num(sc.min) })
+        );
         if sc.log {
             let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\">(log10)</text>", bar_x + 16.0, top + bh / 2.0 + 4.0);
         }
@@ -576,6 +589,8 @@ mod tests {
     #[test]
     fn log_scale_only_for_positive_values_spanning_decades() {
         assert!(Scale::of([1e-3, 1.0].into_iter()).unwrap().log);
+        let z = Scale::of([0.0, 1e-3, 1.0].into_iter()).unwrap();
+        assert!(z.log && z.min == 0.0 && z.lo == -3.0 && z.map(0.0) == -3.0);
         assert!(!Scale::of([1.0, 50.0].into_iter()).unwrap().log);
         assert!(!Scale::of([-1.0, 1e6].into_iter()).unwrap().log);
         assert!(Scale::of([f64::NAN].into_iter()).is_none());
