@@ -310,6 +310,18 @@ pub fn decode_tensor(t: &TensorProto, base: &Path, path: &Path) -> Result<Option
     } else if !t.raw_data.is_empty() || numel == 0 {
         t.raw_data.clone()
     } else {
+        // The element count of the typed field must match before anything is allocated:
+        // the dims come from the file and may claim terabytes.
+        let have = match dtype {
+            DType::F32 => t.float_data.len(),
+            DType::F64 => t.double_data.len(),
+            DType::I64 => t.int64_data.len(),
+            DType::U64 | DType::U32 => t.uint64_data.len(),
+            _ => t.int32_data.len(),
+        };
+        if have != numel {
+            return Err(err(format!("{} {:?} needs {numel} elements, the file holds {have}", dtype, dims)));
+        }
         let mut b = Vec::with_capacity(nbytes);
         match dtype {
             DType::F32 => t.float_data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
@@ -358,6 +370,13 @@ fn read_external(t: &TensorProto, base: &Path, nbytes: usize) -> Result<Vec<u8>,
         }
     }
     let mut f = std::fs::File::open(&file).map_err(|e| format!("external data file {}: {e}", file.display()))?;
+    let size = f.metadata().map_err(|e| format!("external data file {}: {e}", file.display()))?.len();
+    if offset.checked_add(nbytes as u64).is_none_or(|end| end > size) {
+        return Err(format!(
+            "external data file {} ({size} bytes) is too short for offset {offset} + {nbytes} bytes",
+            file.display()
+        ));
+    }
     f.seek(SeekFrom::Start(offset)).map_err(|e| format!("external data file {}: {e}", file.display()))?;
     let mut buf = vec![0u8; nbytes];
     f.read_exact(&mut buf).map_err(|e| {
