@@ -212,6 +212,21 @@ fn pl_criterion_on_vgg_with_report() {
 }
 
 #[test]
+fn help_shows_examples_exit_codes_and_new_options() {
+    let help = run_ok(&["--help"]);
+    for want in [
+        "Exit codes: 0 ok, 1 internal error, 2 bad model/data/option, 3 rewrite failed verification",
+        "--plots plots/",
+        "--external-data -o slim.onnx",
+        "--external-data-threshold <BYTES>",
+        "--plots <DIR>",
+        "Progress bars go to stderr",
+    ] {
+        assert!(help.contains(want), "--help lacks '{want}':\n{help}");
+    }
+}
+
+#[test]
 fn error_paths_are_one_line_and_nonzero() {
     let dir = out_dir("cli-errors");
     let vgg = shared("digits/vgg_bn.onnx");
@@ -239,6 +254,8 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("--ratio"), "{e}");
     let e = run_err(&[vggs, "-o", vggs], 2);
     assert!(e.contains("overwrite the input"), "{e}");
+    let e = run_err(&[vggs, "--external-data-threshold", "0", "-o", outs], 2);
+    assert!(e.contains("--external-data-threshold"), "{e}");
     let e = run_err(&[vggs, "--criterion", "nope", "-o", outs], 2);
     assert!(e.contains("unknown --criterion 'nope'"), "{e}");
     let e = run_err(&[vggs, "--units", "filters,bogus", "-o", outs], 2);
