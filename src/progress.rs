@@ -90,19 +90,20 @@ impl Bars {
 
 impl Progress for Bars {
     fn begin(&self, label: &str, total: u64) {
+        // `wide_bar` fills what the terminal has left, so the line never wraps.
         let style = if total > 0 {
-            indicatif::ProgressStyle::with_template("{prefix:>10} {msg:<36} [{bar:30}] {pos}/{len} {elapsed}")
+            indicatif::ProgressStyle::with_template("{prefix} {msg} [{wide_bar}] {pos}/{len} {elapsed}")
         } else {
-            indicatif::ProgressStyle::with_template("{prefix:>10} {msg:<36} {spinner} {elapsed}")
+            indicatif::ProgressStyle::with_template("{prefix} {msg} {spinner} {elapsed}")
         };
+        // Everything is set before the message, whose change draws the new phase at once.
+        self.bar.reset();
+        self.bar.set_length(total);
         if let Ok(s) = style {
             self.bar.set_style(s.progress_chars("=> "));
         }
         self.bar.set_prefix("scoring");
         self.bar.set_message(label.to_string());
-        self.bar.reset();
-        self.bar.set_length(total);
-        self.bar.set_position(0);
     }
 
     fn inc(&self, n: u64) {
