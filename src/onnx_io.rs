@@ -39,11 +39,78 @@ pub fn load(path: &Path) -> Result<(Document, Model)> {
 
 /// Imports a model from bytes; `path` names it in errors and anchors external data.
 pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<(Document, Model)> {
+    check_group_nesting(bytes).map_err(|msg| Error::Parse { path: path.to_path_buf(), msg })?;
     let proto = ModelProto::parse_from_bytes(bytes)
         .map_err(|e| Error::Parse { path: path.to_path_buf(), msg: format!("protobuf decoding failed ({e})") })?;
     let doc = Document { proto, path: path.to_path_buf() };
     let model = import(&doc)?;
     Ok((doc, model))
+}
+
+/// Deepest nesting of protobuf groups accepted in one message. ONNX uses no groups at all;
+/// the limit only exists because protobuf 3.4 skips unknown groups by unbounded recursion,
+/// so a few kilobytes of nested group tags overflow the stack (found by fuzzing).
+pub const MAX_GROUP_NESTING: usize = 64;
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &x) in b.iter().enumerate().take(10) {
+        v |= ((x & 0x7f) as u64) << (7 * i);
+        if x & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Scans the wire format without recursion (an explicit work list) for nested groups the
+/// protobuf parser would recurse into. Every length-delimited field is scanned as if it
+/// were a message (the parser descends into those that are; which ones it cannot know
+/// without the schema), down to protobuf's own message nesting limit of 100; a region
+/// stops being scanned at its first byte that is not valid wire format. Conservative: a
+/// bytes field holding 64 nested group tags is refused too.
+fn check_group_nesting(bytes: &[u8]) -> Result<(), String> {
+    let mut work: Vec<(usize, usize, usize)> = vec![(0, bytes.len(), 0)];
+    while let Some((start, end, depth)) = work.pop() {
+        let mut pos = start;
+        let mut groups = 0usize;
+        while pos < end {
+            let Some((tag, n)) = varint(&bytes[pos..end]) else { break };
+            pos += n;
+            if tag >> 3 == 0 {
+                break;
+            }
+            let rest = end - pos;
+            match tag & 7 {
+                0 => match varint(&bytes[pos..end]) {
+                    Some((_, n)) => pos += n,
+                    None => break,
+                },
+                1 if rest >= 8 => pos += 8,
+                5 if rest >= 4 => pos += 4,
+                2 => {
+                    let Some((len, n)) = varint(&bytes[pos..end]) else { break };
+                    pos += n;
+                    let Some(len) = usize::try_from(len).ok().filter(|&l| l <= end - pos) else { break };
+                    if depth < 100 && len > 0 {
+                        work.push((pos, pos + len, depth + 1));
+                    }
+                    pos += len;
+                }
+                3 => {
+                    groups += 1;
+                    if groups > MAX_GROUP_NESTING {
+                        return Err(format!(
+                            "protobuf groups nested more than {MAX_GROUP_NESTING} deep at byte {pos} (ONNX uses no groups)"
+                        ));
+                    }
+                }
+                4 if groups > 0 => groups -= 1,
+                _ => break,
+            }
+        }
+    }
+    Ok(())
 }
 
 fn base_dir(path: &Path) -> PathBuf {

@@ -118,3 +118,24 @@ fn external_data_longer_than_its_file_is_an_error_not_an_allocation() {
     let e = onnx_io::load_bytes(&model_with(t), &path).err().unwrap().to_string();
     assert!(e.contains("m.onnx") && e.contains("w.bin") && e.contains("too short"), "{e}");
 }
+
+/// Fuzzing found (discover_rewrite, 2 inputs under fuzz/regressions/discover_rewrite/):
+/// nested protobuf start-group tags in an unknown field made protobuf 3.4's skip_group
+/// recurse until the stack overflowed (an abort, not even a panic). 100 000 nested groups
+/// of unknown field 100 — 200 KB — are now refused before decoding, with a clear error;
+/// shallow groups in unknown fields still decode.
+#[test]
+fn deeply_nested_protobuf_groups_are_an_error_not_a_stack_overflow() {
+    let tag = [0xA3u8, 0x06]; // field 100, wire type 3 (start group)
+    let bytes: Vec<u8> = tag.iter().copied().cycle().take(200_000).collect();
+    let e = onnx_io::load_bytes(&bytes, Path::new("groups.onnx")).err().unwrap().to_string();
+    assert!(e.contains("groups.onnx") && e.contains("groups nested more than 64"), "{e}");
+    for p in inputs("discover_rewrite").iter().filter(|p| p.to_string_lossy().contains("crash-")) {
+        let e = onnx_io::load_bytes(&std::fs::read(p).unwrap(), Path::new("c.onnx")).err().unwrap().to_string();
+        assert!(e.contains("groups nested"), "{}: {e}", p.display());
+    }
+    // Two nested groups (start, start, end, end) in an unknown field of a real model: fine.
+    let mut ok = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ffn_gelu.onnx")).unwrap();
+    ok.extend_from_slice(&[0xA3, 0x06, 0xA3, 0x06, 0xA4, 0x06, 0xA4, 0x06]);
+    onnx_io::load_bytes(&ok, Path::new("ok.onnx")).unwrap();
+}
