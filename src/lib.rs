@@ -20,6 +20,8 @@ pub mod onnx_io;
 pub mod ops;
 pub mod passes;
 pub mod pipeline;
+pub mod plots;
+pub mod progress;
 pub mod report;
 pub mod rng;
 pub mod runtime;

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -14,8 +15,9 @@ use plprune_onnx::criteria::gate::GateConfig;
 use plprune_onnx::criteria::{Criterion, Schedule, ScoringConfig};
 use plprune_onnx::engine::DeviceChoice;
 use plprune_onnx::passes::recover_weights::Recover;
+use plprune_onnx::progress::Progress;
 use plprune_onnx::units::UnitKind;
-use plprune_onnx::{onnx_io, Config, Error, Result, Scope, Session};
+use plprune_onnx::{onnx_io, plots, progress, Config, Error, Result, Scope, Session};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -23,11 +25,16 @@ Examples:
   plprune-onnx model.onnx --ratio 0.5 --criterion magnitude -o slim.onnx
   plprune-onnx model.onnx --ratio 0.75 --calib calib.npz --schedule linear --steps 3 --report r.json -o slim.onnx
   plprune-onnx model.onnx --ratio 0.25 --units filters --report report.json -o slim.onnx
+  plprune-onnx model.onnx --ratio 0.5 --calib calib.npz --plots plots/ -o slim.onnx
+  plprune-onnx big.onnx --ratio 0.5 --criterion magnitude --external-data -o slim.onnx   (writes slim.onnx + slim.onnx.data)
   plprune-onnx bert.onnx --ratio 0.5 --calib calib.npz --units neurons -o slim.onnx
   plprune-onnx inspect model.onnx
   plprune-onnx diff model.onnx slim.onnx
 
-Exit codes: 0 ok, 1 internal error, 2 bad model/data/option, 3 rewrite failed verification.";
+Progress bars go to stderr when it is a terminal (not with --quiet); results go to stdout.
+
+Exit codes: 0 ok, 1 internal error, 2 bad model/data/option, 3 rewrite failed verification
+(nothing is written).";
 
 #[derive(Parser)]
 #[command(
@@ -169,6 +176,17 @@ struct PruneArgs {
     /// Samples of the calibration batch the verification runs on.
     #[arg(long, default_value_t = 2)]
     verify_samples: usize,
+    /// Write SVG plots into this folder: per unit kind, heatmaps (layer × unit) of the score
+    /// and of every feature, pruned units crossed out; the gate's training curves.
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
+    /// Write tensors of at least --external-data-threshold bytes to OUT.data beside the
+    /// model (ONNX external data). Automatic when the model would exceed protobuf's 2 GB.
+    #[arg(long)]
+    external_data: bool,
+    /// Smallest tensor, in bytes, that goes to the external data file.
+    #[arg(long, default_value_t = 1024, value_name = "BYTES")]
+    external_data_threshold: usize,
     /// Do everything but write the model.
     #[arg(long)]
     dry_run: bool,
@@ -311,13 +329,23 @@ fn same_file(a: &Path, b: &Path) -> bool {
 fn prune(a: PruneArgs) -> Result<()> {
     let input = a.input.clone().ok_or_else(|| Error::Option("no input model given".into()))?;
     let config = config(&a)?;
-    for out in [&a.output, &a.report, &a.masked_output].into_iter().flatten() {
+    let data_files: Vec<PathBuf> =
+        [&a.output, &a.masked_output].into_iter().flatten().map(|p| onnx_io::data_path(p)).collect();
+    for out in [&a.output, &a.report, &a.masked_output].into_iter().flatten().chain(&data_files) {
         if same_file(&input, out) {
             return Err(Error::Option(format!("{} would overwrite the input model", out.display())));
         }
     }
+    if a.external_data_threshold == 0 {
+        return Err(Error::Option("--external-data-threshold must be at least 1 byte".into()));
+    }
     let mut session = Session::open(&input, config)?;
-    session.run()?;
+    let bars = Arc::new(progress::Bars::stderr(a.quiet));
+    let installed = progress::install(bars.clone());
+    let ran = session.run();
+    bars.finish();
+    drop(installed);
+    ran?;
     let report = session.report();
     for w in &report.warnings {
         if !a.quiet {
@@ -327,18 +355,36 @@ fn prune(a: PruneArgs) -> Result<()> {
     if let Some(r) = &a.report {
         onnx_io::write_atomic(r, report.to_json().as_bytes())?;
     }
+    let ext = onnx_io::ExternalData {
+        force: a.external_data,
+        threshold: a.external_data_threshold,
+        ..onnx_io::ExternalData::default()
+    };
     if let Some(m) = &a.masked_output {
-        onnx_io::write_atomic(m, &session.masked_bytes()?)?;
+        let dense = session.cx.dense.as_ref().ok_or_else(|| Error::Other("nothing was applied".into()))?;
+        let keep = session.cx.keep.as_ref().ok_or_else(|| Error::Other("nothing was selected".into()))?;
+        let masked = plprune_onnx::passes::rewrite_graph::masked(dense, &session.cx.groups, keep);
+        onnx_io::save(m, onnx_io::export(&session.cx.document, &masked)?, &ext)?;
     }
-    let bytes = session.model_bytes()?;
+    let proto = onnx_io::export(&session.cx.document, &session.model)?;
     if !a.quiet {
         print!("{}", report.summary_text());
     }
+    if let Some(dir) = &a.plots {
+        let written = plots::write_all(dir, &report)?;
+        if !a.quiet {
+            println!("plots    {} SVG files in {}", written.len(), dir.display());
+        }
+    }
     match (&a.output, a.dry_run) {
         (Some(out), false) => {
-            onnx_io::write_atomic(out, &bytes)?;
+            let saved = onnx_io::save(out, proto, &ext)?;
             if !a.quiet {
-                println!("wrote {} ({:.1} MB)", out.display(), bytes.len() as f64 / 1e6);
+                print!("wrote {} ({:.1} MB)", out.display(), saved.model_bytes as f64 / 1e6);
+                if let Some((data, n)) = &saved.data {
+                    print!(" + {} ({:.1} MB, {} tensors)", data.display(), *n as f64 / 1e6, saved.external_tensors);
+                }
+                println!();
             }
         }
         _ => {

@@ -39,11 +39,78 @@ pub fn load(path: &Path) -> Result<(Document, Model)> {
 
 /// Imports a model from bytes; `path` names it in errors and anchors external data.
 pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<(Document, Model)> {
+    check_group_nesting(bytes).map_err(|msg| Error::Parse { path: path.to_path_buf(), msg })?;
     let proto = ModelProto::parse_from_bytes(bytes)
         .map_err(|e| Error::Parse { path: path.to_path_buf(), msg: format!("protobuf decoding failed ({e})") })?;
     let doc = Document { proto, path: path.to_path_buf() };
     let model = import(&doc)?;
     Ok((doc, model))
+}
+
+/// Deepest nesting of protobuf groups accepted in one message. ONNX uses no groups at all;
+/// the limit only exists because protobuf 3.4 skips unknown groups by unbounded recursion,
+/// so a few kilobytes of nested group tags overflow the stack (found by fuzzing).
+pub const MAX_GROUP_NESTING: usize = 64;
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &x) in b.iter().enumerate().take(10) {
+        v |= ((x & 0x7f) as u64) << (7 * i);
+        if x & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Scans the wire format without recursion (an explicit work list) for nested groups the
+/// protobuf parser would recurse into. Every length-delimited field is scanned as if it
+/// were a message (the parser descends into those that are; which ones it cannot know
+/// without the schema), down to protobuf's own message nesting limit of 100; a region
+/// stops being scanned at its first byte that is not valid wire format. Conservative: a
+/// bytes field holding 64 nested group tags is refused too.
+fn check_group_nesting(bytes: &[u8]) -> Result<(), String> {
+    let mut work: Vec<(usize, usize, usize)> = vec![(0, bytes.len(), 0)];
+    while let Some((start, end, depth)) = work.pop() {
+        let mut pos = start;
+        let mut groups = 0usize;
+        while pos < end {
+            let Some((tag, n)) = varint(&bytes[pos..end]) else { break };
+            pos += n;
+            if tag >> 3 == 0 {
+                break;
+            }
+            let rest = end - pos;
+            match tag & 7 {
+                0 => match varint(&bytes[pos..end]) {
+                    Some((_, n)) => pos += n,
+                    None => break,
+                },
+                1 if rest >= 8 => pos += 8,
+                5 if rest >= 4 => pos += 4,
+                2 => {
+                    let Some((len, n)) = varint(&bytes[pos..end]) else { break };
+                    pos += n;
+                    let Some(len) = usize::try_from(len).ok().filter(|&l| l <= end - pos) else { break };
+                    if depth < 100 && len > 0 {
+                        work.push((pos, pos + len, depth + 1));
+                    }
+                    pos += len;
+                }
+                3 => {
+                    groups += 1;
+                    if groups > MAX_GROUP_NESTING {
+                        return Err(format!(
+                            "protobuf groups nested more than {MAX_GROUP_NESTING} deep at byte {pos} (ONNX uses no groups)"
+                        ));
+                    }
+                }
+                4 if groups > 0 => groups -= 1,
+                _ => break,
+            }
+        }
+    }
+    Ok(())
 }
 
 fn base_dir(path: &Path) -> PathBuf {
@@ -310,6 +377,18 @@ pub fn decode_tensor(t: &TensorProto, base: &Path, path: &Path) -> Result<Option
     } else if !t.raw_data.is_empty() || numel == 0 {
         t.raw_data.clone()
     } else {
+        // The element count of the typed field must match before anything is allocated:
+        // the dims come from the file and may claim terabytes.
+        let have = match dtype {
+            DType::F32 => t.float_data.len(),
+            DType::F64 => t.double_data.len(),
+            DType::I64 => t.int64_data.len(),
+            DType::U64 | DType::U32 => t.uint64_data.len(),
+            _ => t.int32_data.len(),
+        };
+        if have != numel {
+            return Err(err(format!("{} {:?} needs {numel} elements, the file holds {have}", dtype, dims)));
+        }
         let mut b = Vec::with_capacity(nbytes);
         match dtype {
             DType::F32 => t.float_data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
@@ -358,6 +437,13 @@ fn read_external(t: &TensorProto, base: &Path, nbytes: usize) -> Result<Vec<u8>,
         }
     }
     let mut f = std::fs::File::open(&file).map_err(|e| format!("external data file {}: {e}", file.display()))?;
+    let size = f.metadata().map_err(|e| format!("external data file {}: {e}", file.display()))?.len();
+    if offset.checked_add(nbytes as u64).is_none_or(|end| end > size) {
+        return Err(format!(
+            "external data file {} ({size} bytes) is too short for offset {offset} + {nbytes} bytes",
+            file.display()
+        ));
+    }
     f.seek(SeekFrom::Start(offset)).map_err(|e| format!("external data file {}: {e}", file.display()))?;
     let mut buf = vec![0u8; nbytes];
     f.read_exact(&mut buf).map_err(|e| {
@@ -611,4 +697,193 @@ pub fn strip_value_info(bytes: &[u8]) -> Result<Vec<u8>> {
         .map_err(|e| Error::Other(format!("cannot decode a model the tool wrote: {e}")))?;
     proto.graph.mut_or_insert_default().value_info.clear();
     to_bytes(&proto)
+}
+
+/// The protobuf size limit: a serialized `ModelProto` above 2 GiB cannot be read back by
+/// protobuf implementations (onnx, onnxruntime), so larger models keep their tensors in an
+/// external data file.
+pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+
+/// How `save` places tensor data: inline, or in `OUT.data` beside the model (the ONNX
+/// external-data convention: `location`, `offset`, `length` per tensor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExternalData {
+    /// Always write external data (`--external-data`).
+    pub force: bool,
+    /// Tensors of at least this many bytes go to the data file; smaller ones stay inline
+    /// (onnx's `convert_model_to_external_data` default is 1024).
+    pub threshold: usize,
+    /// Serialized model sizes above which external data is used even when not forced.
+    pub limit: u64,
+}
+
+impl Default for ExternalData {
+    fn default() -> ExternalData {
+        ExternalData { force: false, threshold: 1024, limit: PROTOBUF_LIMIT }
+    }
+}
+
+impl ExternalData {
+    /// Whether a model whose inline serialization takes `inline_size` bytes is written with
+    /// external data.
+    pub fn decide(&self, inline_size: u64) -> bool {
+        self.force || inline_size > self.limit
+    }
+}
+
+/// Offsets in the data file are multiples of this for tensors of at least 1 MiB (pages,
+/// so a reader can map them), and of [`SMALL_ALIGN`] below.
+pub const PAGE_ALIGN: u64 = 4096;
+pub const SMALL_ALIGN: u64 = 64;
+
+/// What [`save`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Saved {
+    /// Size of the model file.
+    pub model_bytes: u64,
+    /// The data file and its size, when external data was written.
+    pub data: Option<(PathBuf, u64)>,
+    /// Tensors moved to the data file.
+    pub external_tensors: usize,
+}
+
+/// The data file of a model written to `path`: `path` + ".data", in the same folder.
+pub fn data_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "model.onnx".into());
+    name.push(".data");
+    path.with_file_name(name)
+}
+
+/// Sum of the tensor payloads in a model; with the node and graph overhead a lower bound
+/// of its serialized size that costs nothing to compute (compared with `compute_size`,
+/// which walks every field).
+fn tensor_payload(proto: &ModelProto) -> u64 {
+    let t = |t: &TensorProto| -> u64 {
+        t.raw_data.len() as u64
+            + 4 * (t.float_data.len() + t.int32_data.len()) as u64
+            + 8 * (t.double_data.len() + t.int64_data.len() + t.uint64_data.len()) as u64
+    };
+    let g = proto.graph.get_or_default();
+    g.initializer.iter().map(t).sum::<u64>()
+        + g.node.iter().flat_map(|n| n.attribute.iter()).filter_map(|a| a.t.as_ref()).map(t).sum::<u64>()
+}
+
+/// Writes a model to `path`, with its large tensors in `path.data` when `ext` says so
+/// (forced, or the model would exceed the protobuf limit). The inline model is never
+/// serialized when external data is used, so no protobuf above 2 GiB is built.
+///
+/// Both files are written to temporary files in the target folder and synced first; then
+/// any previous model at `path` is removed, the data file renamed into place, and the
+/// model last. A reader therefore finds no model, or a complete model whose data file is
+/// complete and matches it, never a model beside half-written or stale data.
+pub fn save(path: &Path, mut proto: ModelProto, ext: &ExternalData) -> Result<Saved> {
+    let size = tensor_payload(&proto).max(if ext.force { 0 } else { proto.compute_size() });
+    if !ext.decide(size) {
+        let bytes = to_bytes(&proto)?;
+        write_atomic(path, &bytes)?;
+        return Ok(Saved { model_bytes: bytes.len() as u64, data: None, external_tensors: 0 });
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let data = data_path(path);
+    let location = data.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| {
+        Error::Option(format!("{}: the output file name must be valid UTF-8 for external data", path.display()))
+    })?;
+    let temp = |p: &Path| {
+        tempfile::Builder::new()
+            .prefix(&format!(".{}.", p.file_name().and_then(|n| n.to_str()).unwrap_or("out")))
+            .suffix(".tmp")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io(&dir, e))
+    };
+    let mut data_tmp = temp(&data)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, data_tmp.as_file_mut());
+    let mut offset = 0u64;
+    let mut moved = 0usize;
+    let mut move_out = |t: &mut TensorProto| -> Result<()> {
+        if t.data_location.enum_value() == Ok(DataLocation::EXTERNAL) {
+            return Err(Error::Other(format!("tensor '{}' still refers to external data when saving", t.name)));
+        }
+        let bytes = if !t.raw_data.is_empty() {
+            std::mem::take(&mut t.raw_data)
+        } else {
+            match decode_tensor(t, Path::new(""), path)? {
+                Some(d) if !d.bytes.is_empty() => d.bytes,
+                _ => return Ok(()), // strings and exotic types stay inline
+            }
+        };
+        if bytes.len() < ext.threshold {
+            t.raw_data = bytes;
+            t.float_data.clear();
+            t.int32_data.clear();
+            t.int64_data.clear();
+            t.double_data.clear();
+            t.uint64_data.clear();
+            return Ok(());
+        }
+        let align = if bytes.len() >= 1 << 20 { PAGE_ALIGN } else { SMALL_ALIGN };
+        let pad = offset.next_multiple_of(align) - offset;
+        w.write_all(&vec![0u8; pad as usize]).map_err(|e| Error::io(&data, e))?;
+        offset += pad;
+        w.write_all(&bytes).map_err(|e| Error::io(&data, e))?;
+        let entry = |k: &str, v: String| {
+            let mut e = onnx_protobuf::StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            e
+        };
+        t.external_data = vec![
+            entry("location", location.clone()),
+            entry("offset", offset.to_string()),
+            entry("length", bytes.len().to_string()),
+        ];
+        t.data_location = DataLocation::EXTERNAL.into();
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        offset += bytes.len() as u64;
+        moved += 1;
+        Ok(())
+    };
+    let graph = proto.graph.mut_or_insert_default();
+    for t in graph.initializer.iter_mut() {
+        move_out(t)?;
+    }
+    for n in graph.node.iter_mut() {
+        for a in n.attribute.iter_mut() {
+            if let Some(t) = a.t.as_mut() {
+                move_out(t)?;
+            }
+        }
+    }
+    w.flush().map_err(|e| Error::io(&data, e))?;
+    drop(w);
+    data_tmp.as_file().sync_all().map_err(|e| Error::io(&data, e))?;
+    let bytes = to_bytes(&proto)?;
+    if bytes.len() as u64 > PROTOBUF_LIMIT {
+        return Err(Error::Other(format!(
+            "{}: the model is {} bytes even with its tensors in {location}",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    let mut model_tmp = temp(path)?;
+    model_tmp.write_all(&bytes).map_err(|e| Error::io(path, e))?;
+    model_tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    // Commit: old model out of the way, then the data, then the model.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    data_tmp.persist(&data).map_err(|e| Error::io(&data, e.error))?;
+    model_tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all(); // make the renames durable where the platform allows
+    }
+    Ok(Saved { model_bytes: bytes.len() as u64, data: Some((data, offset)), external_tensors: moved })
 }

@@ -137,36 +137,59 @@ fn same_command_twice_gives_identical_bytes() {
 }
 
 /// Issue 4's must-show: the PL criterion on vgg_bn writes a slim model and a report with
-/// every unit's features; the same command twice gives identical bytes.
+/// every unit's features; the same command twice gives identical bytes. Issue 6: the same
+/// runs write `--plots`, checked against the report (plots_match_report), byte-identical
+/// between the runs, and stderr stays empty (no progress bars when it is not a terminal).
 #[test]
 fn pl_criterion_on_vgg_with_report() {
     let dir = out_dir("cli-pl");
     let model = shared("digits/vgg_bn.onnx");
     let calib = shared("digits/img_train.npz");
     let mut outs = Vec::new();
+    let mut plot_sets = Vec::new();
     for i in 0..2 {
         let o = dir.join(format!("v{i}.onnx"));
         let r = dir.join(format!("r{i}.json"));
-        let stdout = run_ok(&[
-            model.to_str().unwrap(),
-            "--criterion",
-            "pl",
-            "--ratio",
-            "0.5",
-            "--calib",
-            calib.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "-o",
-            o.to_str().unwrap(),
-            "--report",
-            r.to_str().unwrap(),
-        ]);
+        let plots = dir.join(format!("plots{i}"));
+        let _ = std::fs::remove_dir_all(&plots);
+        let out = bin()
+            .args([
+                model.to_str().unwrap(),
+                "--criterion",
+                "pl",
+                "--ratio",
+                "0.5",
+                "--calib",
+                calib.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "-o",
+                o.to_str().unwrap(),
+                "--report",
+                r.to_str().unwrap(),
+                "--plots",
+                plots.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stderr.is_empty(), "stderr is not a terminal: no progress bars expected, got:\n{stderr}");
         assert!(stdout.contains("criterion pl on 32 calibration samples, device cpu"), "{stdout}");
+        assert!(stdout.contains(&format!("SVG files in {}", plots.display())), "{stdout}");
         let mut rep = json(&r);
+        plots_match_report(&plots, &rep);
         rep.as_object_mut().unwrap().remove("timings_s");
         outs.push((std::fs::read(&o).unwrap(), rep));
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&plots)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        plot_sets.push(files);
     }
+    assert!(plot_sets[0] == plot_sets[1], "plots differ between identical pl runs");
     assert!(outs[0].0 == outs[1].0, "models differ between identical pl runs");
     assert_eq!(outs[0].1, outs[1].1, "reports differ between identical pl runs");
     let rep = &outs[0].1;
@@ -186,6 +209,21 @@ fn pl_criterion_on_vgg_with_report() {
     let before = rep["kinds"]["filters"]["parameters"]["before"].as_f64().unwrap();
     let after = rep["kinds"]["filters"]["parameters"]["after"].as_f64().unwrap();
     assert!((after / before - 0.5).abs() < 0.03, "{after} / {before}");
+}
+
+#[test]
+fn help_shows_examples_exit_codes_and_new_options() {
+    let help = run_ok(&["--help"]);
+    for want in [
+        "Exit codes: 0 ok, 1 internal error, 2 bad model/data/option, 3 rewrite failed verification",
+        "--plots plots/",
+        "--external-data -o slim.onnx",
+        "--external-data-threshold <BYTES>",
+        "--plots <DIR>",
+        "Progress bars go to stderr",
+    ] {
+        assert!(help.contains(want), "--help lacks '{want}':\n{help}");
+    }
 }
 
 #[test]
@@ -216,6 +254,8 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("--ratio"), "{e}");
     let e = run_err(&[vggs, "-o", vggs], 2);
     assert!(e.contains("overwrite the input"), "{e}");
+    let e = run_err(&[vggs, "--external-data-threshold", "0", "-o", outs], 2);
+    assert!(e.contains("--external-data-threshold"), "{e}");
     let e = run_err(&[vggs, "--criterion", "nope", "-o", outs], 2);
     assert!(e.contains("unknown --criterion 'nope'"), "{e}");
     let e = run_err(&[vggs, "--units", "filters,bogus", "-o", outs], 2);
@@ -281,4 +321,144 @@ fn missing_external_data_is_a_clear_error() {
     assert!(e.contains("external_data.onnx") && e.contains("external data file"), "{e}");
     std::fs::copy(fixture("external_data.onnx.data"), dir.join("external_data.onnx.data")).unwrap();
     run_ok(&[model.to_str().unwrap(), "--ratio", "0.5", "-o", dir.join("o.onnx").to_str().unwrap()]);
+}
+
+/// Checks the SVGs of `--plots` against the report they were drawn from: every heatmap has
+/// one row per layer of its kind, one cell per unit, a cross on exactly the pruned units
+/// and a colour bar whose range is the range of the plotted values; the gate's curve has
+/// one point per epoch in each series and marks the chosen epoch.
+fn plots_match_report(dir: &Path, rep: &Value) {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    let features = ["hessian", "kappa", "lambda_max", "lambda_min", "rho", "score", "trace_k"];
+    // Plots exist exactly for the kinds with scored units (on vgg: filters, and the one
+    // prunable classifier layer's neurons), and for each schedule step with a gate.
+    let scored_kinds: std::collections::BTreeSet<&str> = rep["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["units"].as_array().unwrap().iter().any(|u| u["score"].is_number()))
+        .map(|g| g["kind"].as_str().unwrap())
+        .collect();
+    assert!(scored_kinds.contains("filters"), "{scored_kinds:?}");
+    // A feature gets a plot where some unit of the kind has a value for it.
+    let has = |k: &str, f: &str| {
+        let groups = rep["groups"].as_array().unwrap().iter().filter(|g| g["kind"] == k);
+        groups.flat_map(|g| g["units"].as_array().unwrap()).any(|u| {
+            let v = if f == "score" { &u["score"] } else { &u["features"][feature_key(f)] };
+            v.is_number()
+        })
+    };
+    let mut want: Vec<String> = scored_kinds
+        .iter()
+        .flat_map(|k| features.iter().filter(|f| has(k, f)).map(move |f| format!("{k}-{f}.svg")))
+        .collect();
+    assert!(want.len() >= 13, "{want:?}");
+    want.push("gate-step1.svg".into());
+    want.sort();
+    assert_eq!(names, want);
+    for kind in scored_kinds {
+        heatmaps_match_report(dir, rep, kind, &features);
+    }
+    gate_curve_matches_report(dir, rep);
+}
+
+fn heatmaps_match_report(dir: &Path, rep: &Value, kind: &str, features: &[&str]) {
+    let groups: Vec<&Value> = rep["groups"].as_array().unwrap().iter().filter(|g| g["kind"] == kind).collect();
+    for &f in features {
+        let file = format!("{kind}-{f}.svg");
+        if !dir.join(&file).exists() {
+            continue; // no unit has this feature (checked by the file list above)
+        }
+        let text = std::fs::read_to_string(dir.join(&file)).unwrap();
+        let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{file} is not XML: {e}"));
+        let class = |n: &roxmltree::Node, c: &str| n.attribute("class").is_some_and(|v| v.split(' ').any(|x| x == c));
+        let rows: Vec<roxmltree::Node> = doc.descendants().filter(|n| class(n, "row")).collect();
+        assert_eq!(rows.len(), groups.len(), "{file}: one row per layer");
+        let mut values = Vec::new();
+        for (row, g) in rows.iter().zip(&groups) {
+            let layer = g["layer"].as_str().unwrap();
+            assert_eq!(row.attribute("data-layer"), Some(layer), "{file}");
+            let label = row.descendants().find(|n| class(n, "layer")).unwrap().text().unwrap();
+            assert_eq!(label, layer, "{file}: the axis label is the layer name");
+            let cells: Vec<roxmltree::Node> = row.descendants().filter(|n| class(n, "cell")).collect();
+            assert_eq!(cells.len() as u64, g["units_before"].as_u64().unwrap(), "{file} {layer}: one cell per unit");
+            assert!(cells.iter().all(|c| c.attribute("data-units") == Some("1")));
+            let pruned: Vec<usize> =
+                g["pruned"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as usize).collect();
+            let marks = row.descendants().filter(|n| class(n, "pruned")).count();
+            assert_eq!(marks, pruned.len(), "{file} {layer}: one cross per pruned unit");
+            // The crossed cells are the pruned units (cells are in unit order).
+            let crossed: Vec<usize> = cells
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.attribute("data-pruned") == Some("1"))
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(crossed, pruned, "{file} {layer}");
+            for u in g["units"].as_array().unwrap() {
+                let v = if f == "score" { &u["score"] } else { &u["features"][feature_key(f)] };
+                if let Some(v) = v.as_f64() {
+                    values.push(v);
+                }
+            }
+        }
+        let bar = doc.descendants().find(|n| class(n, "colorbar")).unwrap_or_else(|| panic!("{file}: no colour bar"));
+        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let close = |a: &str, b: f64| {
+            let a: f64 = a.parse().unwrap();
+            (a - b).abs() <= 1e-3 * b.abs().max(1e-9)
+        };
+        assert!(
+            close(bar.attribute("data-min").unwrap(), lo),
+            "{file}: colour bar min {:?} vs {lo}",
+            bar.attribute("data-min")
+        );
+        assert!(
+            close(bar.attribute("data-max").unwrap(), hi),
+            "{file}: colour bar max {:?} vs {hi}",
+            bar.attribute("data-max")
+        );
+        let log = bar.attribute("data-log") == Some("true");
+        let min_pos = values.iter().copied().filter(|&v| v > 0.0).fold(f64::INFINITY, f64::min);
+        let want_log = lo >= 0.0 && min_pos.is_finite() && hi / min_pos >= 100.0;
+        assert_eq!(log, want_log, "{file}: log scale iff values ≥ 0 whose positive part spans two decades");
+        let title =
+            doc.root_element().children().find(|n| n.has_tag_name("title")).unwrap().text().unwrap().to_string();
+        assert_eq!(title.contains("log10"), log, "{file}: {title}");
+        assert!(title.contains("one cell per unit"), "{title}");
+    }
+}
+
+fn gate_curve_matches_report(dir: &Path, rep: &Value) {
+    let gate = &rep["scoring"]["steps"][0]["gate"];
+    let epochs = gate["curve"].as_array().unwrap().len();
+    let text = std::fs::read_to_string(dir.join("gate-step1.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    let series: Vec<(String, usize)> = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("series"))
+        .map(|n| (n.attribute("data-name").unwrap().to_string(), n.attribute("points").unwrap().split(' ').count()))
+        .collect();
+    let has_val = gate["curve"][0]["val_loss"].is_number();
+    let mut want = vec!["loss (calibration)", "penalty", "total"];
+    if has_val {
+        want.insert(1, "held-out loss");
+    }
+    assert_eq!(series.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(), want);
+    assert!(series.iter().all(|s| s.1 == epochs), "{series:?} vs {epochs} epochs");
+    let best: Vec<&str> = doc.descendants().filter_map(|n| n.attribute("data-epoch")).collect();
+    let b = gate["best_epoch"].as_u64().unwrap().to_string();
+    assert!(!best.is_empty() && best.iter().all(|e| *e == b), "{best:?} vs {b}");
+}
+
+/// The report's key of a plotted feature.
+fn feature_key(f: &str) -> &str {
+    if f == "rho" {
+        "entropy"
+    } else {
+        f
+    }
 }

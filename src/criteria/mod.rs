@@ -184,7 +184,9 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
         let device = crate::engine::gpu::select(cx.config.device)?;
         cx.device = Some(device.describe());
         let t = Instant::now();
+        crate::progress::begin("calibration forward", 0);
         let p = probe::Probe::on(cx, model, sc.calib_samples.max(1), device)?;
+        crate::progress::finish();
         cx.timings.push(("score: calibration forward".into(), t.elapsed().as_secs_f64()));
         Some(p)
     } else {
@@ -228,7 +230,9 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                 let params = p.gated(&gates);
                 let proj = ntk::projections(sc.ntk_projections.as_deref(), sc.projections, p.per_sample, seed)?;
                 let t = Instant::now();
+                crate::progress::begin(&format!("step {step}/{steps}: NTK Grams (projections)"), proj.len());
                 let (mut f, skipped) = ntk::ntk_features(p, &params, &proj, &selected)?;
+                crate::progress::finish();
                 cx.timings.push((format!("score: ntk grams + eigenvalues (step {step})"), t.elapsed().as_secs_f64()));
                 log.gram_skipped = skipped;
                 if matches!(criterion, Criterion::Pl | Criterion::Hessian) {
@@ -237,7 +241,9 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                         ntk::gauss_newton_traces(&mut f, p.n);
                         log.hessian = Some(ntk::HessianMethod::GaussNewton);
                     } else {
+                        crate::progress::begin(&format!("step {step}/{steps}: Hessian traces (probes)"), sc.probes);
                         ntk::hutchinson(p, &gates, sc.probes, seed.wrapping_add(step as u64), &mut f)?;
+                        crate::progress::finish();
                         log.hessian = Some(ntk::HessianMethod::Hutchinson);
                     }
                     cx.timings.push((format!("score: hessian traces (step {step})"), t.elapsed().as_secs_f64()));
@@ -257,8 +263,15 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                             min_keep: cx.config.min_keep,
                             forced: &forced,
                         };
+                        crate::progress::begin(
+                            &format!("step {step}/{steps}: gate training (epochs)"),
+                            sc.gate.epochs + 1,
+                        );
                         let (s, training) =
-                            gate::train(p, &f, &sel, &sc.gate, seed.wrapping_add(step as u64), |_, _| {})?;
+                            gate::train(p, &f, &sel, &sc.gate, seed.wrapping_add(step as u64), |_, _| {
+                                crate::progress::tick()
+                            })?;
+                        crate::progress::finish();
                         cx.timings.push((format!("score: gate training (step {step})"), t.elapsed().as_secs_f64()));
                         log.gate = Some(training);
                         s
@@ -271,6 +284,7 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                 let p = probe.as_mut().expect("data-driven");
                 let signals = p.signals(sc.projections, seed);
                 let t = Instant::now();
+                crate::progress::begin(&format!("step {step}/{steps}: {}", criterion.name()), 0);
                 let s = match criterion {
                     Criterion::Taylor => taylor::score(p, &gates, &signals)?,
                     Criterion::Fisher => fisher::score(p, &gates, &signals)?,
@@ -278,6 +292,7 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                     _ => grasp::score(p, &gates, &signals)?,
                 };
                 cx.timings.push((format!("score: {} (step {step})", criterion.name()), t.elapsed().as_secs_f64()));
+                crate::progress::finish();
                 s
             }
         };

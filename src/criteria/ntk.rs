@@ -113,6 +113,7 @@ pub fn ntk_features(
             }
         }
         skipped = gr.skipped;
+        crate::progress::tick();
     }
     let mut out: Features = vec![None; probe.groups.len()];
     for (gi, k) in idx.into_iter().zip(acc) {
@@ -186,6 +187,7 @@ pub fn hutchinson(probe: &Probe, gates: &[Vec<f64>], probes: usize, seed: u64, f
     let objective = probe.objective.clone();
     let output = probe.output;
     for _ in 0..probes {
+        crate::progress::tick();
         let lens: Vec<usize> = tensors.iter().map(|t| params[t].len()).collect();
         let z: BTreeMap<Id, Vec<f64>> = tensors.iter().copied().zip(rademacher(&mut rng, &lens)).collect();
         let seedf = |o: &crate::engine::loss::Outputs<f64>| Probe::seed(&objective, output, o);
