@@ -137,22 +137,40 @@ pub fn binary_f<T: Real>(op: BinaryOp, a: T, b: T) -> T {
     }
 }
 
+/// Elements per parallel task of the elementwise maps.
+const CHUNK: usize = 1 << 14;
+
 /// `f` over `x`, in parallel for large tensors. Generic over the closure so that each op's
-/// loop is compiled on its own (and vectorised where the op allows).
+/// loop is compiled on its own, and written as plain loops over slice chunks (not rayon
+/// iterator adaptors) so that loop vectorises where the op allows.
 fn map1<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    let body = |(o, xi): (&mut [T], &[T])| {
+        for (o, &v) in o.iter_mut().zip(xi) {
+            *o = f(v);
+        }
+    };
     if x.len() >= PAR_MIN {
-        x.par_iter().with_min_len(PAR_MIN / 4).map(|&v| f(v)).collect()
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(body);
     } else {
-        x.iter().map(|&v| f(v)).collect()
+        body((&mut out, x));
     }
+    out
 }
 
 fn map2<T: Real>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    let body = |((o, xi), yi): ((&mut [T], &[T]), &[T])| {
+        for ((o, &a), &b) in o.iter_mut().zip(xi).zip(yi) {
+            *o = f(a, b);
+        }
+    };
     if x.len() >= PAR_MIN {
-        x.par_iter().zip(y.par_iter()).with_min_len(PAR_MIN / 4).map(|(&a, &b)| f(a, b)).collect()
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(y.par_chunks(CHUNK)).for_each(body);
     } else {
-        x.iter().zip(y).map(|(&a, &b)| f(a, b)).collect()
+        body(((&mut out, x), y));
     }
+    out
 }
 
 pub fn unary<T: Real>(op: UnaryOp, x: &[T]) -> Vec<T> {
