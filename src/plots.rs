@@ -99,6 +99,9 @@ pub fn render(report: &Report) -> Vec<Plot> {
             }
         }
     }
+    if let Some(c) = &report.ntk_condition {
+        out.push(Plot { file: "ntk-condition.svg".into(), svg: condition_plot(c) });
+    }
     if let Some(sc) = &report.scoring {
         for st in &sc.steps {
             if let Some(g) = &st.gate {
@@ -447,6 +450,76 @@ fn heatmap(
 /// The gate's training curve of one schedule step: two panels sharing the epoch axis,
 /// task losses on top (with ranking by λ_min alone as dashed reference lines), penalty
 /// and total below; the chosen epoch marked in both.
+/// The model-level NTK condition number before and after pruning (`--ntk-condition`): two
+/// bars on a log10 axis, with λ_min and λ_max under each; an infinite κ (λ_min ≤ 0) is
+/// drawn as a hatched full-height bar. Bars carry `data-kappa` for scripts.
+fn condition_plot(c: &crate::passes::measure_conditioning::Conditioning) -> String {
+    let (width, height, base, top) = (420.0, 300.0, 240.0, 60.0);
+    let kappas = [c.before.kappa, c.after.kappa];
+    let finite: Vec<f64> = kappas.iter().flatten().copied().filter(|k| *k > 0.0).collect();
+    let hi = finite.iter().cloned().fold(1.0f64, f64::max).log10().ceil().max(1.0);
+    let y = |k: f64| base - (k.max(1.0).log10() / hi) * (base - top);
+    let mut s = String::new();
+    let title = "model-level NTK condition number κ = λ_max/λ_min, before and after pruning";
+    let sub = format!("{} calibration samples, {} projections; log10 axis", c.samples, c.projections);
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
+         viewBox=\"0 0 {width:.0} {height:.0}\" {FONT} font-size=\"11\">"
+    );
+    let _ = writeln!(s, "<title>{}</title>", esc(&format!("{title}. {sub}. Parameters: {}", c.parameters)));
+    let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>");
+    let _ = writeln!(s, "<text x=\"8\" y=\"18\" font-size=\"12\" font-weight=\"bold\">{}</text>", esc(title));
+    let _ = writeln!(s, "<text x=\"8\" y=\"36\" fill=\"#444444\">{}</text>", esc(&sub));
+    let _ = writeln!(s, "<line x1=\"60\" y1=\"{base}\" x2=\"400\" y2=\"{base}\" stroke=\"#000000\"/>");
+    for d in 0..=hi as i64 {
+        let yy = y(10f64.powi(d as i32));
+        let _ = writeln!(
+            s,
+            "<text x=\"54\" y=\"{:.1}\" text-anchor=\"end\">1e{d}</text><line x1=\"58\" y1=\"{yy:.1}\" \
+             x2=\"400\" y2=\"{yy:.1}\" stroke=\"#dddddd\"/>",
+            yy + 4.0
+        );
+    }
+    for (i, (label, sp)) in [("before", &c.before), ("after", &c.after)].into_iter().enumerate() {
+        let x = 110.0 + 150.0 * i as f64;
+        let (yy, fill, text) = match sp.kappa {
+            Some(k) => (y(k), if i == 0 { "#3b528b" } else { "#21918c" }, num(k)),
+            None => (top, "#bbbbbb", "inf".to_string()),
+        };
+        let _ = writeln!(
+            s,
+            "<rect class=\"bar\" data-kappa=\"{}\" x=\"{x:.1}\" y=\"{yy:.1}\" width=\"80\" height=\"{:.1}\" \
+             fill=\"{fill}\"/>",
+            sp.kappa.map_or("inf".to_string(), |k| format!("{k:e}")),
+            base - yy
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">κ {}</text>",
+            x + 40.0,
+            yy - 6.0,
+            esc(&text)
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{label}</text>",
+            x + 40.0,
+            base + 16.0
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#444444\">λ {} … {}</text>",
+            x + 40.0,
+            base + 32.0,
+            esc(&num(sp.lambda_min)),
+            esc(&num(sp.lambda_max))
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 fn gate_curve(step: usize, ratio: f64, g: &crate::criteria::gate::GateTraining) -> String {
     let epochs = g.curve.len();
     let (left, width, panel_h, gap) = (64.0, 720.0, 170.0, 44.0);

@@ -1,6 +1,7 @@
 //! `--ntk-condition`: the model-level NTK spectrum before and after pruning, by running the
 //! binary on digits/vgg_bn. Pruning nothing leaves it exactly as it was; pruning half of the
-//! filters changes it, and the reported κ is λ_max/λ_min of a positive definite Gram.
+//! filters changes it, and the reported κ is λ_max/λ_min of a positive definite Gram;
+//! `--plots` draws exactly those two numbers.
 
 mod common;
 
@@ -29,6 +30,8 @@ fn condition(ratio: &str, name: &str) -> Value {
             "--dry-run",
             "--report",
             report.to_str().unwrap(),
+            "--plots",
+            dir.join(format!("{name}-plots")).to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -54,4 +57,17 @@ fn ntk_condition_before_and_after_pruning() {
     }
     assert_eq!(c["before"], same["before"], "the dense spectrum does not depend on the ratio");
     assert_ne!(c["after"], c["before"], "pruning half of the filters left the NTK unchanged: {c}");
+    // --plots draws the two condition numbers the report holds.
+    let svg = std::fs::read_to_string(out_dir("diagnostics").join("half-plots/ntk-condition.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed SVG");
+    let bars: Vec<f64> = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("bar"))
+        .map(|n| n.attribute("data-kappa").unwrap().parse().unwrap())
+        .collect();
+    let want = [c["before"]["kappa"].as_f64().unwrap(), c["after"]["kappa"].as_f64().unwrap()];
+    assert_eq!(bars.len(), 2, "{svg}");
+    for (got, want) in bars.iter().zip(want) {
+        assert!((got - want).abs() <= 1e-12 * want, "bar {got} vs report {want}");
+    }
 }
