@@ -322,14 +322,29 @@ fn masked_outputs(
 
 /// Activation `x` as a row-major [rows, features] matrix in f64, features in the order of
 /// the weight matrix's rows.
+/// Rows of A a refit uses at most: the least-squares problem is features × features, so more
+/// rows add little, while a conv on a large feature map unfolds to millions of rows (128
+/// images at 112 × 112 are 1.6M rows per input feature).
+const MAX_ROWS: usize = 1 << 16;
+
+/// Activation `x` as a row-major [rows, features] matrix in f64, features in the order of
+/// the weight matrix's rows. At most [`MAX_ROWS`] rows, taken from the first samples (whole
+/// samples for convs), the same ones for the dense target and the masked fit.
 fn activation_rows(layout: &Layout, x: &[f32], x_shape: &[usize], features: usize) -> (Vec<f64>, usize) {
     match layout {
-        Layout::RowsIn | Layout::ColsIn => (x.iter().map(|&v| v as f64).collect(), x.len() / features.max(1)),
+        Layout::RowsIn | Layout::ColsIn => {
+            let rows = (x.len() / features.max(1)).min(MAX_ROWS);
+            (x[..rows * features].iter().map(|&v| v as f64).collect(), rows)
+        }
         Layout::Conv(w) => {
-            // im2col gives [C·kh·kw, N·L]; transpose to [N·L, C·kh·kw].
-            let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            // Whole samples up to MAX_ROWS output positions (at least one sample).
+            let per_sample: usize = x_shape[1..].iter().product();
+            let positions = w.output[0] * w.output[1];
+            let k = (MAX_ROWS / positions.max(1)).clamp(1, x_shape[0]);
+            let xs: Vec<f64> = x[..k * per_sample].iter().map(|&v| v as f64).collect();
             let mut win = w.clone();
-            win.input = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
+            win.input = [k, x_shape[1], x_shape[2], x_shape[3]];
+            // im2col gives [C·kh·kw, k·L]; transpose to [k·L, C·kh·kw].
             let cols = cpu::window::im2col(&xs, &win);
             let rows = cols.len() / features.max(1);
             let mut a = vec![0.0; cols.len()];
