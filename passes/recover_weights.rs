@@ -347,13 +347,7 @@ fn activation_rows(layout: &Layout, x: &[f32], x_shape: &[usize], features: usiz
             // im2col gives [C·kh·kw, k·L]; transpose to [k·L, C·kh·kw].
             let cols = cpu::window::im2col(&xs, &win);
             let rows = cols.len() / features.max(1);
-            let mut a = vec![0.0; cols.len()];
-            for f in 0..features {
-                for r in 0..rows {
-                    a[r * features + f] = cols[f * rows + r];
-                }
-            }
-            (a, rows)
+            (transpose(&cols, features, rows), rows)
         }
     }
 }
@@ -363,54 +357,33 @@ fn weight_matrix(layout: &Layout, w: &Tensor) -> (Vec<f64>, usize, usize, usize)
     let d = w.to_f64_vec();
     match layout {
         Layout::RowsIn => (d, w.dims[0], w.dims[1], 1),
-        Layout::ColsIn => {
-            let (nout, k) = (w.dims[0], w.dims[1]);
-            let mut m = vec![0.0; k * nout];
-            for o in 0..nout {
-                for f in 0..k {
-                    m[f * nout + o] = d[o * k + f];
-                }
-            }
-            (m, k, nout, 1)
-        }
-        Layout::Conv(_) => {
-            let nout = w.dims[0];
-            let f: usize = w.dims[1..].iter().product();
-            let mut m = vec![0.0; f * nout];
-            for o in 0..nout {
-                for j in 0..f {
-                    m[j * nout + o] = d[o * f + j];
-                }
-            }
-            (m, f, nout, w.dims[2] * w.dims[3])
+        // W [N, K] (Gemm transB) or [N, C, kh, kw] (conv): Wm is its transpose.
+        Layout::ColsIn | Layout::Conv(_) => {
+            let (nout, f) = (w.dims[0], w.dims[1..].iter().product());
+            let per = if matches!(layout, Layout::Conv(_)) { w.dims[2] * w.dims[3] } else { 1 };
+            (transpose(&d, nout, f), f, nout, per)
         }
     }
 }
 
 /// Writes Wm [features, outputs] back into the weight's own layout and dtype.
 fn store_weight(layout: &Layout, w: &Tensor, m: &[f64]) -> Tensor {
-    let mut d = vec![0.0; w.numel()];
-    match layout {
-        Layout::RowsIn => d.copy_from_slice(m),
-        Layout::ColsIn => {
-            let (nout, k) = (w.dims[0], w.dims[1]);
-            for o in 0..nout {
-                for f in 0..k {
-                    d[o * k + f] = m[f * nout + o];
-                }
-            }
-        }
-        Layout::Conv(_) => {
-            let nout = w.dims[0];
-            let f: usize = w.dims[1..].iter().product();
-            for o in 0..nout {
-                for j in 0..f {
-                    d[o * f + j] = m[j * nout + o];
-                }
-            }
+    let d = match layout {
+        Layout::RowsIn => m.to_vec(),
+        Layout::ColsIn | Layout::Conv(_) => transpose(m, w.dims[1..].iter().product(), w.dims[0]),
+    };
+    Tensor::from_f64_as(w.dtype, w.dims.clone(), &d)
+}
+
+/// The transpose [cols, rows] of a row-major [rows, cols] matrix.
+fn transpose(d: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0.0; d.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = d[r * cols + c];
         }
     }
-    Tensor::from_f64_as(w.dtype, w.dims.clone(), &d)
+    t
 }
 
 /// C [m, n] = Aᵀ B for row-major A [r, m], B [r, n].
