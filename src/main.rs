@@ -128,6 +128,11 @@ struct PruneArgs {
     /// Weight α of the Hessian-trace penalty in the gate's loss.
     #[arg(long, default_value_t = 1.0)]
     alpha: f64,
+    /// Gate objective: relative (L_S and Σ m·h each divided by its value at the λ_min
+    /// ranking, so α weighs relative changes) or raw (in their own units, as the paper
+    /// writes it; the Hessian term usually dominates then).
+    #[arg(long, default_value = "relative", value_parser = ["relative", "raw"])]
+    gate_objective: String,
     /// Gate training: epochs, learning rate (Adam), hidden width.
     #[arg(long, default_value_t = 20)]
     gate_epochs: usize,
@@ -300,7 +305,13 @@ fn config(a: &PruneArgs) -> Result<Config> {
             ntk_projections: a.ntk_projections.clone(),
             probes: a.probes,
             calib_samples: a.calib_samples,
-            gate: GateConfig { hidden: a.gate_hidden, epochs: a.gate_epochs, lr: a.gate_lr, alpha: a.alpha },
+            gate: GateConfig {
+                hidden: a.gate_hidden,
+                epochs: a.gate_epochs,
+                lr: a.gate_lr,
+                alpha: a.alpha,
+                relative: a.gate_objective == "relative",
+            },
             schedule,
         },
         device,

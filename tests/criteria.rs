@@ -87,6 +87,13 @@ fn pl_reports_features_and_gate_training_for_every_unit() {
     let g = step.gate.as_ref().expect("gate training");
     assert_eq!(g.curve.len(), 5);
     assert!(g.curve.iter().all(|e| e.total.is_finite() && e.loss > 0.0));
+    // The relative objective (default): both terms measured against the λ_min ranking's.
+    assert_eq!(g.loss_scale, g.lambda_min_loss);
+    assert!(g.penalty_scale > 0.0 && g.penalty_scale.is_finite());
+    for e in &g.curve {
+        let want = e.loss / g.loss_scale + e.penalty / g.penalty_scale;
+        assert!((e.total - want).abs() <= 1e-12 * want.abs().max(1.0), "{e:?}");
+    }
     // Labels in img_train.npz: the task loss, with Hutchinson traces (non-zero residual).
     assert_eq!(step.objective.as_deref(), Some("cross-entropy (labels)"));
     assert_eq!(step.hessian, Some(ntk::HessianMethod::Hutchinson));

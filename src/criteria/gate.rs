@@ -34,11 +34,14 @@ pub struct GateConfig {
     pub epochs: usize,
     pub lr: f64,
     pub alpha: f64,
+    /// L_total's terms relative to their values at the λ_min ranking (`--gate-objective
+    /// relative`, the default), else in their own units (`raw`).
+    pub relative: bool,
 }
 
 impl Default for GateConfig {
     fn default() -> GateConfig {
-        GateConfig { hidden: 16, epochs: 20, lr: 0.05, alpha: 1.0 }
+        GateConfig { hidden: 16, epochs: 20, lr: 0.05, alpha: 1.0, relative: true }
     }
 }
 
@@ -51,7 +54,7 @@ pub struct Epoch {
     pub penalty: f64,
     pub total: f64,
     /// L_S on the held-out calibration samples, when the file has them (epochs are chosen
-    /// by val_loss + α·penalty then, else by `total`).
+    /// by L_total with val_loss in place of loss then, else by `total`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
     pub pruned: usize,
@@ -68,6 +71,10 @@ pub struct GateTraining {
     pub lambda_min_loss: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lambda_min_val_loss: Option<f64>,
+    /// L_total = loss / loss_scale + α · penalty / penalty_scale: with the relative
+    /// objective the scales are the λ_min ranking's L_S and Σ m·|h| (1 and 1 with `raw`).
+    pub loss_scale: f64,
+    pub penalty_scale: f64,
 }
 
 /// 2 → hidden → 1 with tanh, parameters flat: [w1 (h×2), b1 (h), w2 (h), b2] (the CPU
@@ -367,25 +374,42 @@ pub fn train(
     let (_, lm_mask) = sel.mask(&lm);
     let (lambda_min_loss, _) = probe.gate_gradients(&lm_mask)?;
     let lambda_min_val_loss = probe.val_loss(&lm_mask)?;
+    let penalty_with = |m: &[Vec<f64>], f: &dyn Fn(f64) -> f64| -> f64 {
+        m.iter()
+            .enumerate()
+            .flat_map(|(g, mg)| mg.iter().enumerate().map(move |(u, &x)| (g, u, x)))
+            .filter(|&(g, u, _)| active(g, u))
+            .map(|(g, u, x)| x * x * f(h(g, u)))
+            .sum()
+    };
+    let penalty_of = |m: &[Vec<f64>]| penalty_with(m, &|x| x);
+    // The two terms of L_total are in unrelated units (a distillation loss ~1e-2, a sum of
+    // Hessian traces ~1e2 on MiniLM): measured relative to the λ_min ranking's values, α = 1
+    // weighs a 1% change of either equally. Raw, the penalty alone decides.
+    let positive = |x: f64| if x.is_finite() && x > 0.0 { x } else { 1.0 };
+    let (loss_scale, val_scale, penalty_scale) = if cfg.relative {
+        (
+            positive(lambda_min_loss),
+            positive(lambda_min_val_loss.unwrap_or(lambda_min_loss)),
+            // Σ m·|h|: Hutchinson estimates of small traces can be negative.
+            positive(penalty_with(&lm_mask, &|x: f64| x.abs())),
+        )
+    } else {
+        (1.0, 1.0, 1.0)
+    };
     let mut best_mask: Option<Vec<Vec<f64>>> = None;
     for epoch in 0..=cfg.epochs {
         let a = logits(&nets)?;
         let (scores, m) = sel.mask(&a);
         let (ls, dm) = probe.gate_gradients(&m)?;
-        let penalty: f64 = m
-            .iter()
-            .enumerate()
-            .flat_map(|(g, mg)| mg.iter().enumerate().map(move |(u, &x)| (g, u, x)))
-            .filter(|&(g, u, _)| active(g, u))
-            .map(|(g, u, x)| x * x * h(g, u))
-            .sum();
-        let total = ls + cfg.alpha * penalty;
+        let penalty = penalty_of(&m);
+        let total = ls / loss_scale + cfg.alpha * penalty / penalty_scale;
         let val_loss = probe.val_loss(&m)?;
         let pruned = m.iter().flatten().filter(|&&x| x == 0.0).count();
         let e = Epoch { loss: ls, penalty, total, val_loss, pruned };
         progress(epoch, &e);
         curve.push(e);
-        let key = val_loss.map(|v| v + cfg.alpha * penalty).unwrap_or(total);
+        let key = val_loss.map(|v| v / val_scale + cfg.alpha * penalty / penalty_scale).unwrap_or(total);
         if best.as_ref().is_none_or(|b| key < b.0) {
             best = Some((key, epoch, scores));
             best_mask = Some(m.clone());
@@ -401,7 +425,10 @@ pub fn train(
             let mx = units.iter().map(|&(g, u)| a[g][u]).fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = units.iter().map(|&(g, u)| (a[g][u] - mx).exp()).sum();
             let gs: Vec<f64> = units.iter().map(|&(g, u)| (a[g][u] - mx).exp() / z).collect();
-            let dg: Vec<f64> = units.iter().map(|&(g, u)| dm[g][u] + 2.0 * cfg.alpha * m[g][u] * h(g, u)).collect();
+            let dg: Vec<f64> = units
+                .iter()
+                .map(|&(g, u)| dm[g][u] / loss_scale + 2.0 * cfg.alpha * m[g][u] * h(g, u) / penalty_scale)
+                .collect();
             let dot: f64 = gs.iter().zip(&dg).map(|(x, y)| x * y).sum();
             let da: Vec<f64> = gs.iter().zip(&dg).map(|(g, d)| g * (d - dot)).collect();
             nets.step(ki, &da)?;
@@ -413,6 +440,14 @@ pub fn train(
         .unwrap_or(0);
     Ok((
         scores,
-        GateTraining { curve, best_epoch, differs_from_lambda_min: differs, lambda_min_loss, lambda_min_val_loss },
+        GateTraining {
+            curve,
+            best_epoch,
+            differs_from_lambda_min: differs,
+            lambda_min_loss,
+            lambda_min_val_loss,
+            loss_scale,
+            penalty_scale,
+        },
     ))
 }
