@@ -80,6 +80,12 @@ pub struct RefitLayer {
     pub kept_inputs: usize,
     /// Whether the consumer's bias was refit too.
     pub bias: bool,
+    /// The residual stream the consumer's output is added to, when the refit also made up
+    /// for its drift (the target is then the dense sum, not the dense consumer output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residual: Option<String>,
+    /// Rows left out of the fit as padding (attention_mask = 0).
+    pub padding_rows: usize,
     pub rows: usize,
     /// ‖A_m W_masked − A_d W‖ / ‖A_d W‖ on the fit rows, before and after the refit.
     pub rel_err_before: f64,
@@ -123,6 +129,10 @@ struct Consumer {
     /// The consumer's bias [outputs] (Gemm/Conv input 2, or the Add after a MatMul), refit
     /// with the weights: it absorbs the mean contribution of the removed units.
     bias: Option<Id>,
+    /// The residual stream added to the consumer's (biased) output, when it feeds an Add
+    /// with an activation of its own shape: the refit then also absorbs the residual's
+    /// drift (see [`refit`]).
+    residual: Option<Id>,
 }
 
 impl Pass for RecoverWeights {
@@ -247,7 +257,9 @@ fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consum
             Layout::RowsIn => data.dims[1],
             _ => data.dims[0],
         };
-        out.push(Consumer { op, weight: w, x, layout, pruned: mask, bias: bias_of(model, op, nout) });
+        let bias = bias_of(model, op, nout);
+        let residual = if matches!(layout, Layout::Conv(_)) { None } else { residual_of(model, op, bias) };
+        out.push(Consumer { op, weight: w, x, layout, pruned: mask, bias, residual });
     }
     out.sort_by_key(|c| order.get(&c.op).copied().unwrap_or(usize::MAX));
     (out, skipped)
@@ -275,6 +287,24 @@ fn bias_of(model: &Model, op: Id, nout: usize) -> Option<Id> {
         }
         _ => None,
     }
+}
+
+/// The other operand R of the residual Add that alone reads consumer `op`'s output (after
+/// the MatMul's bias Add): an activation of the Add's own shape, not a weight.
+fn residual_of(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
+    let mut y = model.output(op, 0);
+    if model.op(op).op_type == "MatMul" && bias.is_some() {
+        let [(add, _)] = model.consumers(y)[..] else { return None };
+        y = model.output(add, 0);
+    }
+    let [(add, k)] = model.consumers(y)[..] else { return None };
+    if model.op(add).op_type != "Add" {
+        return None;
+    }
+    let r = model.input(add, 1 - k)?;
+    let (rv, yv) = (model.value(r), model.value(y));
+    let same = rv.shape.is_some() && rv.shape == yv.shape && rv.shape == model.value(model.output(add, 0)).shape;
+    (same && !rv.is_static()).then_some(r)
 }
 
 /// A model lowered for `batch`'s shapes.
@@ -412,6 +442,17 @@ fn a_b(a: &[f64], b: &[f64], r: usize, k: usize, n: usize) -> Vec<f64> {
     c
 }
 
+/// For activations [n, L, F] of a batch whose `attention_mask` input is [n, L], which of
+/// the first `rows` rows are real tokens (None: no such mask, or every row is live).
+fn padding_rows(batch: &crate::calib::Batch, x_shape: &[usize], rows: usize) -> Option<Vec<bool>> {
+    let m = batch.arrays.get("attention_mask")?;
+    if x_shape.len() != 3 || m.dims.len() != 2 || m.dims[..] != x_shape[..2] {
+        return None;
+    }
+    let live: Vec<bool> = m.to_f64_vec().iter().take(rows).map(|&v| v != 0.0).collect();
+    (live.len() == rows && live.iter().any(|&l| !l) && live.iter().any(|&l| l)).then_some(live)
+}
+
 fn refit(
     model: &mut Model,
     groups: &[UnitGroup],
@@ -420,31 +461,58 @@ fn refit(
     consumers: &[Consumer],
     ridge: f64,
 ) -> Result<Vec<RefitLayer>> {
-    let xs: Vec<Id> = consumers.iter().map(|c| c.x).collect();
+    let xs: Vec<Id> = consumers.iter().flat_map(|c| std::iter::once(c.x).chain(c.residual)).collect();
     let (dm, engine, inputs) = lowered(model, fit)?;
     let (arena, slots) = run_keep(&engine, &inputs, &engine.params(&dm), &xs)?;
-    // Dense targets A_d W per consumer.
+    let kept_value = |arena: &Arena<f32>, slots: &BTreeMap<Id, usize>, v: Id| -> Result<(Vec<f32>, Vec<usize>)> {
+        let s = slots.get(&v).copied().ok_or_else(|| Error::Other("consumer input was not lowered".into()))?;
+        let x = arena.get(s).ok_or_else(|| Error::Other("consumer input was not kept".into()))?;
+        Ok((x.to_vec(), engine.lowered.program.shape(s).to_vec()))
+    };
+    // Dense targets A_d W (+ R_d) per consumer.
     let mut targets = Vec::new();
     for c in consumers {
         let w = model.value(c.weight).data.clone().expect("consumers have data");
         let (wm, f, nout, _) = weight_matrix(&c.layout, &w);
-        let s = slots.get(&c.x).copied().ok_or_else(|| Error::Other("consumer input was not lowered".into()))?;
-        let x = arena.get(s).ok_or_else(|| Error::Other("consumer input was not kept".into()))?;
-        let (a, rows) = activation_rows(&c.layout, x, engine.lowered.program.shape(s), f);
-        targets.push(a_b(&a, &wm, rows, f, nout));
+        let (x, shape) = kept_value(&arena, &slots, c.x)?;
+        let (a, rows) = activation_rows(&c.layout, &x, &shape, f);
+        let mut t = a_b(&a, &wm, rows, f, nout);
+        if let Some(r) = c.residual {
+            let (rd, _) = kept_value(&arena, &slots, r)?;
+            t.iter_mut().zip(&rd).for_each(|(t, r)| *t += *r as f64);
+        }
+        targets.push(t);
     }
     drop(arena);
     let mut layers = Vec::new();
     for (c, target) in consumers.iter().zip(targets) {
         let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
         let params: Params<f32> = engine.params(&masked);
-        let (arena, slots) = run_keep(&engine, &inputs, &params, &[c.x])?;
-        let s = slots[&c.x];
-        let x = arena.get(s).ok_or_else(|| Error::Other("consumer input was not kept".into()))?;
+        let keep_ids: Vec<Id> = std::iter::once(c.x).chain(c.residual).collect();
+        let (arena, slots) = run_keep(&engine, &inputs, &params, &keep_ids)?;
+        let (x, shape) = kept_value(&arena, &slots, c.x)?;
         let w = model.value(c.weight).data.clone().expect("consumers have data");
         let (mut wm, f, nout, per) = weight_matrix(&c.layout, &w);
-        let (a, rows) = activation_rows(&c.layout, x, engine.lowered.program.shape(s), f);
+        let (a, rows) = activation_rows(&c.layout, &x, &shape, f);
+        let mut target = target;
+        // With the residual stream R in the target (A_d W + R_d − R_m), the refit output
+        // also makes up for what the layers before still get wrong in R.
+        if let Some(r) = c.residual {
+            let (rm, _) = kept_value(&arena, &slots, r)?;
+            target.iter_mut().zip(&rm).for_each(|(t, r)| *t -= *r as f64);
+        }
         drop(arena);
+        // Padded positions (attention_mask = 0) do not reach a pooled output: fit the rest.
+        let (a, target, rows, padding_rows) = match padding_rows(fit, &shape, rows) {
+            Some(live) => {
+                let pick = |d: &[f64], w: usize| -> Vec<f64> {
+                    d.chunks(w).zip(&live).filter(|(_, &l)| l).flat_map(|(r, _)| r.iter().copied()).collect()
+                };
+                let k = live.iter().filter(|&&l| l).count();
+                (pick(&a, f), pick(&target, nout), k, rows - k)
+            }
+            None => (a, target, rows, 0),
+        };
         let kept: Vec<usize> = (0..f).filter(|&j| !c.pruned[j / per]).collect();
         // With a bias, a column of ones joins A and the bias joins W as its last row; the
         // dense target then includes the dense bias.
@@ -510,6 +578,8 @@ fn refit(
             inputs: c.pruned.len(),
             kept_inputs: c.pruned.iter().filter(|p| !**p).count(),
             bias: bias.is_some(),
+            residual: c.residual.map(|r| model.value(r).name.clone()),
+            padding_rows,
             rows,
             rel_err_before: before,
             rel_err_after: after,

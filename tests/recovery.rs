@@ -130,6 +130,18 @@ fn lsq_recovery_refits_minilm_heads_and_neurons_with_biases() {
     assert_eq!(layers.len(), 12, "{layers:?}");
     assert!(layers.iter().all(|l| l["bias"] == Value::Bool(true)), "{layers:?}");
     assert!(layers.iter().all(|l| l["rel_err_after"].as_f64() < l["rel_err_before"].as_f64()), "{layers:?}");
+    // Both add into the residual stream, so each refit also makes up for its drift; padded
+    // positions (attention_mask = 0) are left out of the fit.
+    for l in layers {
+        assert!(l["residual"].as_str().is_some_and(|r| !r.is_empty()), "{l}");
+    }
+    let mask = plprune_onnx::npz::read(&calib).unwrap().remove("attention_mask").unwrap();
+    let live = mask.to_f64_vec()[..16 * 64].iter().filter(|&&m| m != 0.0).count();
+    assert!(live > 0 && live < 16 * 64);
+    for l in layers {
+        assert_eq!(l["rows"].as_u64(), Some(live as u64), "{l}");
+        assert_eq!(l["padding_rows"].as_u64(), Some((16 * 64 - live) as u64), "{l}");
+    }
     // Fit on 16 samples only (to keep the test fast), the refit does not generalise on
     // MiniLM (measured: held-out cosine goes down; with the default 128 samples it goes
     // up), so only that fidelity is reported, not that it improves.
