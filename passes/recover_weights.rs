@@ -86,6 +86,9 @@ pub struct RefitLayer {
     pub residual: Option<String>,
     /// Rows left out of the fit as padding (attention_mask = 0).
     pub padding_rows: usize,
+    /// Rows left out because the consumer's output is scaled by 0 there (tokens routed to
+    /// other experts); the other rows are weighted by that scale.
+    pub unrouted_rows: usize,
     pub rows: usize,
     /// ‖A_m W_masked − A_d W‖ / ‖A_d W‖ on the fit rows, before and after the refit.
     pub rel_err_before: f64,
@@ -133,6 +136,10 @@ struct Consumer {
     /// with an activation of its own shape: the refit then also absorbs the residual's
     /// drift (see [`refit`]).
     residual: Option<Id>,
+    /// A per-row factor [.., 1] the consumer's (biased) output is multiplied by before it is
+    /// used (an expert's routing weight): the fit weighs each row by it, so tokens routed
+    /// elsewhere (factor 0) do not count.
+    row_scale: Option<Id>,
 }
 
 impl Pass for RecoverWeights {
@@ -258,8 +265,10 @@ fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consum
             _ => data.dims[0],
         };
         let bias = bias_of(model, op, nout);
-        let residual = if matches!(layout, Layout::Conv(_)) { None } else { residual_of(model, op, bias) };
-        out.push(Consumer { op, weight: w, x, layout, pruned: mask, bias, residual });
+        let dense_rows = !matches!(layout, Layout::Conv(_));
+        let residual = if dense_rows { residual_of(model, op, bias) } else { None };
+        let row_scale = if dense_rows && residual.is_none() { row_scale_of(model, op, bias) } else { None };
+        out.push(Consumer { op, weight: w, x, layout, pruned: mask, bias, residual, row_scale });
     }
     out.sort_by_key(|c| order.get(&c.op).copied().unwrap_or(usize::MAX));
     (out, skipped)
@@ -292,11 +301,7 @@ fn bias_of(model: &Model, op: Id, nout: usize) -> Option<Id> {
 /// The other operand R of the residual Add that alone reads consumer `op`'s output (after
 /// the MatMul's bias Add): an activation of the Add's own shape, not a weight.
 fn residual_of(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
-    let mut y = model.output(op, 0);
-    if model.op(op).op_type == "MatMul" && bias.is_some() {
-        let [(add, _)] = model.consumers(y)[..] else { return None };
-        y = model.output(add, 0);
-    }
+    let y = biased_output(model, op, bias)?;
     let [(add, k)] = model.consumers(y)[..] else { return None };
     if model.op(add).op_type != "Add" {
         return None;
@@ -305,6 +310,30 @@ fn residual_of(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
     let (rv, yv) = (model.value(r), model.value(y));
     let same = rv.shape.is_some() && rv.shape == yv.shape && rv.shape == model.value(model.output(add, 0)).shape;
     (same && !rv.is_static()).then_some(r)
+}
+
+/// The consumer's output after its bias Add (a MatMul's) or the op itself.
+fn biased_output(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
+    let y = model.output(op, 0);
+    if model.op(op).op_type == "MatMul" && bias.is_some() {
+        let [(add, _)] = model.consumers(y)[..] else { return None };
+        return Some(model.output(add, 0));
+    }
+    Some(y)
+}
+
+/// The other operand S of the Mul that alone reads consumer `op`'s (biased) output, when S
+/// is an activation of the output's shape with a last dimension of 1 (one factor per row).
+fn row_scale_of(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
+    let y = biased_output(model, op, bias)?;
+    let [(mul, k)] = model.consumers(y)[..] else { return None };
+    if model.op(mul).op_type != "Mul" {
+        return None;
+    }
+    let sv = model.value(model.input(mul, 1 - k)?);
+    let (ss, ys) = (sv.shape.as_ref()?, model.value(y).shape.as_ref()?);
+    let fits = ss.len() == ys.len() && ss.last() == Some(&1) && ss[..ss.len() - 1] == ys[..ys.len() - 1];
+    (fits && !sv.is_static()).then(|| model.input(mul, 1 - k)).flatten()
 }
 
 /// A model lowered for `batch`'s shapes.
@@ -488,7 +517,7 @@ fn refit(
     for (c, target) in consumers.iter().zip(targets) {
         let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
         let params: Params<f32> = engine.params(&masked);
-        let keep_ids: Vec<Id> = std::iter::once(c.x).chain(c.residual).collect();
+        let keep_ids: Vec<Id> = std::iter::once(c.x).chain(c.residual).chain(c.row_scale).collect();
         let (arena, slots) = run_keep(&engine, &inputs, &params, &keep_ids)?;
         let (x, shape) = kept_value(&arena, &slots, c.x)?;
         let w = model.value(c.weight).data.clone().expect("consumers have data");
@@ -501,7 +530,20 @@ fn refit(
             let (rm, _) = kept_value(&arena, &slots, r)?;
             target.iter_mut().zip(&rm).for_each(|(t, r)| *t -= *r as f64);
         }
+        // Weighted rows: scale A's and the target's rows by |S| (the masked model's routing).
+        let scale = c.row_scale.map(|r| kept_value(&arena, &slots, r)).transpose()?.map(|(v, _)| v);
         drop(arena);
+        let (a, target, rows, row_w, unrouted) = match scale {
+            Some(sc) => {
+                let live: Vec<usize> = (0..rows).filter(|&r| sc.get(r).is_some_and(|&v| v != 0.0)).collect();
+                let pick = |d: &[f64], w: usize| -> Vec<f64> {
+                    live.iter().flat_map(|&r| d[r * w..(r + 1) * w].iter().copied()).collect()
+                };
+                let row_w: Vec<f64> = live.iter().map(|&r| sc[r].abs() as f64).collect();
+                (pick(&a, f), pick(&target, nout), live.len(), Some(row_w), rows - live.len())
+            }
+            None => (a, target, rows, None, 0),
+        };
         // Padded positions (attention_mask = 0) do not reach a pooled output: fit the rest.
         let (a, target, rows, padding_rows) = match padding_rows(fit, &shape, rows) {
             Some(live) => {
@@ -535,8 +577,17 @@ fn refit(
                 }
             }
         }
+        if let Some(w) = &row_w {
+            for ((ar, tr), &wr) in ak.chunks_mut(fk).zip(target.chunks_mut(nout)).zip(w) {
+                ar.iter_mut().for_each(|x| *x *= wr);
+                tr.iter_mut().for_each(|x| *x *= wr);
+            }
+        }
         let norm = target.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
         let err = |wk: &[f64]| -> f64 {
+            if rows == 0 {
+                return 0.0;
+            }
             let y = a_b(&ak, wk, rows, fk, nout);
             y.iter().zip(&target).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt() / norm
         };
@@ -580,6 +631,7 @@ fn refit(
             bias: bias.is_some(),
             residual: c.residual.map(|r| model.value(r).name.clone()),
             padding_rows,
+            unrouted_rows: unrouted,
             rows,
             rel_err_before: before,
             rel_err_after: after,

@@ -152,3 +152,50 @@ fn lsq_recovery_refits_minilm_heads_and_neurons_with_biases() {
         assert!(f["top1_before"].is_null(), "embeddings are not logits: {f}");
     }
 }
+
+#[test]
+fn lsq_recovery_fits_each_expert_on_the_tokens_routed_to_it() {
+    let dir = out_dir("recovery-moe");
+    let model = shared("digits/moe_transformer.onnx");
+    let calib = shared("digits/train.npz");
+    let (out, report) = (dir.join("m.onnx"), dir.join("m.json"));
+    run(&[
+        model.to_str().unwrap(),
+        "--criterion",
+        "magnitude",
+        "--units",
+        "neurons",
+        "--ratio",
+        "0.5",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--recover",
+        "lsq",
+        "--recover-samples",
+        "32",
+        "--calib-samples",
+        "16",
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let r = json(&report);
+    let layers = r["recovery"]["layers"].as_array().unwrap();
+    // fc2 of the 4 experts in each of the 2 blocks, each scaled by its routing weight.
+    assert_eq!(layers.len(), 8, "{layers:?}");
+    let rows = |l: &Value| l["rows"].as_u64().unwrap();
+    let total = rows(&layers[0]) + layers[0]["unrouted_rows"].as_u64().unwrap();
+    for block in ["blocks.0", "blocks.1"] {
+        let experts: Vec<&Value> = layers.iter().filter(|l| l["node"].as_str().unwrap().contains(block)).collect();
+        assert_eq!(experts.len(), 4);
+        // Top-1 routing: every token is fit by exactly one expert of the block.
+        assert_eq!(experts.iter().map(|l| rows(l)).sum::<u64>(), total, "{experts:?}");
+        for l in experts {
+            assert_eq!(rows(l) + l["unrouted_rows"].as_u64().unwrap(), total, "{l}");
+            assert!(l["residual"].is_null(), "{l}");
+            assert!(l["rel_err_after"].as_f64() <= l["rel_err_before"].as_f64(), "{l}");
+        }
+    }
+    assert!(layers.iter().any(|l| l["rel_err_after"].as_f64() < l["rel_err_before"].as_f64()), "{layers:?}");
+}
