@@ -15,7 +15,7 @@
 //! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
 //!   cargo bench --bench criteria [-- --models vgg,moe,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
-//!       --ntk-condition]
+//!       --ridge 0.1 --ntk-condition]
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
 //! each row's note.)
 
@@ -185,6 +185,7 @@ fn main() {
         .map(|r| Recover::parse(r).expect("none or lsq"))
         .collect();
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
+    let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
     let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
     println!("| model | kinds | ratio | criterion | recover | fidelity | kinds' params | model params | FLOPs | time s | note |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
@@ -229,6 +230,7 @@ fn main() {
                         verify: false,
                         scoring: plprune_onnx::criteria::ScoringConfig { calib_samples: n, ..Default::default() },
                         recover,
+                        recover_ridge: ridge,
                         ntk_condition,
                         ..Config::default()
                     };
