@@ -17,6 +17,7 @@ pub mod hvp;
 pub mod loss;
 pub mod lower;
 pub mod program;
+pub mod syrk;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
