@@ -110,6 +110,16 @@ pub fn write_npy(t: &Tensor) -> Vec<u8> {
 
 /// Reads every array of an `.npz` file, by key (the member name without `.npy`).
 pub fn read(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    read_where(path, |_| true)
+}
+
+/// Reads the arrays of an `.npz` file whose key is in `keys` (other members, e.g. the
+/// string arrays of metadata that ../bench/ntk_ref.py writes, are not parsed).
+pub fn read_keys(path: &Path, keys: &[&str]) -> Result<BTreeMap<String, Tensor>> {
+    read_where(path, |k| keys.contains(&k))
+}
+
+fn read_where(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
     let err = |msg: String| Error::Calibration { path: path.to_path_buf(), msg };
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| err(format!("not an .npz archive ({e})")))?;
@@ -117,6 +127,9 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     for i in 0..zip.len() {
         let mut f = zip.by_index(i).map_err(|e| err(format!("corrupt archive member ({e})")))?;
         let name = f.name().trim_end_matches(".npy").to_string();
+        if !wanted(&name) {
+            continue;
+        }
         let mut buf = Vec::with_capacity(f.size() as usize);
         f.read_to_end(&mut buf).map_err(|e| err(format!("array '{name}': {e}")))?;
         let t = parse_npy(&buf).map_err(|m| err(format!("array '{name}': {m}")))?;
@@ -151,6 +164,33 @@ mod tests {
         assert_eq!(back, t);
         let v = Tensor::from_i64(vec![4], &[1, -2, 3, 4]);
         assert_eq!(parse_npy(&write_npy(&v)).unwrap(), v);
+    }
+
+    /// ntk_ref.py's feature files carry string arrays (metadata) next to the projections:
+    /// `read` refuses them, `read_keys` skips them.
+    #[test]
+    fn read_keys_skips_other_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feats.npz");
+        let proj = Tensor::from_f32(vec![2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let mut text = write_npy(&Tensor::from_f32(vec![1], &[0.0]));
+        let at = text.windows(3).position(|w| w == b"<f4").unwrap();
+        text[at..at + 3].copy_from_slice(b"<U1");
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut zip = zip::ZipWriter::new(&mut buf);
+            let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            zip.start_file("meta.npy", opts).unwrap();
+            zip.write_all(&text).unwrap();
+            zip.start_file("projections.npy", opts).unwrap();
+            zip.write_all(&write_npy(&proj)).unwrap();
+            zip.finish().unwrap();
+        }
+        std::fs::write(&path, buf.get_ref()).unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("unsupported array dtype '<U1'"));
+        let got = read_keys(&path, &["projections"]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got["projections"], proj);
     }
 
     #[test]

@@ -105,6 +105,20 @@ pub struct OutputCheck {
     pub tolerance: f64,
 }
 
+/// One timed phase of the scoring, and the device it ran on (`Device::describe`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Phase {
+    pub name: String,
+    pub device: String,
+    pub seconds: f64,
+}
+
+impl Phase {
+    pub fn new(name: &str, device: &str, seconds: f64) -> Phase {
+        Phase { name: name.to_string(), device: device.to_string(), seconds }
+    }
+}
+
 /// State shared by the passes of one run.
 pub struct Context {
     pub config: Config,
@@ -136,6 +150,8 @@ pub struct Context {
     pub conditioning: Option<crate::passes::measure_conditioning::Conditioning>,
     pub verification: Option<Verification>,
     pub timings: Vec<(String, f64)>,
+    /// The scoring's phases in order, each with its device.
+    pub phases: Vec<Phase>,
     pub warnings: Vec<String>,
 }
 
@@ -160,6 +176,7 @@ impl Context {
             conditioning: None,
             verification: None,
             timings: Vec::new(),
+            phases: Vec::new(),
             warnings: Vec::new(),
         }
     }

@@ -7,7 +7,9 @@
 //! reason), `opaque_ops`, `verification`, `warnings`, `scoring` (criterion, schedule,
 //! samples, projections, probes, and per schedule step the objective, the Hessian-trace
 //! method and the gate's training curve), `device`, `timings_s` (per pass and scoring
-//! phase; the only field that differs between two identical runs). Each group also lists
+//! phase), `phases` (each scoring phase in order: name, the device it ran on, seconds;
+//! the seconds here and `timings_s` are the only values that differ between two identical
+//! runs). Each group also lists
 //! `units`: index, score, kept, and `features` {lambda_min, lambda_max, kappa, entropy,
 //! trace_k, hessian, hessian_se} where the criterion computed them.
 
@@ -43,6 +45,8 @@ pub struct Report {
     /// `--ntk-condition`: model-level NTK spectrum before and after pruning.
     pub ntk_condition: Option<crate::passes::measure_conditioning::Conditioning>,
     pub timings_s: BTreeMap<String, f64>,
+    /// The scoring's phases in order: name, device, seconds.
+    pub phases: Vec<crate::pipeline::Phase>,
 }
 
 #[derive(Serialize)]
@@ -188,6 +192,7 @@ impl Report {
                 *m.entry(k.clone()).or_insert(0.0) += v;
                 m
             }),
+            phases: cx.phases.clone(),
         }
     }
 

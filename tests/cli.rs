@@ -180,6 +180,11 @@ fn pl_criterion_on_vgg_with_report() {
         let mut rep = json(&r);
         plots_match_report(&plots, &rep);
         rep.as_object_mut().unwrap().remove("timings_s");
+        // Phase times differ between runs; their names and devices must not.
+        for ph in rep["phases"].as_array_mut().expect("phases").iter_mut() {
+            let secs = ph.as_object_mut().unwrap().remove("seconds").and_then(|v| v.as_f64());
+            assert!(secs.is_some_and(|x| x.is_finite() && x >= 0.0), "{ph}");
+        }
         outs.push((std::fs::read(&o).unwrap(), rep));
         let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&plots)
             .unwrap()
@@ -194,6 +199,28 @@ fn pl_criterion_on_vgg_with_report() {
     assert_eq!(outs[0].1, outs[1].1, "reports differ between identical pl runs");
     let rep = &outs[0].1;
     assert_eq!(rep["device"].as_str().map(|d| d.starts_with("cpu")), Some(true));
+    // Every scoring phase, in order, with the device it ran on (all on the CPU here);
+    // vgg's logits give a cross-entropy objective, so the traces are Hutchinson's.
+    let phases: Vec<(&str, &str)> = rep["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["device"].as_str().unwrap()))
+        .collect();
+    let names: Vec<&str> = phases.iter().map(|p| p.0).collect();
+    assert_eq!(
+        names,
+        [
+            "calibration forward",
+            "ntk: forward (step 1)",
+            "ntk: backward (4 projections) (step 1)",
+            "ntk: per-sample gradients + grams (step 1)",
+            "eigenvalues (step 1)",
+            "hessian traces: hutchinson, f64 (step 1)",
+            "gate training (step 1)",
+        ]
+    );
+    assert!(phases.iter().all(|p| p.1.starts_with("cpu")), "{phases:?}");
     let steps = rep["scoring"]["steps"].as_array().unwrap();
     assert!(steps[0]["gate"]["curve"].as_array().unwrap().len() == 21, "{}", steps[0]);
     let mut n = 0;

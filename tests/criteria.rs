@@ -235,6 +235,18 @@ fn pl_selects_the_same_units_on_cpu_and_gpu() {
         s.select().expect("select");
         let dev = s.cx.device.clone().unwrap();
         assert_eq!(dev.starts_with("gpu"), device == DeviceChoice::Gpu, "{dev}");
+        // Where each phase ran: the Grams (and here the eigenvalues) on the chosen device,
+        // the Hutchinson traces (vgg's loss is cross-entropy) always on the CPU.
+        let on = |prefix: &str| {
+            let ph = s.cx.phases.iter().find(|p| p.name.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}"));
+            assert!(ph.seconds >= 0.0 && ph.seconds.is_finite(), "{ph:?}");
+            ph.device.clone()
+        };
+        let want = if device == DeviceChoice::Gpu { "gpu" } else { "cpu" };
+        for prefix in ["calibration forward", "ntk: forward", "eigenvalues", "gate training"] {
+            assert!(on(prefix).starts_with(want), "{prefix}: {} on {dev}", on(prefix));
+        }
+        assert!(on("hessian traces: hutchinson").starts_with("cpu"));
         runs.push((s.cx.keep.clone().unwrap().keep, s.cx.features.clone()));
     }
     assert_eq!(runs[0].0, runs[1].0, "CPU and GPU selected different units");

@@ -24,10 +24,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::engine::gpu::Device;
 use crate::error::Result;
 use crate::ir::{Id, Model};
 use crate::passes::select_units;
-use crate::pipeline::Context;
+use crate::pipeline::{Context, Phase};
 use crate::units::{KeepSet, UnitGroup};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -188,6 +189,7 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
         let p = probe::Probe::on(cx, model, sc.calib_samples.max(1), device)?;
         crate::progress::finish();
         cx.timings.push(("score: calibration forward".into(), t.elapsed().as_secs_f64()));
+        cx.phases.push(Phase::new("calibration forward", &p.device.describe(), t.elapsed().as_secs_f64()));
         Some(p)
     } else {
         None
@@ -231,22 +233,28 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                 let proj = ntk::projections(sc.ntk_projections.as_deref(), sc.projections, p.per_sample, seed)?;
                 let t = Instant::now();
                 crate::progress::begin(&format!("step {step}/{steps}: NTK Grams (projections)"), proj.len());
-                let (mut f, skipped) = ntk::ntk_features(p, &params, &proj, &selected)?;
+                let (mut f, skipped, phases) = ntk::ntk_features_timed(p, &params, &proj, &selected)?;
                 crate::progress::finish();
                 cx.timings.push((format!("score: ntk grams + eigenvalues (step {step})"), t.elapsed().as_secs_f64()));
+                cx.phases
+                    .extend(phases.into_iter().map(|ph| Phase { name: format!("{} (step {step})", ph.name), ..ph }));
                 log.gram_skipped = skipped;
                 if matches!(criterion, Criterion::Pl | Criterion::Hessian) {
                     let t = Instant::now();
-                    if p.objective.zero_residual_at_dense() && step == 1 {
+                    let name = if p.objective.zero_residual_at_dense() && step == 1 {
                         ntk::gauss_newton_traces(&mut f, p.n);
                         log.hessian = Some(ntk::HessianMethod::GaussNewton);
+                        "hessian traces: gauss-newton, tr K_u / n from the grams"
                     } else {
                         crate::progress::begin(&format!("step {step}/{steps}: Hessian traces (probes)"), sc.probes);
                         ntk::hutchinson(p, &gates, sc.probes, seed.wrapping_add(step as u64), &mut f)?;
                         crate::progress::finish();
                         log.hessian = Some(ntk::HessianMethod::Hutchinson);
-                    }
+                        "hessian traces: hutchinson, f64"
+                    };
                     cx.timings.push((format!("score: hessian traces (step {step})"), t.elapsed().as_secs_f64()));
+                    let cpu = Device::Cpu.describe();
+                    cx.phases.push(Phase::new(&format!("{name} (step {step})"), &cpu, t.elapsed().as_secs_f64()));
                 }
                 let s = match criterion {
                     Criterion::NtkMin => ntk::scores_from(&f, &groups, |u| u.lambda_min),
@@ -273,6 +281,8 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                             })?;
                         crate::progress::finish();
                         cx.timings.push((format!("score: gate training (step {step})"), t.elapsed().as_secs_f64()));
+                        let name = format!("gate training (step {step})");
+                        cx.phases.push(Phase::new(&name, &p.device.describe(), t.elapsed().as_secs_f64()));
                         log.gate = Some(training);
                         s
                     }
@@ -292,6 +302,8 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                     _ => grasp::score(p, &gates, &signals)?,
                 };
                 cx.timings.push((format!("score: {} (step {step})", criterion.name()), t.elapsed().as_secs_f64()));
+                let name = format!("{} (step {step})", criterion.name());
+                cx.phases.push(Phase::new(&name, &p.device.describe(), t.elapsed().as_secs_f64()));
                 crate::progress::finish();
                 s
             }

@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -31,6 +32,7 @@ use crate::engine::gpu::{pl, Device};
 use crate::engine::{gram, hvp, Params};
 use crate::error::{Error, Result};
 use crate::ir::Id;
+use crate::pipeline::Phase;
 use crate::rng::Rng;
 use crate::units::UnitGroup;
 
@@ -69,7 +71,7 @@ pub fn projections(file: Option<&Path>, k: usize, per_sample: usize, seed: u64) 
         return Ok(super::probe::gaussian_projections(k, per_sample, seed));
     };
     let err = |msg: String| Error::Calibration { path: path.to_path_buf(), msg };
-    let mut arrays = crate::npz::read(path)?;
+    let mut arrays = crate::npz::read_keys(path, &["projections"])?;
     let t = arrays.remove("projections").ok_or_else(|| err("no array 'projections' in the file".into()))?;
     let kk = *t.dims.first().ok_or_else(|| err("'projections' is a scalar".into()))?;
     if kk == 0 || t.numel() != kk * per_sample || !t.dtype.is_float() {
@@ -91,30 +93,71 @@ pub fn ntk_features(
     proj: &[Vec<f64>],
     scored: &[bool],
 ) -> Result<(Features, Vec<String>)> {
+    ntk_features_timed(probe, params, proj, scored).map(|(f, s, _)| (f, s))
+}
+
+/// [`ntk_features`], also returning its phases (name, device, seconds) in order.
+pub fn ntk_features_timed(
+    probe: &Probe,
+    params: &Params<f32>,
+    proj: &[Vec<f64>],
+    scored: &[bool],
+) -> Result<(Features, Vec<String>, Vec<Phase>)> {
     let idx: Vec<usize> = (0..probe.groups.len()).filter(|&g| scored[g]).collect();
     let groups: Vec<UnitGroup> = idx.iter().map(|&g| probe.groups[g].clone()).collect();
     let n = probe.n;
-    let mut acc: Vec<Vec<Vec<f64>>> = groups.iter().map(|g| vec![vec![0.0; n * n]; g.count]).collect();
-    let mut skipped = Vec::new();
-    for r in proj {
-        let gr = gram::grams_on(
-            &probe.device,
-            &probe.low.gp,
-            &probe.low.model,
-            &probe.inputs,
-            params,
-            &groups,
-            probe.output,
-            r,
-        )?;
-        for (a, k) in acc.iter_mut().zip(gr.k) {
-            for (au, ku) in a.iter_mut().zip(k) {
-                au.iter_mut().zip(ku).for_each(|(x, y)| *x += y / proj.len() as f64);
-            }
+    let device = probe.device.describe();
+    let mut phases = Vec::new();
+    let (acc, skipped) = match &probe.device {
+        Device::Cpu => {
+            let mut times = gram::GramTimes::default();
+            let gr = gram::grams_mean(
+                &probe.low.gp,
+                &probe.low.model,
+                &probe.inputs,
+                params,
+                &groups,
+                probe.output,
+                proj,
+                &mut times,
+                crate::progress::tick,
+            )?;
+            let k = proj.len();
+            phases.push(Phase::new("ntk: forward", &device, times.forward));
+            phases.push(Phase::new(&format!("ntk: backward ({k} projections)"), &device, times.backward));
+            phases.push(Phase::new("ntk: per-sample gradients + grams", &device, times.grams));
+            (gr.k, gr.skipped)
         }
-        skipped = gr.skipped;
-        crate::progress::tick();
-    }
+        Device::Gpu(_) => {
+            let t = Instant::now();
+            let mut acc: Vec<Vec<Vec<f64>>> = groups.iter().map(|g| vec![vec![0.0; n * n]; g.count]).collect();
+            let mut skipped = Vec::new();
+            for r in proj {
+                let gr = gram::grams_on(
+                    &probe.device,
+                    &probe.low.gp,
+                    &probe.low.model,
+                    &probe.inputs,
+                    params,
+                    &groups,
+                    probe.output,
+                    r,
+                )?;
+                for (a, k) in acc.iter_mut().zip(gr.k) {
+                    for (au, ku) in a.iter_mut().zip(k) {
+                        au.iter_mut().zip(ku).for_each(|(x, y)| *x += y / proj.len() as f64);
+                    }
+                }
+                skipped = gr.skipped;
+                crate::progress::tick();
+            }
+            let name = format!("ntk: forward, backward, per-sample gradients + grams ({} projections)", proj.len());
+            phases.push(Phase::new(&name, &device, t.elapsed().as_secs_f64()));
+            (acc, skipped)
+        }
+    };
+    let t = Instant::now();
+    let mut on_cpu = 0usize;
     let mut out: Features = vec![None; probe.groups.len()];
     for (gi, k) in idx.into_iter().zip(acc) {
         let eigs: Vec<Vec<f64>> = match &probe.device {
@@ -124,19 +167,27 @@ pub fn ntk_features(
                 let e = cx.read(&e, k.len() * n)?;
                 // f32 Jacobi resolves λ_min only down to ~1e-3·λ_max at this accuracy:
                 // below that, the spectrum is recomputed in f64 on the CPU.
-                e.par_chunks(n.max(1))
-                    .zip(&k)
-                    .map(|(c, ku)| {
+                let eigs: Vec<Option<Vec<f64>>> = e
+                    .par_chunks(n.max(1))
+                    .map(|c| {
                         let (lmin, lmax) = (c[0] as f64, c[c.len() - 1] as f64);
                         if pl::lambda_min_resolved(lmin, lmax, n) {
-                            c.iter().map(|&x| x as f64).collect()
+                            Some(c.iter().map(|&x| x as f64).collect())
                         } else {
-                            crate::linalg::sym_eigvals(ku, n)
+                            None
                         }
                     })
+                    .collect();
+                on_cpu += eigs.iter().filter(|e| e.is_none()).count();
+                eigs.into_par_iter()
+                    .zip(&k)
+                    .map(|(e, ku)| e.unwrap_or_else(|| crate::linalg::sym_eigvals(ku, n)))
                     .collect()
             }
-            _ => k.par_iter().map(|ku| crate::linalg::sym_eigvals(ku, n)).collect(),
+            _ => {
+                on_cpu += k.len();
+                k.par_iter().map(|ku| crate::linalg::sym_eigvals(ku, n)).collect()
+            }
         };
         let feats: Vec<UnitFeatures> = k
             .par_iter()
@@ -157,7 +208,15 @@ pub fn ntk_features(
             .collect();
         out[gi] = Some(feats);
     }
-    Ok((out, skipped))
+    let eig_device = match &probe.device {
+        Device::Gpu(cx) if pl::eig_supported(cx, n) && on_cpu > 0 => {
+            format!("{device}; {on_cpu} units below f32 resolution in f64 on the cpu")
+        }
+        Device::Gpu(cx) if pl::eig_supported(cx, n) => device.clone(),
+        _ => Device::Cpu.describe(),
+    };
+    phases.push(Phase::new("eigenvalues", &eig_device, t.elapsed().as_secs_f64()));
+    Ok((out, skipped, phases))
 }
 
 /// h_u = tr K_u / n: the exact-in-expectation Gauss-Newton trace at zero residual.
@@ -316,21 +375,6 @@ pub fn hutchinson_gpu(
         }
     }
     Ok(())
-}
-
-/// Where each phase of the NTK features and Hessian traces runs on `device` for n samples.
-pub fn placement(device: &Device, n: usize) -> Vec<(&'static str, &'static str)> {
-    match device {
-        Device::Cpu => vec![("grams", "cpu"), ("eigenvalues", "cpu"), ("hutchinson", "cpu (f64)")],
-        Device::Gpu(cx) => vec![
-            ("grams", "gpu"),
-            (
-                "eigenvalues",
-                if pl::eig_supported(cx, n) { "gpu (f64 cpu where λ_min < 1e-3 resolution)" } else { "cpu (n > 64)" },
-            ),
-            ("hutchinson", "cpu (f64; hvp gradients in f64)"),
-        ],
-    }
 }
 
 /// One feature as scores (group-aligned; unscored groups get zeros).

@@ -1,8 +1,9 @@
 //! Per-unit NTK Gram matrices K_u = J_u J_uᵀ from per-sample pieces, layer by layer.
 //!
-//! One forward and one backward of the batch with the projection seed s(x) = ⟨r, f(x)⟩ /
-//! sqrt(dim f) (samples are independent — no train-mode batch statistics in any supported
-//! model — so the batch backward holds every sample's output gradient). For each weight
+//! One forward of the batch, then per output projection s(x) = ⟨r, f(x)⟩ / sqrt(dim f) one
+//! backward that computes only what the Grams read (samples are independent — no
+//! train-mode batch statistics in any supported model — so the batch backward holds every
+//! sample's output gradient; the weight-gradient products are never run). For each weight
 //! that a unit slice touches, the per-sample gradient is rebuilt from the kept activation
 //! and output gradient of the instruction that reads it:
 //! - matmul with the weight on the right (MatMul/Gemm): G_s = A_sᵀ·dC_s, rows of A
@@ -11,12 +12,20 @@
 //! - broadcast Add/Mul (biases, LayerNorm/BatchNorm shifts): G_s = Σ over the sample's
 //!   positions of dY_s (times the other operand for Mul).
 //!
-//! Layout ops between the weight and that instruction (Gemm's transB, a conv weight's
-//! reshape) are undone with an index map computed by running them on an iota. Only one
-//! weight's per-sample gradients [n × |W|] exist at a time. A weight used any other way
-//! (BatchNorm scale, mean, variance) is listed in `skipped` and left out of K_u.
+//! CPU path: a 2-D weight read once by a matmul, sliced along either axis (the MatMul/Gemm
+//! weights of transformers and MLPs), is a [`Product`]: per block of units and sample, one
+//! small GEMM writes the block's rows of G_s with the unit axis outermost, and the units'
+//! Grams are taken right away from those contiguous rows — no per-sample gradient of the
+//! whole weight is ever stored. Other weights (biases, convs, shared weights) get their
+//! per-sample gradients [n × |W|] for one weight at a time, transposed so that the sliced
+//! axis is outermost. Layout ops between the weight and its reader (Gemm's transB, a conv
+//! weight's reshape) are undone with an index map computed by running them on an iota.
+//! Grams are summed in f64 from exact products (`syrk.rs`, upper triangle, mirrored at the
+//! end). A weight used any other way (BatchNorm scale, mean, variance) is listed in
+//! `skipped` and left out of K_u.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -99,24 +108,27 @@ fn find_uses(gp: &GradProgram, params: &[Id], n: usize, skipped: &mut Vec<String
                         continue;
                     }
                     Prim::MatMul { ta: false, tb }
-                        if k == 1 && p.shape(ins.ins[0]).len() == 2 && p.shape(s).len() == 2 =>
+                        if k == 1
+                            && p.shape(ins.ins[0]).len() == 2
+                            && p.shape(s).len() == 2
+                            && p.shape(ins.ins[0])[0] % n == 0 =>
                     {
-                        if p.shape(ins.ins[0])[0] % n == 0 {
-                            let mut u = mk(UseKind::Right { a: ins.ins[0], tb: *tb });
-                            u.map = index_map(p, ps, &chain);
-                            uses.push(u);
-                            continue;
-                        }
+                        let mut u = mk(UseKind::Right { a: ins.ins[0], tb: *tb });
+                        u.map = index_map(p, ps, &chain);
+                        uses.push(u);
+                        continue;
                     }
                     Prim::MatMul { ta: false, tb: false }
-                        if k == 0 && p.shape(s).len() == 3 && p.shape(ins.ins[1]).len() == 3 =>
+                        if k == 0
+                            && p.shape(s).len() == 3
+                            && p.shape(ins.ins[1]).len() == 3
+                            && p.shape(ins.ins[1])[2] % n == 0
+                            && p.shape(s)[0] == p.shape(ins.ins[1])[0] =>
                     {
-                        if p.shape(ins.ins[1])[2] % n == 0 && p.shape(s)[0] == p.shape(ins.ins[1])[0] {
-                            let mut u = mk(UseKind::Left { b: ins.ins[1] });
-                            u.map = index_map(p, ps, &chain);
-                            uses.push(u);
-                            continue;
-                        }
+                        let mut u = mk(UseKind::Left { b: ins.ins[1] });
+                        u.map = index_map(p, ps, &chain);
+                        uses.push(u);
+                        continue;
                     }
                     Prim::Binary(op @ (BinaryOp::Add | BinaryOp::Mul)) => {
                         let out = p.shape(ins.out);
@@ -294,9 +306,59 @@ pub fn grams<T: Real>(
     output: usize,
     r: &[f64],
 ) -> Result<Grams> {
-    grams_with(gp, model, groups, output, |keep| {
-        gp.run::<T>(inputs, params, |outs| super::loss::projection(outs, output, r), keep)
-    })
+    grams_mean(gp, model, inputs, params, groups, output, &[r.to_vec()], &mut GramTimes::default(), || {})
+}
+
+/// Seconds spent in each part of [`grams_mean`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GramTimes {
+    /// The forward pass (once).
+    pub forward: f64,
+    /// The backward passes (one per projection, output gradients only).
+    pub backward: f64,
+    /// Per-sample gradients and their per-unit Grams.
+    pub grams: f64,
+}
+
+/// K_u = (1/k) Σ_j J_{u,j} J_{u,j}ᵀ over the k projections `rs`, on the CPU: one forward,
+/// then per projection one backward that computes only the output gradients of the
+/// instructions reading unit weights (no weight-gradient products), and the Grams from
+/// them. `tick` runs after each projection.
+#[allow(clippy::too_many_arguments)]
+pub fn grams_mean<T: Real>(
+    gp: &GradProgram,
+    model: &Model,
+    inputs: &[(String, Tensor)],
+    params: &Params<T>,
+    groups: &[UnitGroup],
+    output: usize,
+    rs: &[Vec<f64>],
+    times: &mut GramTimes,
+    mut tick: impl FnMut(),
+) -> Result<Grams> {
+    let p = &gp.lowered.program;
+    let (_, os) = gp.lowered.outputs.get(output).ok_or_else(|| Error::Other(format!("no output {output}")))?;
+    let n = p.shape(*os).first().copied().unwrap_or(1);
+    let mut skipped = Vec::new();
+    let tensors = gram_tensors(gp, groups);
+    let uses = find_uses(gp, &tensors, n, &mut skipped);
+    let want = kept(gp, &uses);
+    let t = Instant::now();
+    let fwd = gp.forward::<T>(inputs, params, &want)?;
+    times.forward += t.elapsed().as_secs_f64();
+    let mut k: Vec<Vec<Vec<f64>>> = groups.iter().map(|g| vec![vec![0.0; n * n]; g.count]).collect();
+    let alpha = 1.0 / rs.len().max(1) as f64;
+    for r in rs {
+        let t = Instant::now();
+        let (_, arena) = gp.backward(&fwd, |outs| super::loss::projection(outs, output, r))?;
+        times.backward += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        accumulate(gp, model, groups, &tensors, &uses, &arena, n, alpha, &mut k)?;
+        times.grams += t.elapsed().as_secs_f64();
+        tick();
+    }
+    k.par_iter_mut().flatten().for_each(|ku| super::syrk::mirror_upper(ku, n));
+    Ok(Grams { n, k, skipped })
 }
 
 /// [`grams`] in f32 on `device`. On the CPU, exactly [`grams`]. On a GPU everything runs
@@ -486,52 +548,233 @@ fn gram_tensors(gp: &GradProgram, groups: &[UnitGroup]) -> Vec<Id> {
     tensors.into_iter().filter(|t| gp.wrt.contains_key(t)).collect()
 }
 
-fn grams_with<T: Real>(
+/// A weight whose per-sample gradient is one product per sample, X_sᵀ·Y_s, with X_s
+/// (r × a) and Y_s (r × b) the sample's rows of two kept slots (an activation and an output
+/// gradient), X's features running along the sliced axis of the weight: the product's rows
+/// are then the units' entries, contiguous.
+struct Product {
+    x: Slot,
+    y: Slot,
+    r: usize,
+    a: usize,
+    b: usize,
+}
+
+/// The [`Product`] form of use `u` for slices along `axis` of a weight of shape `dims`: a
+/// matmul reading the 2-D weight on the right, directly or transposed.
+fn product(gp: &GradProgram, u: &Use, dims: &[usize], axis: usize, n: usize) -> Option<Product> {
+    let p = &gp.lowered.program;
+    let UseKind::Right { a, tb } = u.kind else { return None };
+    let ds = p.shape(u.derived);
+    if dims.len() != 2 || ds.len() != 2 || axis > 1 {
+        return None;
+    }
+    let same = ds == dims && u.map.iter().enumerate().all(|(j, &m)| j == m);
+    let transposed = !same
+        && ds == [dims[1], dims[0]]
+        && u.map.iter().enumerate().all(|(j, &m)| m == (j % ds[1]) * ds[0] + j / ds[1]);
+    if !same && !transposed {
+        return None;
+    }
+    let dc = *gp.grad.out_grads.get(&u.instr)?;
+    // The derived operand's axis that the slice runs along: without transB its rows are
+    // A's features, with transB its columns are.
+    let daxis = if same { axis } else { 1 - axis };
+    let (x, y) = if (daxis == 0) != tb { (a, dc) } else { (dc, a) };
+    let rows = p.shape(a)[0];
+    if rows % n != 0 || p.slots[x].numel() % rows != 0 || p.slots[y].numel() % rows != 0 {
+        return None;
+    }
+    Some(Product { x, y, r: rows / n, a: p.slots[x].numel() / rows, b: p.slots[y].numel() / rows })
+}
+
+/// The rows (indices along the sliced axis, below `len`) of unit `u`.
+fn unit_rows(sl: &crate::units::Slice, u: usize, len: usize) -> std::ops::Range<usize> {
+    let r = UnitGroup::indices(sl, u);
+    r.start.min(len)..r.end.min(len)
+}
+
+/// Per-sample elements of a fused block (64 KB of f32 per sample, 2 MB at n = 32): large
+/// enough that the per-sample GEMMs amortise matrixmultiply's packing of Y_s, small enough
+/// that a block's products stay in cache while their Grams are taken.
+const BLOCK_ELEMS: usize = 16384;
+
+/// Grams of the units of slice `sl` from a [`Product`]: blocks of whole units (in
+/// parallel); per block, each sample's rows of X_sᵀ·Y_s (one small GEMM), then each unit's
+/// Gram from its contiguous rows. No per-sample gradient of the whole weight is stored.
+#[allow(clippy::too_many_arguments)]
+fn grams_of_product<T: Real>(
+    arena: &cpu::Arena<T>,
+    pr: &Product,
+    n: usize,
+    sl: &crate::units::Slice,
+    alpha: f64,
+    k: &mut [Vec<f64>],
+) -> Result<()> {
+    let x = arena.get(pr.x).ok_or_else(|| Error::Other("engine: an activation was not kept".into()))?;
+    let y = arena.get(pr.y).ok_or_else(|| Error::Other("engine: an output gradient was not kept".into()))?;
+    let factor = sl.factor.max(1);
+    let mut units_per_block = (BLOCK_ELEMS / (factor * pr.b).max(1)).max(1);
+    // Whole GEMM row panels (8 rows) where a block spans several.
+    if units_per_block * factor >= 16 {
+        units_per_block = (units_per_block * factor / 8 * 8).div_ceil(factor);
+    }
+    k.par_chunks_mut(units_per_block).enumerate().for_each_init(
+        || (Vec::<T>::new(), Vec::<f64>::new()),
+        |(buf, wide), (bi, ks)| {
+            let u0 = bi * units_per_block;
+            let lo = unit_rows(sl, u0, pr.a).start;
+            let hi = unit_rows(sl, u0 + ks.len() - 1, pr.a).end;
+            if hi <= lo {
+                return;
+            }
+            let rows = hi - lo;
+            // Every element is written by the GEMMs below (β = 0).
+            buf.resize(n * rows * pr.b, T::zero());
+            for (s, bs) in buf.chunks_mut(rows * pr.b).enumerate() {
+                // SAFETY: X_s is r×a (row stride a) from row s·r, read transposed from column lo
+                // for `rows` columns (lo + rows ≤ a); Y_s is r×b; bs is rows×b.
+                unsafe {
+                    T::gemm(
+                        rows,
+                        pr.r,
+                        pr.b,
+                        x[s * pr.r * pr.a + lo..].as_ptr(),
+                        1,
+                        pr.a as isize,
+                        y[s * pr.r * pr.b..].as_ptr(),
+                        pr.b as isize,
+                        1,
+                        bs.as_mut_ptr(),
+                        pr.b as isize,
+                        1,
+                    );
+                }
+            }
+            for (j, ku) in ks.iter_mut().enumerate() {
+                let rg = unit_rows(sl, u0 + j, pr.a);
+                if !rg.is_empty() {
+                    gram_rows(buf, n, rows * pr.b, (rg.start - lo) * pr.b, rg.len() * pr.b, alpha, ku, wide);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Per-sample gradients of weight `dims` summed over its uses, in axis-front layout: per
+/// sample, the weight transposed so that `axis` is the outermost (a unit's entries are then
+/// contiguous). For the uses that are not one [`Product`].
+#[allow(clippy::too_many_arguments)]
+fn axis_front<T: Real>(
+    gp: &GradProgram,
+    arena: &cpu::Arena<T>,
+    uses: &[&Use],
+    dims: &[usize],
+    axis: usize,
+    numel: usize,
+    n: usize,
+) -> Result<Vec<T>> {
+    let p = &gp.lowered.program;
+    let outer: usize = dims[..axis].iter().product();
+    let len = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    let mut f = vec![T::zero(); n * numel];
+    for u in uses {
+        let Some(&gs) = gp.grad.out_grads.get(&u.instr) else { continue };
+        let dc = arena.get(gs).ok_or_else(|| Error::Other("engine: output gradient was not kept".into()))?;
+        let g = per_sample(p, arena, u, dc, n);
+        let dn = u.map.len();
+        let to: Vec<usize> = u
+            .map
+            .iter()
+            .map(|&e| {
+                let (o, i, q) = (e / (len * inner), (e / inner) % len, e % inner);
+                (i * outer + o) * inner + q
+            })
+            .collect();
+        f.par_chunks_mut(numel).zip(g.par_chunks(dn)).for_each(|(fs, gs)| {
+            for (&d, &v) in to.iter().zip(gs) {
+                fs[d] += v;
+            }
+        });
+    }
+    Ok(f)
+}
+
+/// K += alpha · X Xᵀ (upper triangle, f64) with X_s = data[s·stride + off ..][..m]: the T
+/// values are widened to f64 in column chunks (`x` is scratch), so products are exact and
+/// sums f64 (λ_min of ill-conditioned Grams needs it); [`super::syrk::syrk_upper`] per chunk.
+#[allow(clippy::too_many_arguments)]
+fn gram_rows<T: Real>(
+    data: &[T],
+    n: usize,
+    stride: usize,
+    off: usize,
+    m: usize,
+    alpha: f64,
+    k: &mut [f64],
+    x: &mut Vec<f64>,
+) {
+    // 64 KB of f64 per chunk: the rows of a tile stay in L1, the chunk in L2.
+    let ch = (8192 / n.max(1)).clamp(16, 1024);
+    x.resize(n * ch.min(m), 0.0);
+    let mut c0 = 0;
+    while c0 < m {
+        let w = ch.min(m - c0);
+        for (s, xs) in x.chunks_mut(w).take(n).enumerate() {
+            let src = &data[s * stride + off + c0..][..w];
+            xs.iter_mut().zip(src).for_each(|(d, &v)| *d = v.to_f64c());
+        }
+        super::syrk::syrk_upper(&x[..n * w], n, w, alpha, k);
+        c0 += w;
+    }
+}
+
+/// Adds alpha × this run's per-unit Grams to `k`, weight by weight.
+#[allow(clippy::too_many_arguments)]
+fn accumulate<T: Real>(
     gp: &GradProgram,
     model: &Model,
     groups: &[UnitGroup],
-    output: usize,
-    run: impl FnOnce(&HashSet<Slot>) -> Result<super::Run<T>>,
-) -> Result<Grams> {
+    tensors: &[Id],
+    uses: &[Use],
+    arena: &cpu::Arena<T>,
+    n: usize,
+    alpha: f64,
+    k: &mut [Vec<Vec<f64>>],
+) -> Result<()> {
     let p = &gp.lowered.program;
-    let (_, os) = gp.lowered.outputs.get(output).ok_or_else(|| Error::Other(format!("no output {output}")))?;
-    let n = p.shape(*os).first().copied().unwrap_or(1);
-    let mut skipped = Vec::new();
-    let tensors = gram_tensors(gp, groups);
-    let uses = find_uses(gp, &tensors, n, &mut skipped);
-    let keep = kept(gp, &uses);
-    let run = run(&keep)?;
-    let mut k: Vec<Vec<Vec<f64>>> = groups.iter().map(|g| vec![vec![0.0; n * n]; g.count]).collect();
-    for &t in &tensors {
-        let tu: Vec<&Use> = uses.iter().filter(|u| u.param == t).collect();
+    for &t in tensors {
+        let tu: Vec<&Use> = uses.iter().filter(|u| u.param == t && gp.grad.out_grads.contains_key(&u.instr)).collect();
         if tu.is_empty() {
             continue;
         }
         let numel = p.slots[gp.lowered.params[&t]].numel();
-        // Per-sample gradient of the whole weight, in its own layout.
-        let mut gw = vec![0.0f64; n * numel];
-        for u in tu {
-            let Some(&gs) = gp.grad.out_grads.get(&u.instr) else { continue };
-            let dc = run.arena.get(gs).ok_or_else(|| Error::Other("engine: output gradient was not kept".into()))?;
-            let g = per_sample(p, &run.arena, u, dc, n);
-            let dn = u.map.len();
-            for s in 0..n {
-                for (j, &pi) in u.map.iter().enumerate() {
-                    gw[s * numel + pi] += g[s * dn + j].to_f64c();
-                }
-            }
-        }
         let dims = model.value(t).shape.clone().unwrap_or_default();
+        // Axis-front per-sample gradients for the general path, per axis, made on first need.
+        let mut front: BTreeMap<usize, Vec<T>> = BTreeMap::new();
         for (gi, g) in groups.iter().enumerate() {
             for sl in g.slices.iter().filter(|s| s.tensor == t) {
-                k[gi].par_iter_mut().enumerate().for_each(|(u, ku)| {
-                    let out = unit_gram(&gw, n, numel, &slice_indices(&dims, sl, u));
-                    for (a, b) in ku.iter_mut().zip(out) {
-                        *a += b;
+                let fused = if tu.len() == 1 { product(gp, tu[0], &dims, sl.axis, n) } else { None };
+                if let Some(pr) = fused {
+                    grams_of_product(arena, &pr, n, sl, alpha, &mut k[gi])?;
+                    continue;
+                }
+                if let std::collections::btree_map::Entry::Vacant(e) = front.entry(sl.axis) {
+                    e.insert(axis_front(gp, arena, &tu, &dims, sl.axis, numel, n)?);
+                }
+                let f = &front[&sl.axis];
+                let len = dims[sl.axis];
+                let row = numel / len.max(1);
+                k[gi].par_iter_mut().enumerate().for_each_init(Vec::new, |x, (u, ku)| {
+                    let rg = unit_rows(sl, u, len);
+                    if !rg.is_empty() {
+                        gram_rows(f, n, numel, rg.start * row, rg.len() * row, alpha, ku, x);
                     }
                 });
             }
         }
     }
-    Ok(Grams { n, k, skipped })
+    Ok(())
 }

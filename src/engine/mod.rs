@@ -17,6 +17,7 @@ pub mod hvp;
 pub mod loss;
 pub mod lower;
 pub mod program;
+pub mod syrk;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -54,6 +55,9 @@ impl DeviceChoice {
 pub struct Engine {
     pub lowered: Lowered,
 }
+
+/// Graph outputs in model order: (name, shape, data).
+pub type Outputs<T> = Vec<(String, Vec<usize>, Vec<T>)>;
 
 /// Weights by IR value id, in the compute type, shared with every run.
 pub type Params<T> = BTreeMap<Id, Arc<Vec<T>>>;
@@ -97,11 +101,7 @@ impl Engine {
     }
 
     /// Forward only, on the CPU.
-    pub fn forward<T: Real>(
-        &self,
-        inputs: &[(String, Tensor)],
-        params: &Params<T>,
-    ) -> Result<Vec<(String, Vec<usize>, Vec<T>)>> {
+    pub fn forward<T: Real>(&self, inputs: &[(String, Tensor)], params: &Params<T>) -> Result<Outputs<T>> {
         let p = &self.lowered.program;
         let mut arena = Arena::new(p);
         feed(&self.lowered, &mut arena, inputs, params)?;
@@ -193,6 +193,124 @@ impl GradProgram {
     }
 }
 
+/// The forward half of a [`GradProgram`] run, kept for several backward passes from
+/// different seeds (the NTK projections): the activations they read are computed once.
+pub struct Forward<T> {
+    /// Graph outputs in model order: (name, shape, data).
+    pub outputs: Vec<(String, Vec<usize>, Vec<T>)>,
+    arena: Arena<T>,
+    /// The backward instructions that depend on the seed and that the wanted slots
+    /// depend on, in program order.
+    needed: Vec<usize>,
+    frees: Vec<Vec<Slot>>,
+}
+
+impl GradProgram {
+    /// The forward pass for [`GradProgram::backward`] passes that need only the slots in
+    /// `want` (forward activations and backward gradients, e.g. the output gradients of
+    /// the instructions reading the weights). The backward instructions that `want` does not
+    /// depend on — the weight-gradient products among them, unless asked for — are never run.
+    pub fn forward<T: Real>(
+        &self,
+        inputs: &[(String, Tensor)],
+        params: &Params<T>,
+        want: &HashSet<Slot>,
+    ) -> Result<Forward<T>> {
+        let p = &self.lowered.program;
+        let nf = self.grad.n_forward;
+        let mut live: HashSet<Slot> = want.clone();
+        let mut needed = Vec::new();
+        for i in (nf..p.instrs.len()).rev() {
+            if live.contains(&p.instrs[i].out) {
+                needed.push(i);
+                live.extend(p.instrs[i].ins.iter().copied());
+            }
+        }
+        needed.reverse();
+        // Backward instructions that do not depend on the seed (transposed weights,
+        // softmax and normalisation terms, ...) run once, here, for every backward pass.
+        let mut seeded: HashSet<Slot> = self.grad.seeds.iter().copied().collect();
+        let (mut once, mut per_seed) = (Vec::new(), Vec::new());
+        for i in needed {
+            let ins = &p.instrs[i];
+            if ins.ins.iter().any(|s| seeded.contains(s)) {
+                seeded.insert(ins.out);
+                per_seed.push(i);
+            } else {
+                once.push(i);
+            }
+        }
+        let mut keep = want.clone();
+        keep.extend(self.lowered.outputs.iter().map(|(_, s)| *s));
+        let order: Vec<usize> = (0..nf).chain(once.iter().copied()).chain(per_seed.iter().copied()).collect();
+        let frees = plan_frees_over(p, &order, &keep);
+        let mut arena = Arena::new(p);
+        feed(&self.lowered, &mut arena, inputs, params)?;
+        arena.run(p, 0..nf, &frees)?;
+        let outputs = collect_outputs(&self.lowered, &arena)?;
+        for &i in &once {
+            arena.run(p, i..i + 1, &frees)?;
+        }
+        Ok(Forward { outputs, arena, needed: per_seed, frees })
+    }
+
+    /// One backward pass from `seed(outputs)` after [`GradProgram::forward`], on a copy of
+    /// its arena (buffers shared, not copied): returns the loss and an arena holding the
+    /// wanted slots.
+    pub fn backward<T: Real>(
+        &self,
+        fwd: &Forward<T>,
+        seed: impl FnOnce(&[(String, Vec<usize>, Vec<T>)]) -> Result<(f64, Vec<Vec<T>>)>,
+    ) -> Result<(f64, Arena<T>)> {
+        let p = &self.lowered.program;
+        let (loss, cot) = seed(&fwd.outputs)?;
+        if cot.len() != self.grad.seeds.len() {
+            return Err(Error::Other(format!(
+                "engine: {} cotangents for {} outputs",
+                cot.len(),
+                self.grad.seeds.len()
+            )));
+        }
+        let mut arena = Arena { bufs: fwd.arena.bufs.clone() };
+        for (&s, c) in self.grad.seeds.iter().zip(cot) {
+            if c.len() != p.slots[s].numel() {
+                return Err(Error::Other(format!(
+                    "engine: cotangent of {} values for an output of {}",
+                    c.len(),
+                    p.slots[s].numel()
+                )));
+            }
+            arena.set(s, c);
+        }
+        for &i in &fwd.needed {
+            arena.run(p, i..i + 1, &fwd.frees)?;
+        }
+        Ok((loss, arena))
+    }
+}
+
+/// [`cpu::plan_frees`] for the instructions `order` (in that order): every temporary not in
+/// `keep` is freed after its last reader among them.
+fn plan_frees_over(prog: &program::Program, order: &[usize], keep: &HashSet<Slot>) -> Vec<Vec<Slot>> {
+    let mut last: Vec<Option<usize>> = vec![None; prog.slots.len()];
+    for &i in order {
+        let ins = &prog.instrs[i];
+        last[ins.out] = last[ins.out].max(Some(i));
+        for &s in &ins.ins {
+            last[s] = Some(i);
+        }
+    }
+    let mut frees = vec![Vec::new(); prog.instrs.len()];
+    for (s, l) in last.iter().enumerate() {
+        if let Some(i) = l {
+            if prog.slots[s].kind == program::SlotKind::Temp && !keep.contains(&s) {
+                frees[*i].push(s);
+            }
+        }
+    }
+    frees
+}
+
 pub fn tensor_to<T: Real>(t: &Tensor) -> Vec<T> {
     if t.dtype == crate::tensor::DType::F32 {
         t.bytes.chunks_exact(4).map(|b| T::c(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)).collect()
@@ -235,7 +353,7 @@ fn feed<T: Real>(l: &Lowered, arena: &mut Arena<T>, inputs: &[(String, Tensor)],
     Ok(())
 }
 
-fn collect_outputs<T: Real>(l: &Lowered, arena: &Arena<T>) -> Result<Vec<(String, Vec<usize>, Vec<T>)>> {
+fn collect_outputs<T: Real>(l: &Lowered, arena: &Arena<T>) -> Result<Outputs<T>> {
     l.outputs
         .iter()
         .map(|(name, s)| {
