@@ -65,6 +65,8 @@ struct Ours {
     hessian: f64,
     /// CPU seconds of the whole feature phase (both threads).
     cpu: f64,
+    /// Share of the machine's CPU time other processes used meanwhile (> ~0.05: contaminated).
+    other: f64,
 }
 
 impl Ours {
@@ -86,8 +88,21 @@ fn cpu_seconds() -> f64 {
     (field(11) + field(12)) / 100.0
 }
 
+/// Busy and total CPU seconds of the whole machine so far (Linux; zeros elsewhere), from
+/// /proc/stat as ntk_ref.py's CpuMon reads it.
+fn machine_seconds() -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return (0.0, 0.0) };
+    let v: Vec<f64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 8 {
+        return (0.0, 0.0);
+    }
+    ((v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / 100.0, v.iter().sum::<f64>() / 100.0)
+}
+
 fn run_ours(probe: &Probe, proj: &[Vec<f64>], scored: &[bool]) -> (Ours, Features) {
     let c0 = cpu_seconds();
+    let (b0, t0) = machine_seconds();
     let (mut f, skipped, phases) = ntk::ntk_features_timed(probe, &probe.base, proj, scored).expect("features");
     assert!(skipped.is_empty(), "weights left out of the Grams: {skipped:?}");
     let t = Instant::now();
@@ -105,6 +120,8 @@ fn run_ours(probe: &Probe, proj: &[Vec<f64>], scored: &[bool]) -> (Ours, Feature
         *slot += ph.seconds;
     }
     o.cpu = cpu_seconds() - c0;
+    let (b1, t1) = machine_seconds();
+    o.other = ((b1 - b0) - o.cpu).max(0.0) / (t1 - t0).max(1e-9);
     (o, f)
 }
 
@@ -140,6 +157,35 @@ fn rel_diffs(ours: &[f64], theirs: &[f64]) -> (f64, f64) {
     let max = d.iter().copied().fold(0.0, f64::max);
     d.sort_by(f64::total_cmp);
     (max, d[d.len() / 2])
+}
+
+/// One gate-training step's gradients (`Probe::gate_gradients`: forward, backward for the
+/// gated consumer tensors only) against what it computed before (`GradProgram::run`: every
+/// unit tensor's weight gradient), alternating, at a 50% mask.
+fn gate_step(probe: &Probe, reps: usize) {
+    let gates: Vec<Vec<f64>> = probe.groups.iter().map(|g| (0..g.count).map(|u| (u % 2) as f64).collect()).collect();
+    let (mut now, mut before) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        let (l1, _) = probe.gate_gradients(&gates).expect("gate gradients");
+        now.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let params = probe.gated(&gates);
+        let seed = |o: &plprune_onnx::engine::loss::Outputs<f32>| Probe::seed(&probe.objective, probe.output, o);
+        let run = probe.low.gp.run::<f32>(&probe.inputs, &params, seed, &Default::default()).expect("run");
+        let g = plprune_onnx::engine::gates::gate_gradients(
+            &probe.low.model,
+            &probe.base,
+            &probe.groups,
+            &gates,
+            &run.grads,
+        );
+        before.push(t.elapsed().as_secs_f64());
+        assert_eq!(l1, run.loss);
+        std::hint::black_box(g);
+    }
+    let (a, b) = (median(now), median(before));
+    println!("  gate step (loss + ∂L/∂gate, 50% mask), median of {reps}: {a:.3} s; with every weight gradient (before): {b:.3} s -> {:.2}x", a / b);
 }
 
 fn main() {
@@ -181,6 +227,7 @@ fn main() {
         eig: med(|o| o.eig),
         hessian: med(|o| o.hessian),
         cpu: med(|o| o.cpu),
+        other: med(|o| o.other),
     };
     let total = med(Ours::total);
     let gram_phase = med(Ours::gram_phase);
@@ -200,6 +247,14 @@ fn main() {
         runs.iter().map(Ours::total).collect::<Vec<_>>()
     });
     println!("    CPU time of the phase (all threads) {:8.3} s", ours.cpu);
+    println!(
+        "    other processes' CPU share during our runs: {:.2?}",
+        runs.iter().map(|o| (o.other * 100.0).round() / 100.0).collect::<Vec<_>>()
+    );
+
+    if flag("--gate") {
+        gate_step(&probe, reps);
+    }
 
     let Some(py) = reference_python(root) else {
         println!("  no .venv-ref (set PLPRUNE_REF_PYTHON): PyTorch not measured; absolute times only");
@@ -262,7 +317,8 @@ fn main() {
         println!("  cross-check: the reference failed: {e}");
         return;
     }
-    let arrays = plprune_onnx::npz::read(&out).expect("reference features");
+    let keys = ["head_lmax", "head_trace", "head_lmin", "neuron_lmax", "neuron_trace", "neuron_lmin"];
+    let arrays = plprune_onnx::npz::read_keys(&out, &keys).expect("reference features");
     let proj = ntk::projections(Some(&out), k, probe.per_sample, 0).expect("reference projections");
     let (_, f) = run_ours(&probe, &proj, &scored);
     let _ = std::fs::remove_file(&out);

@@ -269,15 +269,29 @@ impl Probe {
     /// Loss and ∂L/∂gate per unit at `gates` (the masked model when gates are 0/1).
     pub fn gate_gradients(&self, gates: &[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> {
         let params = self.gated(gates);
-        let run = self.low.gp.run_on(
-            &self.device,
-            &self.inputs,
-            &params,
-            |o| Probe::seed(&self.objective, self.output, o),
-            &HashSet::new(),
-        )?;
-        let g = gates::gate_gradients(&self.low.model, &self.base, &self.groups, gates, &run.grads);
-        Ok((run.loss, g))
+        let seed = |o: &loss::Outputs<f32>| Probe::seed(&self.objective, self.output, o);
+        let (loss, grads) = match &self.device {
+            // ∂L/∂gate needs the gradients of the gated (consumer) tensors only: the
+            // backward skips the other unit tensors' weight-gradient products.
+            Device::Cpu => {
+                let gp = &self.low.gp;
+                let slots: BTreeMap<Id, usize> = gates::gated_tensors(&self.groups)
+                    .into_iter()
+                    .filter_map(|t| gp.wrt.get(&t).and_then(|s| gp.grad.grads.get(s)).map(|&g| (t, g)))
+                    .collect();
+                let want: HashSet<usize> = slots.values().copied().collect();
+                let fwd = gp.forward::<f32>(&self.inputs, &params, &want)?;
+                let (loss, arena) = gp.backward(&fwd, seed)?;
+                let grads = slots.iter().filter_map(|(&t, &g)| arena.get(g).map(|v| (t, v.to_vec()))).collect();
+                (loss, grads)
+            }
+            Device::Gpu(_) => {
+                let run = self.low.gp.run_on(&self.device, &self.inputs, &params, seed, &HashSet::new())?;
+                (run.loss, run.grads)
+            }
+        };
+        let g = gates::gate_gradients(&self.low.model, &self.base, &self.groups, gates, &grads);
+        Ok((loss, g))
     }
 
     /// The gradient signals of the first-order criteria: the loss where it is not flat at
