@@ -143,6 +143,30 @@ impl Engine {
 }
 
 impl GradProgram {
+    /// Stores the seed's cotangents (one per differentiated output, each of its output's
+    /// size) as the backward program's starting values.
+    fn set_cotangents<T: Real>(&self, arena: &mut Arena<T>, cot: Vec<Vec<T>>) -> Result<()> {
+        let p = &self.lowered.program;
+        if cot.len() != self.grad.seeds.len() {
+            return Err(Error::Other(format!(
+                "engine: {} cotangents for {} outputs",
+                cot.len(),
+                self.grad.seeds.len()
+            )));
+        }
+        for (&s, c) in self.grad.seeds.iter().zip(cot) {
+            if c.len() != p.slots[s].numel() {
+                return Err(Error::Other(format!(
+                    "engine: cotangent of {} values for an output of {}",
+                    c.len(),
+                    p.slots[s].numel()
+                )));
+            }
+            arena.set(s, c);
+        }
+        Ok(())
+    }
+
     /// Forward, then `seed(outputs)` → (loss, dL/d(output) per output), then backward.
     /// Slots in `keep` survive in the returned arena.
     pub fn run<T: Real>(
@@ -163,23 +187,7 @@ impl GradProgram {
         arena.run(p, 0..nf, &frees)?;
         let outputs = collect_outputs(&self.lowered, &arena)?;
         let (loss, cot) = seed(&outputs)?;
-        if cot.len() != self.grad.seeds.len() {
-            return Err(Error::Other(format!(
-                "engine: {} cotangents for {} outputs",
-                cot.len(),
-                self.grad.seeds.len()
-            )));
-        }
-        for (&s, c) in self.grad.seeds.iter().zip(cot) {
-            if c.len() != p.slots[s].numel() {
-                return Err(Error::Other(format!(
-                    "engine: cotangent of {} values for an output of {}",
-                    c.len(),
-                    p.slots[s].numel()
-                )));
-            }
-            arena.set(s, c);
-        }
+        self.set_cotangents(&mut arena, cot)?;
         arena.run(p, nf..p.instrs.len(), &frees)?;
         let mut grads = BTreeMap::new();
         for (&id, &s) in &self.wrt {
@@ -243,7 +251,7 @@ impl GradProgram {
         let mut keep = want.clone();
         keep.extend(self.lowered.outputs.iter().map(|(_, s)| *s));
         let order: Vec<usize> = (0..nf).chain(once.iter().copied()).chain(per_seed.iter().copied()).collect();
-        let frees = plan_frees_over(p, &order, &keep);
+        let frees = cpu::plan_frees(p, order.iter().copied(), &keep);
         let mut arena = Arena::new(p);
         feed(&self.lowered, &mut arena, inputs, params)?;
         arena.run(p, 0..nf, &frees)?;
@@ -264,51 +272,13 @@ impl GradProgram {
     ) -> Result<(f64, Arena<T>)> {
         let p = &self.lowered.program;
         let (loss, cot) = seed(&fwd.outputs)?;
-        if cot.len() != self.grad.seeds.len() {
-            return Err(Error::Other(format!(
-                "engine: {} cotangents for {} outputs",
-                cot.len(),
-                self.grad.seeds.len()
-            )));
-        }
         let mut arena = Arena { bufs: fwd.arena.bufs.clone() };
-        for (&s, c) in self.grad.seeds.iter().zip(cot) {
-            if c.len() != p.slots[s].numel() {
-                return Err(Error::Other(format!(
-                    "engine: cotangent of {} values for an output of {}",
-                    c.len(),
-                    p.slots[s].numel()
-                )));
-            }
-            arena.set(s, c);
-        }
+        self.set_cotangents(&mut arena, cot)?;
         for &i in &fwd.needed {
             arena.run(p, i..i + 1, &fwd.frees)?;
         }
         Ok((loss, arena))
     }
-}
-
-/// [`cpu::plan_frees`] for the instructions `order` (in that order): every temporary not in
-/// `keep` is freed after its last reader among them.
-fn plan_frees_over(prog: &program::Program, order: &[usize], keep: &HashSet<Slot>) -> Vec<Vec<Slot>> {
-    let mut last: Vec<Option<usize>> = vec![None; prog.slots.len()];
-    for &i in order {
-        let ins = &prog.instrs[i];
-        last[ins.out] = last[ins.out].max(Some(i));
-        for &s in &ins.ins {
-            last[s] = Some(i);
-        }
-    }
-    let mut frees = vec![Vec::new(); prog.instrs.len()];
-    for (s, l) in last.iter().enumerate() {
-        if let Some(i) = l {
-            if prog.slots[s].kind == program::SlotKind::Temp && !keep.contains(&s) {
-                frees[*i].push(s);
-            }
-        }
-    }
-    frees
 }
 
 pub fn tensor_to<T: Real>(t: &Tensor) -> Vec<T> {

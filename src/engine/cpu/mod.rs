@@ -196,10 +196,11 @@ mod tests {
 }
 
 /// For each instruction index, the temporaries to free after it runs: every temporary not
-/// in `keep` dies after its last reader among `instrs` (or right away if nothing reads it).
-pub fn plan_frees(prog: &Program, instrs: std::ops::Range<usize>, keep: &HashSet<Slot>) -> Vec<Vec<Slot>> {
+/// in `keep` dies after its last reader among `instrs`, run in that (ascending) order, or
+/// right away if nothing reads it.
+pub fn plan_frees(prog: &Program, instrs: impl IntoIterator<Item = usize>, keep: &HashSet<Slot>) -> Vec<Vec<Slot>> {
     let mut last: Vec<Option<usize>> = vec![None; prog.slots.len()];
-    for i in instrs.clone() {
+    for i in instrs {
         let ins = &prog.instrs[i];
         last[ins.out] = last[ins.out].max(Some(i));
         for &s in &ins.ins {
