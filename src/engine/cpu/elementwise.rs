@@ -39,8 +39,22 @@ pub fn unary_f<T: Real>(op: UnaryOp, x: T) -> T {
         UnaryOp::Affine(a, b) => x * T::c(a as f64) + T::c(b as f64),
         UnaryOp::Clip(lo, hi) => x.max(T::c(lo as f64)).min(T::c(hi as f64)),
         UnaryOp::HardSigmoid(a, b) => (x * T::c(a as f64) + T::c(b as f64)).max(zero).min(one),
-        UnaryOp::Gelu => T::c(0.5) * x * (one + (x * T::c(std::f64::consts::FRAC_1_SQRT_2)).erf()),
+        UnaryOp::Gelu => gelu(x),
     }
+}
+
+/// GELU(x) = x Φ(x), with erf.
+#[inline(always)]
+fn gelu<T: Real>(x: T) -> T {
+    T::c(0.5) * x * (T::one() + (x * T::c(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+/// dy · GELU'(x) = dy (Φ(x) + x φ(x)).
+#[inline(always)]
+fn gelu_grad<T: Real>(x: T, dy: T) -> T {
+    let cdf = T::c(0.5) * (T::one() + (x * T::c(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = T::c(0.398_942_280_401_432_7) * (T::c(-0.5) * x * x).exp_fast();
+    dy * (cdf + x * pdf)
 }
 
 /// dy · f'(x).
@@ -94,11 +108,7 @@ pub fn unary_grad_f<T: Real>(op: UnaryOp, x: T, dy: T) -> T {
                 zero
             }
         }
-        UnaryOp::Gelu => {
-            let cdf = T::c(0.5) * (one + (x * T::c(std::f64::consts::FRAC_1_SQRT_2)).erf());
-            let pdf = T::c(0.398_942_280_401_432_7) * (T::c(-0.5) * x * x).exp_fast();
-            dy * (cdf + x * pdf)
-        }
+        UnaryOp::Gelu => gelu_grad(x, dy),
         UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Trunc | UnaryOp::NonZero | UnaryOp::Not => zero,
     }
 }
@@ -182,7 +192,7 @@ pub fn unary<T: Real>(op: UnaryOp, x: &[T]) -> Vec<T> {
             let (a, b) = (T::c(a as f64), T::c(b as f64));
             map1(x, move |v| v * a + b)
         }
-        UnaryOp::Gelu => map1(x, |v| unary_f(UnaryOp::Gelu, v)),
+        UnaryOp::Gelu => map1(x, gelu),
         UnaryOp::Erf => map1(x, |v| v.erf()),
         _ => map1(x, move |v| unary_f(op, v)),
     }
@@ -190,7 +200,7 @@ pub fn unary<T: Real>(op: UnaryOp, x: &[T]) -> Vec<T> {
 
 pub fn unary_grad<T: Real>(op: UnaryOp, x: &[T], dy: &[T]) -> Vec<T> {
     match op {
-        UnaryOp::Gelu => map2(x, dy, |v, d| unary_grad_f(UnaryOp::Gelu, v, d)),
+        UnaryOp::Gelu => map2(x, dy, gelu_grad),
         UnaryOp::Exp => map2(x, dy, |v, d| d * v.exp_fast()),
         UnaryOp::Relu => map2(x, dy, |v, d| if v > T::zero() { d } else { T::zero() }),
         _ => map2(x, dy, move |v, d| unary_grad_f(op, v, d)),

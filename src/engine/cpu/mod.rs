@@ -55,15 +55,18 @@ pub trait Real:
 }
 
 impl Real for f32 {
+    #[inline]
     fn c(x: f64) -> f32 {
         x as f32
     }
     fn to_f64c(self) -> f64 {
         self as f64
     }
+    #[inline]
     fn erf(self) -> f32 {
         fast_erf(self)
     }
+    #[inline]
     fn exp_fast(self) -> f32 {
         fast_exp(self)
     }
@@ -136,15 +139,18 @@ pub fn fast_exp(x: f32) -> f32 {
 }
 
 impl Real for f64 {
+    #[inline]
     fn c(x: f64) -> f64 {
         x
     }
     fn to_f64c(self) -> f64 {
         self
     }
+    #[inline]
     fn erf(self) -> f64 {
         libm::erf(self)
     }
+    #[inline]
     fn exp_fast(self) -> f64 {
         self.exp()
     }

@@ -8,6 +8,9 @@ use super::elementwise::PAR_MIN;
 use super::Real;
 use crate::engine::program::broadcast_strides;
 
+/// Rows per block of a leading-axes reduction.
+const LEAD_ROWS: usize = 128;
+
 /// Reduction into a keepdims output: `out[broadcast index] op= x[i]` for every element.
 pub fn reduce<T: Real>(op: crate::engine::program::ReduceOp, x: &[T], x_shape: &[usize], axes: &[usize]) -> Vec<T> {
     use crate::engine::program::ReduceOp;
@@ -33,7 +36,38 @@ pub fn reduce<T: Real>(op: crate::engine::program::ReduceOp, x: &[T], x_shape: &
         ReduceOp::Max => acc.max(v),
         ReduceOp::Min => acc.min(v),
     };
-    let mut out = if trailing && count > 0 {
+    let leading = !axes.is_empty() && {
+        let mut s = axes.to_vec();
+        s.sort();
+        s.iter().enumerate().all(|(i, &a)| a == i)
+    };
+    let mut out = if leading && !trailing && count > 0 && n_out > 0 {
+        // x is [count, n_out] (a bias gradient): rows summed into the output, in blocks of
+        // LEAD_ROWS rows whose partial results are then folded in order, so the result does
+        // not depend on the thread count.
+        let partial = |rows: &[T]| -> Vec<T> {
+            let mut acc = vec![init; n_out];
+            for r in rows.chunks(n_out) {
+                for (a, &v) in acc.iter_mut().zip(r) {
+                    *a = fold(*a, v);
+                }
+            }
+            acc
+        };
+        let block = LEAD_ROWS * n_out;
+        let parts: Vec<Vec<T>> = if x.len() >= PAR_MIN {
+            x.par_chunks(block).map(partial).collect()
+        } else {
+            x.chunks(block).map(partial).collect()
+        };
+        let mut out = vec![init; n_out];
+        for p in parts {
+            for (a, v) in out.iter_mut().zip(p) {
+                *a = fold(*a, v);
+            }
+        }
+        out
+    } else if trailing && count > 0 {
         let blocks: Vec<T> = if x.len() >= PAR_MIN {
             x.par_chunks(count).map(|c| c.iter().fold(init, |a, &v| fold(a, v))).collect()
         } else {
@@ -67,4 +101,48 @@ pub fn reduce<T: Real>(op: crate::engine::program::ReduceOp, x: &[T], x_shape: &
         out.iter_mut().for_each(|v| *v = *v * inv);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::program::ReduceOp;
+
+    /// The leading-axes path (blocks folded in order) against a plain loop over every
+    /// element, for each op, below and above the parallel threshold.
+    #[test]
+    fn leading_axes_match_plain_loop() {
+        for (shape, axes) in
+            [(vec![3usize, 5, 7], vec![0usize]), (vec![4, 300, 40], vec![0, 1]), (vec![2, 9, 130, 3], vec![1, 0])]
+        {
+            let n: usize = shape.iter().product();
+            let x: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1013) as f64 / 97.0 - 5.0).collect();
+            let inner: usize = shape[axes.len()..].iter().product();
+            for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+                let got = super::reduce(op, &x, &shape, &axes);
+                let mut want = vec![
+                    match op {
+                        ReduceOp::Max => f64::NEG_INFINITY,
+                        ReduceOp::Min => f64::INFINITY,
+                        _ => 0.0,
+                    };
+                    inner
+                ];
+                for (i, &v) in x.iter().enumerate() {
+                    let w = &mut want[i % inner];
+                    *w = match op {
+                        ReduceOp::Max => w.max(v),
+                        ReduceOp::Min => w.min(v),
+                        _ => *w + v,
+                    };
+                }
+                if op == ReduceOp::Mean {
+                    want.iter_mut().for_each(|w| *w /= (n / inner) as f64);
+                }
+                assert_eq!(got.len(), inner, "{shape:?} {axes:?}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-9 * (1.0 + w.abs()), "{op:?} {shape:?} {axes:?}: {g} vs {w}");
+                }
+            }
+        }
+    }
 }
