@@ -6,6 +6,7 @@
 //!
 //! - vgg: digits/vgg_bn filters; test accuracy on digits/img_test.npz (540 samples).
 //! - moe: digits/moe_transformer FFN neurons; test accuracy on digits/test.npz.
+//! - moe-experts: the same model's experts (8 in 2 blocks), the same metric.
 //! - minilm: minilm-l6 FFN neurons; mean cosine of sentence_embedding to the dense model's
 //!   on the first 128 sentences of minilm-l6/heldout.npz.
 //! - minilm-hn: minilm-l6 heads and FFN neurons, the same metric.
@@ -13,7 +14,7 @@
 //!   pruned) of the softmax on effnet-lite0/heldout.npz (24 images).
 //!
 //! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
-//!   cargo bench --bench criteria [-- --models vgg,moe,minilm,minilm-hn,effnet
+//!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
 //!       --ridge 0.1 --ntk-condition]
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
@@ -70,6 +71,16 @@ const CASES: &[Case] = &[
         calib: "digits/train.npz",
         test: "digits/test.npz",
         kinds: &[UnitKind::Neurons],
+        output: 0,
+        metric: Metric::Accuracy,
+        test_samples: 540,
+    },
+    Case {
+        key: "moe-experts",
+        model: "digits/moe_transformer.onnx",
+        calib: "digits/train.npz",
+        test: "digits/test.npz",
+        kinds: &[UnitKind::Experts],
         output: 0,
         metric: Metric::Accuracy,
         test_samples: 540,

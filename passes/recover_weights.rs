@@ -20,14 +20,20 @@
 //! Runs before RewriteGraph, on the calibration samples the criterion scored; fidelity to
 //! the dense model with and without the refit is measured on the next samples of the file
 //! when it has them (else on the same ones) and reported. Consumers it cannot refit
-//! (grouped convs, weights read by several ops, expert combinations) are listed with the
-//! reason and left as they are.
+//! (grouped convs, weights read by several ops, stacked experts) are listed with the
+//! reason and left as they are. When whole experts of a top-1 MoE block are pruned, each
+//! kept expert's down-projection is refit towards the block's dense combined output on the
+//! tokens routed to it in the masked model (those of removed experts included).
+//!
+//! The forwards that collect the activations run on the backend `--device` picks (the
+//! WGSL kernels on a GPU); the Grams AᵀA and the solves run on the CPU in f64.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::Serialize;
 
 use crate::engine::cpu::{self, Arena, Real};
+use crate::engine::gpu::Device;
 use crate::engine::program::Window;
 use crate::engine::{Engine, Params};
 use crate::error::{Error, Result};
@@ -60,6 +66,8 @@ impl Recover {
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoveryReport {
     pub method: Recover,
+    /// The backend the forwards ran on (the solves run on the CPU in f64).
+    pub device: String,
     pub ridge: f64,
     /// Calibration samples the refit was fit on.
     pub samples: usize,
@@ -89,6 +97,10 @@ pub struct RefitLayer {
     /// Rows left out because the consumer's output is scaled by 0 there (tokens routed to
     /// other experts); the other rows are weighted by that scale.
     pub unrouted_rows: usize,
+    /// The value whose dense rows the refit reproduces, when it is not the consumer's own
+    /// output: an MoE block's combined output (experts pruned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     pub rows: usize,
     /// ‖A_m W_masked − A_d W‖ / ‖A_d W‖ on the fit rows, before and after the refit.
     pub rel_err_before: f64,
@@ -140,6 +152,10 @@ struct Consumer {
     /// used (an expert's routing weight): the fit weighs each row by it, so tokens routed
     /// elsewhere (factor 0) do not count.
     row_scale: Option<Id>,
+    /// For an expert's down-projection when whole experts are pruned: the MoE block's
+    /// combined output, whose dense rows the expert reproduces on the tokens routed to it
+    /// (including those its pruned siblings received in the dense model).
+    combined: Option<Id>,
 }
 
 impl Pass for RecoverWeights {
@@ -165,16 +181,19 @@ impl Pass for RecoverWeights {
             if batch.samples > n { (batch.range(n, (n + m).min(batch.samples)), true) } else { (batch.take(m), false) };
         let ridge = cx.config.recover_ridge;
         let (consumers, mut skipped) = consumers(model, &cx.groups, &keep);
+        // The forwards that give the activations run on the chosen backend; the
+        // least-squares solves, small and in f64, on the CPU.
+        let device = crate::engine::gpu::select(cx.config.device)?;
         // Both references before the refit changes `model`'s weights.
-        let dense = dense_outputs(model, &eval)?;
-        let before = masked_outputs(model, &cx.groups, &keep, &eval)?;
+        let dense = dense_outputs(model, &device, &eval)?;
+        let before = masked_outputs(model, &device, &cx.groups, &keep, &eval)?;
         let mut layers = Vec::new();
         if !consumers.is_empty() {
-            layers = refit(model, &cx.groups, &keep, &fit, &consumers, ridge)?;
+            layers = refit(model, &device, &cx.groups, &keep, &fit, &consumers, ridge)?;
         } else {
             skipped.push("no consumer of pruned units can be refit".into());
         }
-        let after = masked_outputs(model, &cx.groups, &keep, &eval)?;
+        let after = masked_outputs(model, &device, &cx.groups, &keep, &eval)?;
         let fidelity = dense
             .iter()
             .zip(before.iter().zip(&after))
@@ -185,6 +204,7 @@ impl Pass for RecoverWeights {
             .collect();
         cx.recovery = Some(RecoveryReport {
             method: Recover::Lsq,
+            device: device.describe(),
             ridge,
             samples: fit.samples,
             eval_samples: eval.samples,
@@ -202,13 +222,17 @@ impl Pass for RecoverWeights {
 fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consumer>, Vec<String>) {
     let mut pruned: BTreeMap<(Id, usize), BTreeSet<usize>> = BTreeMap::new();
     let mut skipped = Vec::new();
+    let mut experts: Vec<Consumer> = Vec::new();
     for (g, group) in groups.iter().enumerate() {
         let p = keep.pruned(g);
         if p.is_empty() {
             continue;
         }
         if group.kind == UnitKind::Experts {
-            skipped.push(format!("experts '{}': expert outputs are combined by routing, not refit", group.name));
+            match &group.routing {
+                Some(r) => experts.extend(expert_refits(model, group, r, &p, &mut skipped)),
+                None => skipped.push(format!("experts '{}': stacked experts are not refit", group.name)),
+            }
             continue;
         }
         for s in group.slices.iter().filter(|s| s.role == Role::Consumer) {
@@ -268,10 +292,87 @@ fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consum
         let dense_rows = !matches!(layout, Layout::Conv(_));
         let residual = if dense_rows { residual_of(model, op, bias) } else { None };
         let row_scale = if dense_rows && residual.is_none() { row_scale_of(model, op, bias) } else { None };
-        out.push(Consumer { op, weight: w, x, layout, pruned: mask, bias, residual, row_scale });
+        out.push(Consumer { op, weight: w, x, layout, pruned: mask, bias, residual, row_scale, combined: None });
+    }
+    // A kept expert whose neurons are pruned too is one refit, towards the combined output.
+    for e in experts {
+        match out.iter_mut().find(|c| c.weight == e.weight) {
+            Some(c) => {
+                c.combined = e.combined;
+                c.residual = e.residual;
+                c.row_scale = e.row_scale;
+            }
+            None => out.push(e),
+        }
     }
     out.sort_by_key(|c| order.get(&c.op).copied().unwrap_or(usize::MAX));
     (out, skipped)
+}
+
+/// The down-projections of the kept experts of an MoE block whose experts `pruned` are
+/// removed (top-1 routing, separate branches): each is refit on the tokens routed to it in
+/// the masked model, weighted by its routing weight, towards the dense block's combined
+/// output, so the kept experts take over the tokens the removed ones served.
+fn expert_refits(
+    model: &Model,
+    group: &UnitGroup,
+    r: &crate::units::Routing,
+    pruned: &[usize],
+    skipped: &mut Vec<String>,
+) -> Vec<Consumer> {
+    // The combined output: the sum Add no other sum Add reads.
+    let outs: Vec<Id> = r.sum_adds.iter().map(|&a| model.output(a, 0)).collect();
+    let last =
+        r.sum_adds.iter().zip(&outs).find(|(_, &y)| !model.consumers(y).iter().any(|(c, _)| r.sum_adds.contains(c)));
+    let Some((_, &combined)) = last else {
+        skipped.push(format!("experts '{}': no combined output found", group.name));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in (0..group.count).filter(|e| !pruned.contains(e)) {
+        let (mul, gate) = (r.gate_muls[e], model.output(r.gate_slices[e], 0));
+        let y = (0..2).filter_map(|k| model.input(mul, k)).find(|&v| v != gate);
+        let found = y.and_then(|y| {
+            // y = MatMul(x, W) (+ b), or Gemm(x, W, b).
+            let (p, _) = model.producer(y)?;
+            let op = if model.op(p).op_type == "Add" {
+                let k = (0..2).find(|&k| model.input(p, k).is_some_and(|v| !model.value(v).is_static()))?;
+                model.producer(model.input(p, k)?)?.0
+            } else {
+                p
+            };
+            let w = model.input(op, 1)?;
+            let data = model.value(w).data.as_ref()?;
+            let o = model.op(op);
+            let (layout, axis) = match (o.op_type.as_str(), data.rank(), o.attr_i("transA", 0), o.attr_i("transB", 0)) {
+                ("MatMul", 2, _, _) | ("Gemm", 2, 0, 0) => (Layout::RowsIn, 0),
+                ("Gemm", 2, 0, _) => (Layout::ColsIn, 1),
+                _ => return None,
+            };
+            (model.consumers(w).len() == 1).then_some(())?;
+            let nout = data.dims[1 - axis];
+            let bias = bias_of(model, op, nout);
+            (biased_output(model, op, bias) == Some(y)).then_some(())?;
+            let pruned = vec![false; data.dims[axis]];
+            let residual = residual_after(model, combined);
+            Some(Consumer {
+                op,
+                weight: w,
+                x: model.input(op, 0)?,
+                layout,
+                pruned,
+                bias,
+                residual,
+                row_scale: Some(gate),
+                combined: Some(combined),
+            })
+        });
+        match found {
+            Some(c) => out.push(c),
+            None => skipped.push(format!("expert {e} of '{}': its output is not a MatMul/Gemm's", group.name)),
+        }
+    }
+    out
 }
 
 /// The bias added to consumer `op`'s output: a 1-D weight of `nout` entries, read by this
@@ -301,7 +402,12 @@ fn bias_of(model: &Model, op: Id, nout: usize) -> Option<Id> {
 /// The other operand R of the residual Add that alone reads consumer `op`'s output (after
 /// the MatMul's bias Add): an activation of the Add's own shape, not a weight.
 fn residual_of(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
-    let y = biased_output(model, op, bias)?;
+    residual_after(model, biased_output(model, op, bias)?)
+}
+
+/// The other operand R of the residual Add that alone reads `y`: an activation of the
+/// Add's own shape, not a weight.
+fn residual_after(model: &Model, y: Id) -> Option<Id> {
     let [(add, k)] = model.consumers(y)[..] else { return None };
     if model.op(add).op_type != "Add" {
         return None;
@@ -348,35 +454,40 @@ fn lowered(model: &Model, batch: &crate::calib::Batch) -> Result<(Model, Engine,
     Ok((m, engine, inputs))
 }
 
-/// Runs `engine` with `params`, keeping `keep` (value ids) and the outputs.
+/// Runs `engine` on `device` with `params`, keeping `keep` (value ids) and the outputs.
 fn run_keep(
     engine: &Engine,
+    device: &Device,
     inputs: &[(String, Tensor)],
     params: &Params<f32>,
     keep: &[Id],
 ) -> Result<(Arena<f32>, BTreeMap<Id, usize>)> {
     let slots: BTreeMap<Id, usize> =
         keep.iter().filter_map(|v| engine.lowered.values.get(v).map(|&s| (*v, s))).collect();
-    let mut k: HashSet<usize> = slots.values().copied().collect();
-    k.extend(engine.lowered.outputs.iter().map(|(_, s)| *s));
-    let arena = engine.forward_keep(inputs, params, &k)?;
+    let k: HashSet<usize> = slots.values().copied().collect();
+    let arena = engine.forward_keep_on(device, inputs, params, &k)?;
     Ok((arena, slots))
 }
 
-fn dense_outputs(model: &Model, batch: &crate::calib::Batch) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+fn dense_outputs(
+    model: &Model,
+    device: &Device,
+    batch: &crate::calib::Batch,
+) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     let (m, engine, inputs) = lowered(model, batch)?;
-    engine.forward(&inputs, &engine.params(&m))
+    engine.forward_on(device, &inputs, &engine.params(&m))
 }
 
 fn masked_outputs(
     model: &Model,
+    device: &Device,
     groups: &[UnitGroup],
     keep: &KeepSet,
     batch: &crate::calib::Batch,
 ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
     let (m, engine, inputs) = lowered(&masked, batch)?;
-    engine.forward(&inputs, &engine.params(&m))
+    engine.forward_on(device, &inputs, &engine.params(&m))
 }
 
 /// Activation `x` as a row-major [rows, features] matrix in f64, features in the order of
@@ -484,15 +595,16 @@ fn padding_rows(batch: &crate::calib::Batch, x_shape: &[usize], rows: usize) -> 
 
 fn refit(
     model: &mut Model,
+    device: &Device,
     groups: &[UnitGroup],
     keep: &KeepSet,
     fit: &crate::calib::Batch,
     consumers: &[Consumer],
     ridge: f64,
 ) -> Result<Vec<RefitLayer>> {
-    let xs: Vec<Id> = consumers.iter().flat_map(|c| std::iter::once(c.x).chain(c.residual)).collect();
+    let xs: Vec<Id> = consumers.iter().flat_map(|c| [Some(c.x), c.residual, c.combined]).flatten().collect();
     let (dm, engine, inputs) = lowered(model, fit)?;
-    let (arena, slots) = run_keep(&engine, &inputs, &engine.params(&dm), &xs)?;
+    let (arena, slots) = run_keep(&engine, device, &inputs, &engine.params(&dm), &xs)?;
     let kept_value = |arena: &Arena<f32>, slots: &BTreeMap<Id, usize>, v: Id| -> Result<(Vec<f32>, Vec<usize>)> {
         let s = slots.get(&v).copied().ok_or_else(|| Error::Other("consumer input was not lowered".into()))?;
         let x = arena.get(s).ok_or_else(|| Error::Other("consumer input was not kept".into()))?;
@@ -505,7 +617,14 @@ fn refit(
         let (wm, f, nout, _) = weight_matrix(&c.layout, &w);
         let (x, shape) = kept_value(&arena, &slots, c.x)?;
         let (a, rows) = activation_rows(&c.layout, &x, &shape, f);
-        let mut t = a_b(&a, &wm, rows, f, nout);
+        let mut t = match c.combined {
+            // The dense block output.
+            Some(y) => {
+                let (yd, _) = kept_value(&arena, &slots, y)?;
+                yd[..rows * nout].iter().map(|&v| v as f64).collect()
+            }
+            None => a_b(&a, &wm, rows, f, nout),
+        };
         if let Some(r) = c.residual {
             let (rd, _) = kept_value(&arena, &slots, r)?;
             t.iter_mut().zip(&rd).for_each(|(t, r)| *t += *r as f64);
@@ -518,7 +637,7 @@ fn refit(
         let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
         let params: Params<f32> = engine.params(&masked);
         let keep_ids: Vec<Id> = std::iter::once(c.x).chain(c.residual).chain(c.row_scale).collect();
-        let (arena, slots) = run_keep(&engine, &inputs, &params, &keep_ids)?;
+        let (arena, slots) = run_keep(&engine, device, &inputs, &params, &keep_ids)?;
         let (x, shape) = kept_value(&arena, &slots, c.x)?;
         let w = model.value(c.weight).data.clone().expect("consumers have data");
         let (mut wm, f, nout, per) = weight_matrix(&c.layout, &w);
@@ -533,6 +652,18 @@ fn refit(
         // Weighted rows: scale A's and the target's rows by |S| (the masked model's routing).
         let scale = c.row_scale.map(|r| kept_value(&arena, &slots, r)).transpose()?.map(|(v, _)| v);
         drop(arena);
+        if let (Some(sc), Some(_)) = (&scale, c.combined) {
+            // The block output is s · (A W' + b') on this expert's tokens: fit A W' + b' to
+            // the dense output / s there (rows are weighted by |s| below; the bias is
+            // subtracted here because the fit adds the dense bias to every target row).
+            let b = c.bias.and_then(|b| model.value(b).data.as_ref().map(|d| d.to_f64_vec())).unwrap_or_default();
+            for (row, &s) in target.chunks_mut(nout).zip(sc.iter()) {
+                if s != 0.0 {
+                    row.iter_mut().for_each(|t| *t /= s as f64);
+                }
+                row.iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
+            }
+        }
         let (a, target, rows, row_w, unrouted) = match scale {
             Some(sc) => {
                 let live: Vec<usize> = (0..rows).filter(|&r| sc.get(r).is_some_and(|&v| v != 0.0)).collect();
@@ -632,6 +763,7 @@ fn refit(
             residual: c.residual.map(|r| model.value(r).name.clone()),
             padding_rows,
             unrouted_rows: unrouted,
+            target: c.combined.map(|y| model.value(y).name.clone()),
             rows,
             rel_err_before: before,
             rel_err_after: after,

@@ -308,10 +308,11 @@ impl Report {
             let held = if r.eval_held_out { "held-out" } else { "calibration" };
             let _ = writeln!(
                 s,
-                "recovered {} consumer weights by ridge least squares on {} samples ({} skipped)",
+                "recovered {} consumer weights by ridge least squares on {} samples ({} skipped; forwards on {})",
                 r.layers.len(),
                 r.samples,
-                r.skipped.len()
+                r.skipped.len(),
+                r.device
             );
             for f in &r.fidelity {
                 let top1 = match (f.top1_before, f.top1_after) {

@@ -306,26 +306,45 @@ impl Engine {
         inputs: &[(String, Tensor)],
         params: &Params<f32>,
     ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        if let Device::Cpu = device {
+            return self.forward::<f32>(inputs, params);
+        }
+        let arena = self.forward_keep_on(device, inputs, params, &HashSet::new())?;
+        collect_outputs(&self.lowered, &arena)
+    }
+
+    /// Forward only, on `device`, keeping the outputs and the slots in `keep` (activations a
+    /// caller reads): on the GPU they are read back into the returned arena in one
+    /// transfer. Same contract as [`Engine::forward_keep`].
+    pub fn forward_keep_on(
+        &self,
+        device: &Device,
+        inputs: &[(String, Tensor)],
+        params: &Params<f32>,
+        keep: &HashSet<Slot>,
+    ) -> Result<Arena<f32>> {
+        let l = &self.lowered;
+        let mut keep = keep.clone();
+        keep.extend(l.outputs.iter().map(|(_, s)| *s));
         let cx = match device {
-            Device::Cpu => return self.forward::<f32>(inputs, params),
+            Device::Cpu => return self.forward_keep::<f32>(inputs, params, &keep),
             Device::Gpu(cx) => cx.as_ref(),
         };
-        let l = &self.lowered;
         let p = &l.program;
         let mut arena = Arena::new(p);
         feed(l, &mut arena, inputs, params)?;
-        let keep: HashSet<Slot> = l.outputs.iter().map(|(_, s)| *s).collect();
         let frees = cpu::plan_frees(p, 0..p.instrs.len(), &keep);
         scoped(cx, || {
             let mut g = GpuArena::new(cx, p);
             g.load(l, &arena)?;
             g.run(0..p.instrs.len(), &frees)?;
-            let outs: Vec<Slot> = l.outputs.iter().map(|(_, s)| *s).filter(|&s| arena.get(s).is_none()).collect();
-            let data = g.read(&outs)?;
-            store(&mut arena, &outs, data);
+            let mut want: Vec<Slot> = keep.iter().copied().filter(|&s| arena.get(s).is_none()).collect();
+            want.sort_unstable();
+            let data = g.read(&want)?;
+            store(&mut arena, &want, data);
             Ok(())
         })?;
-        collect_outputs(l, &arena)
+        Ok(arena)
     }
 }
 
