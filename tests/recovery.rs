@@ -23,6 +23,27 @@ fn json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// `--criterion magnitude --ratio 0.5 --recover lsq` on `units`, written to `out` with a
+/// JSON `report`; `extra` options go before the output. Returns stdout.
+fn magnitude_lsq(model: &Path, calib: &Path, units: &str, extra: &[&str], out: &Path, report: &Path) -> String {
+    let mut a = vec![
+        model.to_str().unwrap(),
+        "--criterion",
+        "magnitude",
+        "--units",
+        units,
+        "--ratio",
+        "0.5",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--recover",
+        "lsq",
+    ];
+    a.extend(extra);
+    a.extend(["-o", out.to_str().unwrap(), "--report", report.to_str().unwrap()]);
+    run(&a)
+}
+
 #[test]
 fn lsq_recovery_on_vgg_filters() {
     let dir = out_dir("recovery-vgg");
@@ -159,27 +180,7 @@ fn lsq_recovery_fits_each_expert_on_the_tokens_routed_to_it() {
     let model = shared("digits/moe_transformer.onnx");
     let calib = shared("digits/train.npz");
     let (out, report) = (dir.join("m.onnx"), dir.join("m.json"));
-    run(&[
-        model.to_str().unwrap(),
-        "--criterion",
-        "magnitude",
-        "--units",
-        "neurons",
-        "--ratio",
-        "0.5",
-        "--calib",
-        calib.to_str().unwrap(),
-        "--recover",
-        "lsq",
-        "--recover-samples",
-        "32",
-        "--calib-samples",
-        "16",
-        "-o",
-        out.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    magnitude_lsq(&model, &calib, "neurons", &["--recover-samples", "32", "--calib-samples", "16"], &out, &report);
     let r = json(&report);
     let layers = r["recovery"]["layers"].as_array().unwrap();
     // fc2 of the 4 experts in each of the 2 blocks, each scaled by its routing weight.
@@ -221,27 +222,8 @@ fn lsq_recovery_on_the_gpu_backend_matches_the_cpu_backend() {
         .iter()
         .map(|dev| {
             let (out, report) = (dir.join(format!("{dev}.onnx")), dir.join(format!("{dev}.json")));
-            let stdout = run(&[
-                model.to_str().unwrap(),
-                "--criterion",
-                "magnitude",
-                "--units",
-                "filters",
-                "--ratio",
-                "0.5",
-                "--calib",
-                calib.to_str().unwrap(),
-                "--recover",
-                "lsq",
-                "--recover-samples",
-                "64",
-                "--device",
-                dev,
-                "-o",
-                out.to_str().unwrap(),
-                "--report",
-                report.to_str().unwrap(),
-            ]);
+            let stdout =
+                magnitude_lsq(&model, &calib, "filters", &["--recover-samples", "64", "--device", dev], &out, &report);
             assert!(stdout.contains(&format!("forwards on {dev}")), "{stdout}");
             json(&report)
         })
@@ -278,23 +260,7 @@ fn lsq_recovery_refits_kept_experts_to_the_combined_output_when_experts_are_prun
     let model = shared("digits/moe_transformer.onnx");
     let calib = shared("digits/train.npz");
     let (out, report) = (dir.join("e.onnx"), dir.join("e.json"));
-    let stdout = run(&[
-        model.to_str().unwrap(),
-        "--criterion",
-        "magnitude",
-        "--units",
-        "experts",
-        "--ratio",
-        "0.5",
-        "--calib",
-        calib.to_str().unwrap(),
-        "--recover",
-        "lsq",
-        "-o",
-        out.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let stdout = magnitude_lsq(&model, &calib, "experts", &[], &out, &report);
     assert!(stdout.contains("verified slim == masked dense"), "{stdout}");
     let r = json(&report);
     let rec = &r["recovery"];

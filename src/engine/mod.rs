@@ -146,6 +146,16 @@ impl GradProgram {
     /// Stores the seed's cotangents (one per differentiated output, each of its output's
     /// size) as the backward program's starting values.
     fn set_cotangents<T: Real>(&self, arena: &mut Arena<T>, cot: Vec<Vec<T>>) -> Result<()> {
+        self.check_cotangents(&cot)?;
+        for (&s, c) in self.grad.seeds.iter().zip(cot) {
+            arena.set(s, c);
+        }
+        Ok(())
+    }
+
+    /// Checks that the seed gave one cotangent per differentiated output, each of its
+    /// output's size.
+    pub(crate) fn check_cotangents<T>(&self, cot: &[Vec<T>]) -> Result<()> {
         let p = &self.lowered.program;
         if cot.len() != self.grad.seeds.len() {
             return Err(Error::Other(format!(
@@ -162,7 +172,6 @@ impl GradProgram {
                     p.slots[s].numel()
                 )));
             }
-            arena.set(s, c);
         }
         Ok(())
     }

@@ -409,21 +409,8 @@ impl GradProgram {
             store(&mut arena, &outs, data);
             let outputs = collect_outputs(l, &arena)?;
             let (loss, cot) = seed(&outputs)?;
-            if cot.len() != self.grad.seeds.len() {
-                return Err(Error::Other(format!(
-                    "engine: {} cotangents for {} outputs",
-                    cot.len(),
-                    self.grad.seeds.len()
-                )));
-            }
+            self.check_cotangents(&cot)?;
             for (&s, c) in self.grad.seeds.iter().zip(cot) {
-                if c.len() != p.slots[s].numel() {
-                    return Err(Error::Other(format!(
-                        "engine: cotangent of {} values for an output of {}",
-                        c.len(),
-                        p.slots[s].numel()
-                    )));
-                }
                 g.set(s, &c)?;
                 arena.set(s, c);
             }
