@@ -164,6 +164,10 @@ impl Pass for RecoverWeights {
     }
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
+        // DistillWeights' teacher: the dense model before any refit.
+        if cx.config.distill_steps > 0 {
+            cx.original = Some(model.clone());
+        }
         if cx.config.recover == Recover::None {
             return Ok(());
         }
@@ -172,13 +176,7 @@ impl Pass for RecoverWeights {
             return Ok(());
         }
         let batch = cx.inputs.clone().ok_or_else(|| Error::Other("--recover needs calibration inputs".into()))?;
-        // Fit on up to --recover-samples samples; evaluate on the next --calib-samples when
-        // the file has them.
-        let m = cx.config.scoring.calib_samples.max(1);
-        let n = cx.config.recover_samples.min(batch.samples.saturating_sub(m)).max(m.min(batch.samples));
-        let fit = batch.take(n);
-        let (eval, held_out) =
-            if batch.samples > n { (batch.range(n, (n + m).min(batch.samples)), true) } else { (batch.take(m), false) };
+        let (fit, eval, held_out) = fit_and_eval(cx, &batch);
         let ridge = cx.config.recover_ridge;
         let (consumers, mut skipped) = consumers(model, &cx.groups, &keep);
         // The forwards that give the activations run on the chosen backend; the
@@ -194,14 +192,7 @@ impl Pass for RecoverWeights {
             skipped.push("no consumer of pruned units can be refit".into());
         }
         let after = masked_outputs(model, &device, &cx.groups, &keep, &eval)?;
-        let fidelity = dense
-            .iter()
-            .zip(before.iter().zip(&after))
-            .map(|((name, shape, d), ((_, _, b), (_, _, a)))| {
-                let logits = crate::criteria::probe::is_logits(model, name, shape);
-                fidelity(name, shape, logits, d, b, a)
-            })
-            .collect();
+        let fidelity = fidelities(model, &dense, &before, &after);
         cx.recovery = Some(RecoveryReport {
             method: Recover::Lsq,
             device: device.describe(),
@@ -215,6 +206,49 @@ impl Pass for RecoverWeights {
         });
         Ok(())
     }
+}
+
+/// The calibration samples a refit (or a distillation) fits on — up to --recover-samples —
+/// and those fidelity is measured on: the next --calib-samples of the file when it has
+/// them (held out, true), else the first ones.
+pub(crate) fn fit_and_eval(
+    cx: &Context,
+    batch: &crate::calib::Batch,
+) -> (crate::calib::Batch, crate::calib::Batch, bool) {
+    let m = cx.config.scoring.calib_samples.max(1);
+    let n = cx.config.recover_samples.min(batch.samples.saturating_sub(m)).max(m.min(batch.samples));
+    let fit = batch.take(n);
+    if batch.samples > n {
+        (fit, batch.range(n, (n + m).min(batch.samples)), true)
+    } else {
+        (fit, batch.take(m), false)
+    }
+}
+
+/// The model's outputs on `batch`, run `chunk` samples at a time on `device` and joined
+/// along the leading (sample) axis.
+pub(crate) fn outputs_in_chunks(
+    model: &Model,
+    device: &Device,
+    batch: &crate::calib::Batch,
+    chunk: usize,
+) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let mut all: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for start in (0..batch.samples).step_by(chunk.max(1)) {
+        let part = dense_outputs(model, device, &batch.range(start, start + chunk))?;
+        if all.is_empty() {
+            all = part;
+            continue;
+        }
+        for ((_, shape, d), (name, s, p)) in all.iter_mut().zip(part) {
+            if shape.is_empty() || s.is_empty() || shape[1..] != s[1..] {
+                return Err(Error::Other(format!("output '{name}' has no leading sample axis ({s:?})")));
+            }
+            shape[0] += s[0];
+            d.extend(p);
+        }
+    }
+    Ok(all)
 }
 
 /// The consumers of pruned units that can be refit, in topological order, and the others
@@ -443,7 +477,7 @@ fn row_scale_of(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
 }
 
 /// A model lowered for `batch`'s shapes.
-fn lowered(model: &Model, batch: &crate::calib::Batch) -> Result<(Model, Engine, Vec<(String, Tensor)>)> {
+pub(crate) fn lowered(model: &Model, batch: &crate::calib::Batch) -> Result<(Model, Engine, Vec<(String, Tensor)>)> {
     let shapes: BTreeMap<String, Vec<usize>> = batch.arrays.iter().map(|(k, t)| (k.clone(), t.dims.clone())).collect();
     let mut m = model.clone();
     crate::passes::infer_shapes::infer(&mut m, &shapes)?;
@@ -770,6 +804,23 @@ fn refit(
         });
     }
     Ok(layers)
+}
+
+/// Fidelity of each model output (`before` and `after` a recovery step, against `dense`).
+pub(crate) fn fidelities(
+    model: &Model,
+    dense: &[(String, Vec<usize>, Vec<f32>)],
+    before: &[(String, Vec<usize>, Vec<f32>)],
+    after: &[(String, Vec<usize>, Vec<f32>)],
+) -> Vec<Fidelity> {
+    dense
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|((name, shape, d), ((_, _, b), (_, _, a)))| {
+            let logits = crate::criteria::probe::is_logits(model, name, shape);
+            fidelity(name, shape, logits, d, b, a)
+        })
+        .collect()
 }
 
 fn fidelity(name: &str, shape: &[usize], logits: bool, dense: &[f32], before: &[f32], after: &[f32]) -> Fidelity {

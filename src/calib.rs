@@ -27,9 +27,14 @@ impl Batch {
     pub fn range(&self, start: usize, end: usize) -> Batch {
         let end = end.min(self.samples);
         let idx: Vec<usize> = (start.min(end)..end).collect();
+        self.select(&idx)
+    }
+
+    /// The samples `idx`, in that order (each index must be below `samples`).
+    pub fn select(&self, idx: &[usize]) -> Batch {
         Batch {
-            arrays: self.arrays.iter().map(|(k, t)| (k.clone(), t.take(0, &idx))).collect(),
-            labels: self.labels.as_ref().map(|l| l.take(0, &idx)),
+            arrays: self.arrays.iter().map(|(k, t)| (k.clone(), t.take(0, idx))).collect(),
+            labels: self.labels.as_ref().map(|l| l.take(0, idx)),
             samples: idx.len(),
         }
     }

@@ -156,6 +156,24 @@ struct PruneArgs {
     /// file measure fidelity before and after).
     #[arg(long, default_value_t = 128)]
     recover_samples: usize,
+    /// Label-free fine-tuning after the rewrite: Adam steps that train the slim model's
+    /// weights (embedding tables excepted) towards the dense model's outputs on the
+    /// calibration samples --recover fits on; 0 = none. Runs after --recover lsq when both
+    /// are given.
+    #[arg(long, default_value_t = 0)]
+    distill_steps: usize,
+    /// Peak learning rate of --distill-steps (linear warm-up, cosine decay).
+    #[arg(long, default_value_t = 1e-4)]
+    distill_lr: f64,
+    /// Calibration samples per --distill-steps minibatch.
+    #[arg(long, default_value_t = 16)]
+    distill_batch: usize,
+    /// Augmentation of the --distill-steps minibatches, so the student learns the dense
+    /// model around the calibration samples instead of memorising them: the share of
+    /// tokens replaced by other calibration tokens (token-id inputs), or the largest weight
+    /// with which float inputs are mixed with another sample. 0 = none.
+    #[arg(long, default_value_t = 0.3)]
+    distill_augment: f64,
     /// Also measure the model-level NTK condition number on the calibration set before and
     /// after pruning (two extra Gram passes over every unit).
     #[arg(long)]
@@ -270,6 +288,13 @@ fn config(a: &PruneArgs) -> Result<Config> {
     if !a.ridge.is_finite() || a.ridge <= 0.0 {
         return Err(Error::Option(format!("--ridge must be > 0, got {}", a.ridge)));
     }
+    let bad_aug = !(0.0..1.0).contains(&a.distill_augment);
+    if a.distill_steps > 0 && (!a.distill_lr.is_finite() || a.distill_lr <= 0.0 || a.distill_batch == 0 || bad_aug) {
+        return Err(Error::Option(format!(
+            "--distill-lr must be > 0, --distill-batch ≥ 1 and --distill-augment in [0, 1), got {}, {} and {}",
+            a.distill_lr, a.distill_batch, a.distill_augment
+        )));
+    }
     let device = DeviceChoice::parse(&a.device)
         .ok_or_else(|| Error::Option(format!("unknown --device '{}' (auto, cpu or gpu)", a.device)))?;
     let scope = match a.scope.as_str() {
@@ -318,6 +343,10 @@ fn config(a: &PruneArgs) -> Result<Config> {
         recover,
         recover_ridge: a.ridge,
         recover_samples: a.recover_samples,
+        distill_steps: a.distill_steps,
+        distill_lr: a.distill_lr,
+        distill_batch: a.distill_batch,
+        distill_augment: a.distill_augment,
         ntk_condition: a.ntk_condition,
     })
 }

@@ -2,6 +2,8 @@
 
 #[path = "../passes/discover_units.rs"]
 pub mod discover_units;
+#[path = "../passes/distill_weights.rs"]
+pub mod distill_weights;
 #[path = "../passes/eliminate_dead_nodes.rs"]
 pub mod eliminate_dead_nodes;
 #[path = "../passes/infer_shapes.rs"]

@@ -16,6 +16,8 @@
 //! 8. `InferShapes` again — the slim graph must be consistent; declared dims follow.
 //! 9. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract (or, for
 //!    ops tract lacks, by the plprune engine).
+//! 10. `DistillWeights` — with `--distill-steps N`, label-free fine-tuning of the slim
+//!    model's weights towards the dense model's outputs (no-op otherwise).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -60,6 +62,12 @@ pub struct Config {
     pub recover_ridge: f64,
     /// Calibration samples the refit is fit on (at most; the rest of the file evaluates).
     pub recover_samples: usize,
+    /// `--distill-steps`: Adam steps of label-free fine-tuning of the slim model towards the
+    /// dense outputs (0 = none), with their learning rate and minibatch size.
+    pub distill_steps: usize,
+    pub distill_lr: f64,
+    pub distill_batch: usize,
+    pub distill_augment: f64,
     /// Measure the model-level NTK condition number before and after pruning.
     pub ntk_condition: bool,
 }
@@ -82,6 +90,10 @@ impl Default for Config {
             recover: crate::passes::recover_weights::Recover::None,
             recover_ridge: 1e-2,
             recover_samples: 128,
+            distill_steps: 0,
+            distill_lr: 1e-4,
+            distill_batch: 16,
+            distill_augment: 0.3,
             ntk_condition: false,
         }
     }
@@ -146,6 +158,10 @@ pub struct Context {
     pub dense: Option<Model>,
     /// What `--recover` refit, and fidelity with and without it.
     pub recovery: Option<crate::passes::recover_weights::RecoveryReport>,
+    /// The dense model before any refit: DistillWeights' teacher (kept only when it runs).
+    pub original: Option<Model>,
+    /// What `--distill-steps` trained, and fidelity before and after.
+    pub distillation: Option<crate::passes::distill_weights::DistillReport>,
     /// `--ntk-condition`: the model-level NTK spectrum before and after pruning.
     pub conditioning: Option<crate::passes::measure_conditioning::Conditioning>,
     pub verification: Option<Verification>,
@@ -173,6 +189,8 @@ impl Context {
             keep: None,
             dense: None,
             recovery: None,
+            original: None,
+            distillation: None,
             conditioning: None,
             verification: None,
             timings: Vec::new(),
@@ -213,9 +231,9 @@ pub fn run_passes(passes: &[&dyn Pass], cx: &mut Context, model: &mut Model) -> 
 }
 
 use crate::passes::{
-    discover_units::DiscoverUnits, eliminate_dead_nodes::EliminateDeadNodes, infer_shapes::InferShapes,
-    measure_conditioning::MeasureConditioning, recover_weights::RecoverWeights, rewrite_graph::RewriteGraph,
-    score_units::ScoreUnits, select_units::SelectUnits, verify_rewrite::VerifyRewrite,
+    discover_units::DiscoverUnits, distill_weights::DistillWeights, eliminate_dead_nodes::EliminateDeadNodes,
+    infer_shapes::InferShapes, measure_conditioning::MeasureConditioning, recover_weights::RecoverWeights,
+    rewrite_graph::RewriteGraph, score_units::ScoreUnits, select_units::SelectUnits, verify_rewrite::VerifyRewrite,
 };
 
 /// Import-side analysis: what `inspect` runs.
@@ -228,12 +246,13 @@ pub fn selection_passes() -> Vec<&'static dyn Pass> {
     vec![&ScoreUnits, &SelectUnits, &MeasureConditioning]
 }
 
-/// Recovery (a no-op unless `--recover`), rewrite, clean-up and (unless disabled in tests)
-/// verification.
+/// Recovery (a no-op unless `--recover`), rewrite, clean-up, (unless disabled in tests)
+/// verification, and distillation (a no-op unless `--distill-steps`).
 pub fn rewrite_passes(verify: bool) -> Vec<&'static dyn Pass> {
     let mut p: Vec<&'static dyn Pass> = vec![&RecoverWeights, &RewriteGraph, &EliminateDeadNodes, &InferShapes];
     if verify {
         p.push(&VerifyRewrite);
     }
+    p.push(&DistillWeights);
     p
 }

@@ -42,6 +42,8 @@ pub struct Report {
     pub device: Option<String>,
     /// `--recover lsq`: the refit layers and fidelity to the dense model without and with it.
     pub recovery: Option<crate::passes::recover_weights::RecoveryReport>,
+    /// `--distill-steps`: what was trained and fidelity to the dense model before and after.
+    pub distillation: Option<crate::passes::distill_weights::DistillReport>,
     /// `--ntk-condition`: model-level NTK spectrum before and after pruning.
     pub ntk_condition: Option<crate::passes::measure_conditioning::Conditioning>,
     pub timings_s: BTreeMap<String, f64>,
@@ -187,6 +189,7 @@ impl Report {
             }),
             device: cx.device.clone(),
             recovery: cx.recovery.clone(),
+            distillation: cx.distillation.clone(),
             ntk_condition: cx.conditioning.clone(),
             timings_s: cx.timings.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
                 *m.entry(k.clone()).or_insert(0.0) += v;
@@ -314,28 +317,28 @@ impl Report {
                 r.skipped.len(),
                 r.device
             );
-            for f in &r.fidelity {
-                let top1 = match (f.top1_before, f.top1_after) {
-                    (Some(b), Some(a)) => format!(", top-1 agreement {b:.4} -> {a:.4}"),
-                    _ => String::new(),
-                };
-                let _ = writeln!(
-                    s,
-                    "fidelity {}: cosine to dense {:.4} -> {:.4}, relative error {:.4} -> {:.4}{top1} ({} {held} samples)",
-                    f.output, f.cosine_before, f.cosine_after, f.rel_err_before, f.rel_err_after, r.eval_samples
-                );
-            }
+            fidelity_lines(&mut s, &r.fidelity, r.eval_samples, held);
         }
         if let Some(v) = &self.verification {
             let worst = v.outputs.iter().map(|o| o.max_abs_diff).fold(0.0f64, f64::max);
             let with = if v.executor == "tract" { String::new() } else { format!(" with {}", v.executor) };
             let _ = writeln!(
                 s,
-                "verified slim == masked dense{with} on {} samples ({} outputs, max abs diff {:.2e})",
+                "verified slim == masked dense{with} on {} samples ({} outputs, max abs diff {:.2e}){}",
                 v.samples,
                 v.outputs.len(),
-                worst
+                worst,
+                if self.distillation.is_some() { ", before distillation" } else { "" }
             );
+        }
+        if let Some(r) = &self.distillation {
+            let held = if r.eval_held_out { "held-out" } else { "calibration" };
+            let _ = writeln!(
+                s,
+                "distilled {} weight tensors ({} parameters) for {} steps of {} samples from {} calibration samples, loss {:.4} -> {:.4} (on {})",
+                r.tensors, r.parameters, r.steps, r.batch, r.samples, r.loss_first, r.loss_last, r.device
+            );
+            fidelity_lines(&mut s, &r.fidelity, r.eval_samples, held);
         }
         s
     }
@@ -355,5 +358,20 @@ pub fn human(n: usize) -> String {
         n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
         n if n >= 10_000 => format!("{:.1}k", n as f64 / 1e3),
         n => n.to_string(),
+    }
+}
+
+/// One line per output: fidelity to the dense model before and after a recovery step.
+fn fidelity_lines(s: &mut String, fidelity: &[crate::passes::recover_weights::Fidelity], samples: usize, held: &str) {
+    for f in fidelity {
+        let top1 = match (f.top1_before, f.top1_after) {
+            (Some(b), Some(a)) => format!(", top-1 agreement {b:.4} -> {a:.4}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "fidelity {}: cosine to dense {:.4} -> {:.4}, relative error {:.4} -> {:.4}{top1} ({samples} {held} samples)",
+            f.output, f.cosine_before, f.cosine_after, f.rel_err_before, f.rel_err_after
+        );
     }
 }
