@@ -1,5 +1,5 @@
-//! Speed of the CPU engine: one batched forward + backward (w.r.t. the unit weights: every
-//! weight except embedding tables) of MiniLM-L6 on a 32 × 64 calibration batch, seeded with
+//! Speed of the CPU engine: one batched forward + backward (w.r.t. the unit parameters:
+//! the tensors heads and FFN neurons slice, as ntk_ref.py defines them) of MiniLM-L6 on a 32 × 64 calibration batch, seeded with
 //! s = Σ_a ⟨r, f(x_a)⟩/sqrt(dim f) — the same phase as `ntk_ref.py --bench fwdbwd`. Prints
 //! the median time, matmul GFLOP/s, and the ratio to PyTorch when ../shared/bench/.venv-ref
 //! (or ./.venv-ref) exists; otherwise absolute times only. A benchmark, never a test.
@@ -36,11 +36,16 @@ fn main() {
     let t0 = Instant::now();
     let engine = Engine::new(&s.model).expect("lower");
     let params: Params<f32> = engine.params(&s.model);
-    let p = &engine.lowered.program;
-    // Unit weights: everything not read by a Gather (embedding tables).
-    let gathered: HashSet<usize> =
-        p.instrs.iter().filter(|i| matches!(i.prim, Prim::Gather { .. })).map(|i| i.ins[0]).collect();
-    let wrt: Vec<_> = engine.lowered.params.iter().filter(|(_, s)| !gathered.contains(s)).map(|(id, _)| *id).collect();
+    // The unit parameters, as the reference defines them: the tensors units slice (Wq, Wk, Wv
+    // and their biases, Wo; W1, b1, W2). LayerNorms, the other biases and the embedding
+    // tables are held fixed.
+    let wrt: Vec<_> =
+        s.cx.groups
+            .iter()
+            .flat_map(|g| g.slices.iter().map(|sl| sl.tensor).chain(g.owned.iter().flatten().copied()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
     let gp = engine.grad_program(&wrt).expect("differentiate");
     let setup = t0.elapsed().as_secs_f64();
     let out = &gp.lowered.program.slots[gp.lowered.outputs[0].1];

@@ -9,7 +9,12 @@ pub mod layout;
 pub mod matmul;
 pub mod profile;
 pub mod reduce;
+pub mod sgemm;
 pub mod window;
+
+/// f32 products with at least this many multiply-adds use the packed AVX2 kernel
+/// (`sgemm`) when the CPU has it; smaller ones matrixmultiply, whose packing costs less.
+const PACKED_GEMM: usize = 1 << 18;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -84,7 +89,11 @@ impl Real for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc)
+        if csc == 1 && m * n * k >= PACKED_GEMM && sgemm::available() {
+            sgemm::sgemm(m, k, n, a, rsa, csa, b, rsb, csb, c, rsc)
+        } else {
+            matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc)
+        }
     }
 }
 
