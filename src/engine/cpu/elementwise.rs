@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::Real;
-use crate::engine::program::{broadcast_strides, BinaryOp, UnaryOp};
+use crate::engine::program::{broadcast_strides, BinaryOp, Prim, UnaryOp};
 
 /// Tensors at least this large are processed in parallel.
 pub const PAR_MIN: usize = 1 << 15;
@@ -150,61 +150,201 @@ pub fn binary_f<T: Real>(op: BinaryOp, a: T, b: T) -> T {
 /// Elements per parallel task of the elementwise maps.
 const CHUNK: usize = 1 << 14;
 
-/// `f` over `x`, in parallel for large tensors. Generic over the closure so that each op's
-/// loop is compiled on its own, and written as plain loops over slice chunks (not rayon
-/// iterator adaptors) so that loop vectorises where the op allows.
-fn map1<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    let body = |(o, xi): (&mut [T], &[T])| {
-        for (o, &v) in o.iter_mut().zip(xi) {
-            *o = f(v);
-        }
-    };
-    if x.len() >= PAR_MIN {
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(body);
-    } else {
-        body((&mut out, x));
-    }
-    out
+// Each op's scalar function is handed to a loop as a closure, so that every op's loop is
+// compiled on its own and vectorises where the op allows (plain loops over slice chunks, not
+// rayon iterator adaptors). The loops are the ways the executor runs an elementwise
+// primitive: into a new buffer, or in place over an operand's buffer that dies at that
+// instruction (no allocation, no page faults, half the memory traffic).
+
+/// A loop over one operand.
+trait Loop1<T> {
+    fn run(self, f: impl Fn(T) -> T + Sync);
 }
 
-fn map2<T: Real>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    let body = |((o, xi), yi): ((&mut [T], &[T]), &[T])| {
-        for ((o, &a), &b) in o.iter_mut().zip(xi).zip(yi) {
-            *o = f(a, b);
-        }
-    };
-    if x.len() >= PAR_MIN {
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(y.par_chunks(CHUNK)).for_each(body);
+/// A loop over two operands, `f(a, b)`.
+trait Loop2<T> {
+    fn run(self, f: impl Fn(T, T) -> T + Sync);
+}
+
+/// `f` in parallel chunks over `out` and zero, one or two same-length operands.
+fn chunks<T: Real>(out: &mut [T], body: impl Fn(&mut [T], usize) + Sync) {
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| body(o, i * CHUNK));
     } else {
-        body(((&mut out, x), y));
+        body(out, 0);
     }
-    out
+}
+
+struct Into1<'a, T>(&'a [T], &'a mut [T]);
+impl<T: Real> Loop1<T> for Into1<'_, T> {
+    fn run(self, f: impl Fn(T) -> T + Sync) {
+        let x = self.0;
+        chunks(self.1, |o, at| {
+            let w = o.len();
+            for (o, &v) in o.iter_mut().zip(&x[at..at + w]) {
+                *o = f(v);
+            }
+        });
+    }
+}
+
+struct InPlace1<'a, T>(&'a mut [T]);
+impl<T: Real> Loop1<T> for InPlace1<'_, T> {
+    fn run(self, f: impl Fn(T) -> T + Sync) {
+        chunks(self.0, |o, _| {
+            for v in o.iter_mut() {
+                *v = f(*v);
+            }
+        });
+    }
+}
+
+/// Same-shape operands into `out`.
+struct Into2<'a, T>(&'a [T], &'a [T], &'a mut [T]);
+impl<T: Real> Loop2<T> for Into2<'_, T> {
+    fn run(self, f: impl Fn(T, T) -> T + Sync) {
+        let (x, y) = (self.0, self.1);
+        chunks(self.2, |o, at| {
+            let w = o.len();
+            for ((o, &a), &b) in o.iter_mut().zip(&x[at..at + w]).zip(&y[at..at + w]) {
+                *o = f(a, b);
+            }
+        });
+    }
+}
+
+/// Broadcasting operands (a, a_shape, b, b_shape) into `out` of `out_shape`: the output is
+/// walked row by row, with the inner loop specialised for the strides that occur (both
+/// contiguous, or one operand constant along the row).
+struct Broadcast2<'a, T>(BinaryArgs<'a, T>, &'a mut [T]);
+impl<T: Real> Loop2<T> for Broadcast2<'_, T> {
+    fn run(self, f: impl Fn(T, T) -> T + Sync) {
+        let (a, a_shape, b, b_shape, out_shape) = self.0;
+        if a_shape == out_shape && b_shape == out_shape {
+            return Into2(a, b, self.1).run(f);
+        }
+        let sa = broadcast_strides(a_shape, out_shape);
+        let sb = broadcast_strides(b_shape, out_shape);
+        rows(self.1, out_shape, [&sa, &sb], |o, [oa, ob], [ia, ib]| {
+            let w = o.len();
+            match (ia, ib) {
+                (1, 1) => {
+                    for ((v, &x), &y) in o.iter_mut().zip(&a[oa..oa + w]).zip(&b[ob..ob + w]) {
+                        *v = f(x, y);
+                    }
+                }
+                (1, 0) => {
+                    let y = b[ob];
+                    for (v, &x) in o.iter_mut().zip(&a[oa..oa + w]) {
+                        *v = f(x, y);
+                    }
+                }
+                (0, 1) => {
+                    let x = a[oa];
+                    for (v, &y) in o.iter_mut().zip(&b[ob..ob + w]) {
+                        *v = f(x, y);
+                    }
+                }
+                _ => {
+                    for (j, v) in o.iter_mut().enumerate() {
+                        *v = f(a[oa + j * ia], b[ob + j * ib]);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// In place: `buf` holds operand `k` (0 or 1) with the output's shape; the other operand is
+/// broadcast to it.
+struct InPlace2<'a, T> {
+    buf: &'a mut [T],
+    k: usize,
+    other: &'a [T],
+    other_shape: &'a [usize],
+    out_shape: &'a [usize],
+}
+impl<T: Real> Loop2<T> for InPlace2<'_, T> {
+    fn run(self, f: impl Fn(T, T) -> T + Sync) {
+        let first = self.k == 0;
+        let g = |mine: T, other: T| if first { f(mine, other) } else { f(other, mine) };
+        let y = self.other;
+        if self.other_shape == self.out_shape {
+            return chunks(self.buf, |o, at| {
+                let w = o.len();
+                for (v, &b) in o.iter_mut().zip(&y[at..at + w]) {
+                    *v = g(*v, b);
+                }
+            });
+        }
+        let so = broadcast_strides(self.other_shape, self.out_shape);
+        rows(self.buf, self.out_shape, [&so], |o, [oo], [io]| match io {
+            1 => {
+                let w = o.len();
+                for (v, &b) in o.iter_mut().zip(&y[oo..oo + w]) {
+                    *v = g(*v, b);
+                }
+            }
+            0 => {
+                let b = y[oo];
+                for v in o.iter_mut() {
+                    *v = g(*v, b);
+                }
+            }
+            _ => {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = g(*v, y[oo + j * io]);
+                }
+            }
+        });
+    }
+}
+
+fn with_unary<T: Real>(op: UnaryOp, l: impl Loop1<T>) {
+    match op {
+        UnaryOp::Neg => l.run(|v| -v),
+        UnaryOp::Exp => l.run(|v| v.exp_fast()),
+        UnaryOp::Relu => l.run(|v| if v > T::zero() { v } else { T::zero() }),
+        UnaryOp::Affine(a, b) => {
+            let (a, b) = (T::c(a as f64), T::c(b as f64));
+            l.run(move |v| v * a + b)
+        }
+        UnaryOp::Gelu => l.run(gelu),
+        UnaryOp::Erf => l.run(|v| v.erf()),
+        _ => l.run(move |v| unary_f(op, v)),
+    }
+}
+
+/// `f(x, dy)` for UnaryGrad.
+fn with_unary_grad<T: Real>(op: UnaryOp, l: impl Loop2<T>) {
+    match op {
+        UnaryOp::Gelu => l.run(gelu_grad),
+        UnaryOp::Exp => l.run(|v, d| d * v.exp_fast()),
+        UnaryOp::Relu => l.run(|v, d| if v > T::zero() { d } else { T::zero() }),
+        _ => l.run(move |v, d| unary_grad_f(op, v, d)),
+    }
+}
+
+fn with_binary<T: Real>(op: BinaryOp, l: impl Loop2<T>) {
+    match op {
+        BinaryOp::Add => l.run(|x, y| x + y),
+        BinaryOp::Sub => l.run(|x, y| x - y),
+        BinaryOp::Mul => l.run(|x, y| x * y),
+        BinaryOp::Div => l.run(|x, y| x / y),
+        _ => l.run(move |x, y| binary_f(op, x, y)),
+    }
 }
 
 pub fn unary<T: Real>(op: UnaryOp, x: &[T]) -> Vec<T> {
-    match op {
-        UnaryOp::Neg => map1(x, |v| -v),
-        UnaryOp::Exp => map1(x, |v| v.exp_fast()),
-        UnaryOp::Relu => map1(x, |v| if v > T::zero() { v } else { T::zero() }),
-        UnaryOp::Affine(a, b) => {
-            let (a, b) = (T::c(a as f64), T::c(b as f64));
-            map1(x, move |v| v * a + b)
-        }
-        UnaryOp::Gelu => map1(x, gelu),
-        UnaryOp::Erf => map1(x, |v| v.erf()),
-        _ => map1(x, move |v| unary_f(op, v)),
-    }
+    let mut out = vec![T::zero(); x.len()];
+    with_unary(op, Into1(x, &mut out));
+    out
 }
 
 pub fn unary_grad<T: Real>(op: UnaryOp, x: &[T], dy: &[T]) -> Vec<T> {
-    match op {
-        UnaryOp::Gelu => map2(x, dy, gelu_grad),
-        UnaryOp::Exp => map2(x, dy, |v, d| d * v.exp_fast()),
-        UnaryOp::Relu => map2(x, dy, |v, d| if v > T::zero() { d } else { T::zero() }),
-        _ => map2(x, dy, move |v, d| unary_grad_f(op, v, d)),
-    }
+    let mut out = vec![T::zero(); x.len()];
+    with_unary_grad(op, Into2(x, dy, &mut out));
+    out
 }
 
 /// Calls `f(out_row, offsets of row start per operand, inner strides per operand)` for each
@@ -250,57 +390,30 @@ pub fn binary<T: Real>(
     b_shape: &[usize],
     out_shape: &[usize],
 ) -> Vec<T> {
-    let args = (a, a_shape, b, b_shape, out_shape);
-    match op {
-        BinaryOp::Add => binary_with(args, |x, y| x + y),
-        BinaryOp::Sub => binary_with(args, |x, y| x - y),
-        BinaryOp::Mul => binary_with(args, |x, y| x * y),
-        BinaryOp::Div => binary_with(args, |x, y| x / y),
-        _ => binary_with(args, move |x, y| binary_f(op, x, y)),
-    }
+    let mut out = vec![T::zero(); out_shape.iter().product()];
+    with_binary(op, Broadcast2((a, a_shape, b, b_shape, out_shape), &mut out));
+    out
 }
 
 type BinaryArgs<'a, T> = (&'a [T], &'a [usize], &'a [T], &'a [usize], &'a [usize]);
 
-/// Broadcasting binary op with `f` inlined: equal shapes are one zipped pass; otherwise the
-/// output is walked row by row, with the inner loop specialised for the strides that occur
-/// (both contiguous, or one operand constant along the row).
-fn binary_with<T: Real>((a, a_shape, b, b_shape, out_shape): BinaryArgs<T>, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let n: usize = out_shape.iter().product();
-    if a_shape == out_shape && b_shape == out_shape {
-        return map2(a, b, f);
-    }
-    let mut out = vec![T::zero(); n];
-    let sa = broadcast_strides(a_shape, out_shape);
-    let sb = broadcast_strides(b_shape, out_shape);
-    rows(&mut out, out_shape, [&sa, &sb], |o, [oa, ob], [ia, ib]| {
-        let w = o.len();
-        match (ia, ib) {
-            (1, 1) => {
-                for ((v, &x), &y) in o.iter_mut().zip(&a[oa..oa + w]).zip(&b[ob..ob + w]) {
-                    *v = f(x, y);
-                }
-            }
-            (1, 0) => {
-                let y = b[ob];
-                for (v, &x) in o.iter_mut().zip(&a[oa..oa + w]) {
-                    *v = f(x, y);
-                }
-            }
-            (0, 1) => {
-                let x = a[oa];
-                for (v, &y) in o.iter_mut().zip(&b[ob..ob + w]) {
-                    *v = f(x, y);
-                }
-            }
-            _ => {
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v = f(a[oa + j * ia], b[ob + j * ib]);
-                }
-            }
+/// Unary, UnaryGrad or Binary in place over operand `k`'s buffer `buf`, which has the output's
+/// shape; `other` is the other operand (with its shape), if any. Equal to the out-of-place
+/// kernels element for element.
+pub fn inplace<T: Real>(prim: &Prim, buf: &mut [T], k: usize, other: Option<(&[T], &[usize])>, out_shape: &[usize]) {
+    const TWO: &str = "a two-operand primitive has two operands";
+    match prim {
+        Prim::Unary(op) => with_unary(*op, InPlace1(buf)),
+        Prim::UnaryGrad(op) => {
+            let (other, other_shape) = other.expect(TWO);
+            with_unary_grad(*op, InPlace2 { buf, k, other, other_shape, out_shape })
         }
-    });
-    out
+        Prim::Binary(op) => {
+            let (other, other_shape) = other.expect(TWO);
+            with_binary(*op, InPlace2 { buf, k, other, other_shape, out_shape })
+        }
+        p => unreachable!("{} has no in-place form", p.name()),
+    }
 }
 
 pub fn where_<T: Real>(c: (&[T], &[usize]), a: (&[T], &[usize]), b: (&[T], &[usize]), out_shape: &[usize]) -> Vec<T> {
@@ -328,4 +441,62 @@ pub fn broadcast<T: Real>(x: &[T], x_shape: &[usize], out_shape: &[usize]) -> Ve
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-place forms the executor uses equal the out-of-place kernels exactly, over
+    /// either operand, with the other operand equal-shaped, broadcast along rows, constant
+    /// along rows, or a scalar; on sizes below and above the parallel threshold.
+    #[test]
+    fn in_place_equals_out_of_place() {
+        let val = |i: usize| ((i * 7919) % 997) as f32 / 331.0 - 1.4;
+        for out_shape in [vec![3usize, 5, 7], vec![4, 64, 300]] {
+            let n: usize = out_shape.iter().product();
+            let x: Vec<f32> = (0..n).map(val).collect();
+            let others: Vec<Vec<usize>> = vec![
+                out_shape.clone(),
+                vec![out_shape[2]],
+                vec![out_shape[0], out_shape[1], 1],
+                vec![],
+                vec![out_shape[0], 1, out_shape[2]],
+            ];
+            for op in [UnaryOp::Gelu, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Affine(0.5, -1.0), UnaryOp::Relu] {
+                let want = unary(op, &x);
+                let mut buf = x.clone();
+                inplace(&Prim::Unary(op), &mut buf, 0, None, &out_shape);
+                assert_eq!(buf, want, "{op:?}");
+                let dy: Vec<f32> = (0..n).map(|i| val(i + 11)).collect();
+                let want = unary_grad(op, &x, &dy);
+                for k in 0..2 {
+                    let (mut buf, other) = if k == 0 { (x.clone(), &dy) } else { (dy.clone(), &x) };
+                    inplace(&Prim::UnaryGrad(op), &mut buf, k, Some((other, &out_shape)), &out_shape);
+                    assert_eq!(buf, want, "grad {op:?} over operand {k}");
+                }
+            }
+            for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Pow, BinaryOp::Less] {
+                for os in &others {
+                    let m: usize = os.iter().product();
+                    let y: Vec<f32> = (0..m).map(|i| val(i + 5).abs() + 0.5).collect();
+                    for k in 0..2 {
+                        let want = if k == 0 {
+                            binary(op, &x, &out_shape, &y, os, &out_shape)
+                        } else {
+                            binary(op, &y, os, &x, &out_shape, &out_shape)
+                        };
+                        let mut buf = x.clone();
+                        inplace(&Prim::Binary(op), &mut buf, k, Some((&y, os)), &out_shape);
+                        for (i, (a, b)) in buf.iter().zip(&want).enumerate() {
+                            assert!(
+                                a == b || (a.is_nan() && b.is_nan()),
+                                "{op:?} k={k} other {os:?}: element {i}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

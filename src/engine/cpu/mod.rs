@@ -286,6 +286,8 @@ impl<T: Real> Arena<T> {
             if ins.prim == Prim::Copy {
                 // A reshape shares the buffer.
                 self.bufs[ins.out] = self.bufs[ins.ins[0]].clone();
+            } else if let Some(out) = self.try_inplace(prog, ins, &frees[i]) {
+                self.bufs[ins.out] = Some(Arc::new(out));
             } else {
                 let out = exec(prog, ins, &self.bufs).map_err(|m| {
                     Error::Other(format!("engine: {} in node '{}' failed: {m}", ins.prim.name(), ins.node))
@@ -301,6 +303,39 @@ impl<T: Real> Arena<T> {
             }
         }
         Ok(())
+    }
+}
+
+impl<T: Real> Arena<T> {
+    /// Unary, UnaryGrad and Binary overwrite an operand that dies at this instruction (one
+    /// with the output's shape, read once here, its buffer not shared with another slot or
+    /// the caller) instead of allocating a new buffer.
+    fn try_inplace(&mut self, prog: &Program, ins: &Instr, dying: &[Slot]) -> Option<Vec<T>> {
+        if !matches!(ins.prim, Prim::Unary(_) | Prim::UnaryGrad(_) | Prim::Binary(_)) {
+            return None;
+        }
+        let out_shape = prog.shape(ins.out);
+        let k = (0..ins.ins.len()).find(|&k| {
+            let s = ins.ins[k];
+            dying.contains(&s)
+                && ins.ins.iter().filter(|&&t| t == s).count() == 1
+                && prog.shape(s) == out_shape
+                && self.bufs[s].as_ref().is_some_and(|a| Arc::strong_count(a) == 1 && Arc::weak_count(a) == 0)
+        })?;
+        let s = ins.ins[k];
+        let mut buf = match Arc::try_unwrap(self.bufs[s].take()?) {
+            Ok(v) => v,
+            Err(shared) => {
+                self.bufs[s] = Some(shared);
+                return None;
+            }
+        };
+        let other = (ins.ins.len() == 2).then(|| {
+            let o = ins.ins[1 - k];
+            (self.bufs[o].as_ref().expect("inputs materialised").as_slice(), prog.shape(o))
+        });
+        elementwise::inplace(&ins.prim, &mut buf, k, other, out_shape);
+        Some(buf)
     }
 }
 
