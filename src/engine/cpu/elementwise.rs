@@ -178,13 +178,17 @@ fn chunks<T: Real>(out: &mut [T], body: impl Fn(&mut [T], usize) + Sync) {
 struct Into1<'a, T>(&'a [T], &'a mut [T]);
 impl<T: Real> Loop1<T> for Into1<'_, T> {
     fn run(self, f: impl Fn(T) -> T + Sync) {
-        let x = self.0;
-        chunks(self.1, |o, at| {
-            let w = o.len();
-            for (o, &v) in o.iter_mut().zip(&x[at..at + w]) {
+        let (x, out) = (self.0, self.1);
+        let body = |(o, xi): (&mut [T], &[T])| {
+            for (o, &v) in o.iter_mut().zip(xi) {
                 *o = f(v);
             }
-        });
+        };
+        if x.len() >= PAR_MIN {
+            out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(body);
+        } else {
+            body((out, x));
+        }
     }
 }
 
@@ -203,13 +207,17 @@ impl<T: Real> Loop1<T> for InPlace1<'_, T> {
 struct Into2<'a, T>(&'a [T], &'a [T], &'a mut [T]);
 impl<T: Real> Loop2<T> for Into2<'_, T> {
     fn run(self, f: impl Fn(T, T) -> T + Sync) {
-        let (x, y) = (self.0, self.1);
-        chunks(self.2, |o, at| {
-            let w = o.len();
-            for ((o, &a), &b) in o.iter_mut().zip(&x[at..at + w]).zip(&y[at..at + w]) {
+        let (x, y, out) = (self.0, self.1, self.2);
+        let body = |((o, xi), yi): ((&mut [T], &[T]), &[T])| {
+            for ((o, &a), &b) in o.iter_mut().zip(xi).zip(yi) {
                 *o = f(a, b);
             }
-        });
+        };
+        if x.len() >= PAR_MIN {
+            out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(y.par_chunks(CHUNK)).for_each(body);
+        } else {
+            body(((out, x), y));
+        }
     }
 }
 
