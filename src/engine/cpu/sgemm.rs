@@ -95,7 +95,7 @@ pub unsafe fn sgemm(
                 let j0 = jc + j * NR;
                 let cols = NR.min(jc + nc - j0);
                 // SAFETY: rows pc..pc+kc and columns j0..j0+cols lie inside B.
-                unsafe { pack_b(panel, bp.get(), rsb, csb, pc, kc, j0, cols) };
+                unsafe { pack::<NR>(panel, bp.get(), csb, rsb, j0, cols, pc, kc) };
             });
             let pb = Ptr(packed_b.as_ptr());
             let accumulate = pc > 0;
@@ -109,7 +109,7 @@ pub unsafe fn sgemm(
                     for (i, panel) in buf.chunks_mut(kc * MR).enumerate() {
                         let i0 = ic + i * MR;
                         // SAFETY: rows i0..i0+rows and columns pc..pc+kc lie inside A.
-                        unsafe { pack_a(panel, ap.get(), rsa, csa, i0, MR.min(ic + mcb - i0), pc, kc) };
+                        unsafe { pack::<MR>(panel, ap.get(), rsa, csa, i0, MR.min(ic + mcb - i0), pc, kc) };
                     }
                     for j in 0..panels {
                         let j0 = jc + j * NR;
@@ -144,59 +144,33 @@ pub unsafe fn sgemm(
     }
 }
 
+/// Packs `lines` lines (rows of A, or columns of B) starting at line `l0`, over depth
+/// `d0..d0 + kc`, into a panel of `W` lines per depth step (zero-padded up to `W`). Element
+/// (line l, depth d) is at src[l·ls + d·ds].
 #[allow(clippy::too_many_arguments)]
-unsafe fn pack_a(
+unsafe fn pack<const W: usize>(
     panel: &mut [f32],
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    i0: usize,
-    rows: usize,
-    pc: usize,
+    src: *const f32,
+    ls: isize,
+    ds: isize,
+    l0: usize,
+    lines: usize,
+    d0: usize,
     kc: usize,
 ) {
-    if rows < MR {
+    if lines < W {
         panel.fill(0.0);
     }
-    if rsa == 1 {
-        for p in 0..kc {
-            let src = a.offset(i0 as isize + (pc + p) as isize * csa);
-            panel[p * MR..p * MR + rows].copy_from_slice(std::slice::from_raw_parts(src, rows));
+    if ls == 1 {
+        for d in 0..kc {
+            let s = src.offset(l0 as isize + (d0 + d) as isize * ds);
+            panel[d * W..d * W + lines].copy_from_slice(std::slice::from_raw_parts(s, lines));
         }
     } else {
-        for r in 0..rows {
-            let src = a.offset((i0 + r) as isize * rsa + pc as isize * csa);
-            for p in 0..kc {
-                panel[p * MR + r] = *src.offset(p as isize * csa);
-            }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn pack_b(
-    panel: &mut [f32],
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    pc: usize,
-    kc: usize,
-    j0: usize,
-    cols: usize,
-) {
-    if cols < NR {
-        panel.fill(0.0);
-    }
-    if csb == 1 {
-        for p in 0..kc {
-            let src = b.offset((pc + p) as isize * rsb + j0 as isize);
-            panel[p * NR..p * NR + cols].copy_from_slice(std::slice::from_raw_parts(src, cols));
-        }
-    } else {
-        for col in 0..cols {
-            let src = b.offset(pc as isize * rsb + (j0 + col) as isize * csb);
-            for p in 0..kc {
-                panel[p * NR + col] = *src.offset(p as isize * rsb);
+        for l in 0..lines {
+            let s = src.offset((l0 + l) as isize * ls + d0 as isize * ds);
+            for d in 0..kc {
+                panel[d * W + l] = *s.offset(d as isize * ds);
             }
         }
     }
