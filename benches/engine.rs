@@ -3,7 +3,7 @@
 //! s = Σ_a ⟨r, f(x_a)⟩/sqrt(dim f) — the same phase as `ntk_ref.py --bench fwdbwd`. Prints
 //! the median time, matmul GFLOP/s, and the ratio to PyTorch when ../shared/bench/.venv-ref
 //! (or ./.venv-ref) exists; otherwise absolute times only. A benchmark, never a test.
-//! Run: cargo bench --bench engine [-- --n 32 --reps 3]
+//! Run: cargo bench --bench engine [-- --n 32 --reps 3 --no-torch]
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -93,6 +93,7 @@ fn main() {
         .into_iter()
         .find(|p| p.exists());
     match venv {
+        _ if std::env::args().any(|s| s == "--no-torch") => println!("  PyTorch not run (--no-torch)"),
         Some(py) => {
             let o = Command::new(py)
                 .env("HF_HUB_OFFLINE", "1")
