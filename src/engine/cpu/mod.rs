@@ -12,15 +12,15 @@ pub mod reduce;
 pub mod sgemm;
 pub mod window;
 
-/// f32 products with at least this many multiply-adds use the packed AVX2 kernel
-/// (`sgemm`) when the CPU has it; smaller ones matrixmultiply, whose packing costs less.
-const PACKED_GEMM: usize = 1 << 18;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::program::{Instr, Prim, Program, Slot, SlotKind};
 use crate::error::{Error, Result};
+
+/// f32 products with at least this many multiply-adds use the packed AVX2 kernel
+/// (`sgemm`) when the CPU has it; smaller ones matrixmultiply, whose packing costs less.
+const PACKED_GEMM: usize = 1 << 18;
 
 /// The float types the CPU backend computes in.
 pub trait Real:
@@ -328,9 +328,7 @@ impl<T: Real> Arena<T> {
         }
         Ok(())
     }
-}
 
-impl<T: Real> Arena<T> {
     /// Unary, UnaryGrad and Binary overwrite an operand that dies at this instruction (one
     /// with the output's shape, read once here, its buffer not shared with another slot or
     /// the caller) instead of allocating a new buffer.
