@@ -16,7 +16,9 @@
 //! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
 //!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
-//!       --ridge 0.1 --ntk-condition]
+//!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3]
+//! (`--recover` also takes `lsq+distill` and `none+distill`: the refit or none, then
+//! `--distill-steps` Adam steps of label-free distillation towards the dense model.)
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
 //! each row's note.)
 
@@ -190,11 +192,17 @@ fn main() {
         .split(',')
         .map(|r| r.parse().expect("ratio"))
         .collect();
-    let recovers: Vec<Recover> = arg("--recover")
+    // `lsq+distill`: the refit, then `--distill-steps` of label-free distillation.
+    let recovers: Vec<(Recover, bool)> = arg("--recover")
         .unwrap_or_else(|| "none".into())
         .split(',')
-        .map(|r| Recover::parse(r).expect("none or lsq"))
+        .map(|r| match r.strip_suffix("+distill") {
+            Some(base) => (Recover::parse(base).expect("none, lsq, none+distill or lsq+distill"), true),
+            None => (Recover::parse(r).expect("none, lsq, none+distill or lsq+distill"), false),
+        })
         .collect();
+    let distill_steps: usize = arg("--distill-steps").map(|r| r.parse().expect("distill steps")).unwrap_or(200);
+    let distill_lr: f64 = arg("--distill-lr").map(|r| r.parse().expect("distill lr")).unwrap_or(1e-3);
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
     let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
     let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
@@ -232,7 +240,7 @@ fn main() {
             let mut lambda_min_keep = None;
             let mut pl_keep = None;
             for &criterion in &criteria {
-                for &recover in &recovers {
+                for &(recover, distill) in &recovers {
                     let config = Config {
                         ratio,
                         kinds: Some(case.kinds.to_vec()),
@@ -243,6 +251,8 @@ fn main() {
                         recover,
                         recover_ridge: ridge,
                         ntk_condition,
+                        distill_steps: if distill { distill_steps } else { 0 },
+                        distill_lr,
                         ..Config::default()
                     };
                     let mut s = Session::open(&model, config).expect("open");
@@ -263,6 +273,9 @@ fn main() {
                     let mut note = String::new();
                     if case.metric == Metric::Agreement {
                         note = format!("KL {:.4}; ", mean_kl(&out, &dense_out));
+                    }
+                    if let Some(d) = &report.distillation {
+                        note += &format!("distill loss {:.4} -> {:.4}; ", d.loss_first, d.loss_last);
                     }
                     if let Some(c) = &report.ntk_condition {
                         let k = |s: &plprune_onnx::passes::measure_conditioning::Spectrum| {
@@ -289,7 +302,12 @@ fn main() {
                         "| {} | {kinds} | {ratio} | {} | {} | {fid:.4} | {kb} -> {ka} | {} -> {} | {:.3} G | {secs:.1} | {note} |",
                         case.key,
                         criterion.name(),
-                        if recover == Recover::Lsq { "lsq" } else { "" },
+                        match (recover, distill) {
+                            (Recover::Lsq, false) => "lsq".to_string(),
+                            (Recover::Lsq, true) => format!("lsq + distill {distill_steps}"),
+                            (_, true) => format!("distill {distill_steps}"),
+                            _ => String::new(),
+                        },
                         report.parameters.before,
                         report.parameters.after,
                         flops_of(&bytes) / 1e9,
