@@ -100,7 +100,14 @@ pub fn differentiate(p: &mut Program, outputs: &[Slot], wrt: &[Slot]) -> Result<
             Prim::Unary(op) => {
                 if op.differentiable() && r(0) {
                     let s = sx(p, 0);
-                    contrib.push((x(0), p.push(Prim::UnaryGrad(*op), vec![x(0), g], s, n)));
+                    let d = if *op == UnaryOp::Exp {
+                        // dy · eˣ from the forward's output, which backward keeps anyway when
+                        // it is softmax's numerator: no second exp, and x need not be kept.
+                        p.push(Prim::Binary(BinaryOp::Mul), vec![ins.out, g], s, n)
+                    } else {
+                        p.push(Prim::UnaryGrad(*op), vec![x(0), g], s, n)
+                    };
+                    contrib.push((x(0), d));
                 }
             }
             Prim::Binary(op) => {
