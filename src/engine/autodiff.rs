@@ -180,8 +180,10 @@ pub fn differentiate(p: &mut Program, outputs: &[Slot], wrt: &[Slot]) -> Result<
                 let t = match op {
                     ReduceOp::Sum => p.push(Prim::Broadcast, vec![g], s, n),
                     ReduceOp::Mean => {
-                        let t = p.push(Prim::Broadcast, vec![g], s, n);
-                        p.unary(UnaryOp::Affine(1.0 / count as f32, 0.0), t, n)
+                        // Scaled before it is broadcast: the same values, one pass over the
+                        // reduced shape instead of the input's.
+                        let t = p.unary(UnaryOp::Affine(1.0 / count as f32, 0.0), g, n);
+                        p.push(Prim::Broadcast, vec![t], s, n)
                     }
                     ReduceOp::Max | ReduceOp::Min => {
                         let mask = p.binary(BinaryOp::Equal, x(0), ins.out, n);
