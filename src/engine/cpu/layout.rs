@@ -11,11 +11,12 @@ use crate::engine::program::strides;
 /// out[idx] = x[base + Σ idx_k · st_k] for every idx of `out_shape`.
 pub fn strided_read<T: Real>(x: &[T], base: isize, st: &[isize], out_shape: &[usize]) -> Vec<T> {
     let n: usize = out_shape.iter().product();
-    let mut out = vec![T::zero(); n];
     let r = out_shape.len();
     if n == 0 {
-        return out;
+        return Vec::new();
     }
+    // Every element is written below, so the output is not zeroed first.
+    let mut out: Vec<T> = Vec::with_capacity(n);
     let inner = if r == 0 { 1 } else { out_shape[r - 1] };
     let is = if r == 0 { 0 } else { st[r - 1] };
     let row_base = |row: usize| -> isize {
@@ -27,21 +28,24 @@ pub fn strided_read<T: Real>(x: &[T], base: isize, st: &[isize], out_shape: &[us
         }
         off
     };
-    let body = |(row, o): (usize, &mut [T])| {
+    let body = |(row, o): (usize, &mut [std::mem::MaybeUninit<T>])| {
         let b = row_base(row);
         if is == 1 {
-            o.copy_from_slice(&x[b as usize..b as usize + inner]);
+            o.write_copy_of_slice(&x[b as usize..b as usize + inner]);
         } else {
             for (j, v) in o.iter_mut().enumerate() {
-                *v = x[(b + j as isize * is) as usize];
+                v.write(x[(b + j as isize * is) as usize]);
             }
         }
     };
+    let spare = &mut out.spare_capacity_mut()[..n];
     if n >= PAR_MIN {
-        out.par_chunks_mut(inner).enumerate().for_each(body);
+        spare.par_chunks_mut(inner).enumerate().for_each(body);
     } else {
-        out.chunks_mut(inner).enumerate().for_each(body);
+        spare.chunks_mut(inner).enumerate().for_each(body);
     }
+    // SAFETY: each of the n / inner rows of `inner` elements was written above.
+    unsafe { out.set_len(n) };
     out
 }
 
