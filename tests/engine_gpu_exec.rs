@@ -14,7 +14,9 @@ use std::sync::Arc;
 use engine_util::*;
 use plprune_onnx::engine::gpu::{Device, GpuContext};
 use plprune_onnx::engine::lower::Lowered;
-use plprune_onnx::engine::program::{BinaryOp, PoolKind, Prim, Program, ReduceOp, Slot, SlotKind, UnaryOp, Window};
+use plprune_onnx::engine::program::{
+    BinaryOp, PoolKind, Prim, Program, ReduceOp, RowOp, Slot, SlotKind, UnaryOp, Window,
+};
 use plprune_onnx::engine::{loss, Engine, Params};
 use plprune_onnx::tensor::Tensor;
 
@@ -101,6 +103,12 @@ fn every_primitive() -> (Lowered, Vec<(String, Tensor)>) {
     push(&mut p, Prim::PoolGrad(avg, w.clone()), vec![x, pool], vec![2, 3, 6, 5]);
     let mx = push(&mut p, Prim::Pool(PoolKind::Max, w.clone()), vec![x], vec![2, 3, 3, 5]);
     push(&mut p, Prim::PoolGrad(PoolKind::Max, w.clone()), vec![x, mx], vec![2, 3, 6, 5]);
+    // Row-wise ops over rows of 5 (not a multiple of anything the kernels tile by).
+    for op in [RowOp::Normalize(1e-3), RowOp::Softmax] {
+        let y = push(&mut p, Prim::Rows(op), vec![x], vec![2, 3, 6, 5]);
+        let a = if op == RowOp::Softmax { y } else { x };
+        push(&mut p, Prim::RowsGrad(op), vec![a, e], vec![2, 3, 6, 5]);
+    }
     let outputs = outs.iter().enumerate().map(|(k, &s)| (format!("out{k}:{}", p.instrs[k].prim.name()), s)).collect();
     let inputs: BTreeMap<String, Slot> = [("x".to_string(), x), ("idx".into(), idx), ("eidx".into(), eidx)].into();
     let lowered = Lowered { program: p, inputs, outputs, params: BTreeMap::new(), values: BTreeMap::new() };
@@ -130,7 +138,7 @@ fn every_primitive_runs_on_the_gpu_like_on_the_cpu() {
     // Every variant of `Prim` is covered.
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 22, "{names:?}");
+    assert_eq!(names.len(), 24, "{names:?}");
     // The CPU device is the CPU backend.
     let again = engine.forward_on(&Device::Cpu, &inputs, &Params::new()).unwrap();
     assert!(again.iter().zip(&cpu).all(|(a, b)| a.2 == b.2));

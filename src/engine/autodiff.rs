@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::program::{BinaryOp, Prim, Program, ReduceOp, Slot, SlotKind, UnaryOp};
+use super::program::{BinaryOp, Prim, Program, ReduceOp, RowOp, Slot, SlotKind, UnaryOp};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -294,7 +294,15 @@ pub fn differentiate(p: &mut Program, outputs: &[Slot], wrt: &[Slot]) -> Result<
                 let s = sx(p, 0);
                 contrib.push((x(0), p.push(Prim::PoolGrad(*kind, w.clone()), vec![x(0), g], s, n)));
             }
-            Prim::UnaryGrad(_) | Prim::GatherGrad { .. } | Prim::PoolGrad(..) => {
+            Prim::Rows(op) => {
+                if r(0) {
+                    // Softmax's derivative reads its output, Normalize's its input.
+                    let a = if *op == RowOp::Softmax { ins.out } else { x(0) };
+                    let s = sx(p, 0);
+                    contrib.push((x(0), p.push(Prim::RowsGrad(*op), vec![a, g], s, n)));
+                }
+            }
+            Prim::UnaryGrad(_) | Prim::GatherGrad { .. } | Prim::PoolGrad(..) | Prim::RowsGrad(_) => {
                 if ins.ins.iter().any(|&s| req[s]) {
                     return Err(unsupported());
                 }

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use super::program::{BinaryOp, PoolKind, Prim, Program, ReduceOp, Slot, SlotKind, UnaryOp, Window};
+use super::program::{BinaryOp, PoolKind, Prim, Program, ReduceOp, RowOp, Slot, SlotKind, UnaryOp, Window};
 use crate::error::{Error, Result};
 use crate::ir::{Id, Model, Op, ValueKind};
 use crate::tensor::Tensor;
@@ -455,19 +455,27 @@ fn lower_op(cx: &mut Cx, id: Id) -> Result<()> {
             let a = norm_axis(op.attr_i("axis", -1), r, &op)?;
             let axes: Vec<usize> = (a..r).collect();
             let eps = op.attr_f("epsilon", 1e-5);
-            let (y, mean, inv) = layer_norm(&mut cx.p, x, &axes, eps, n);
+            let outs = cx.model.outputs(id).len();
+            let y = if outs == 1 && axes == [r - 1] {
+                // Over the last axis, without the optional mean / inv-std outputs: one fused
+                // row-wise primitive.
+                let s = cx.shape(x).to_vec();
+                cx.p.push(Prim::Rows(RowOp::Normalize(eps)), vec![x], s, n)
+            } else {
+                let (y, mean, inv) = layer_norm(&mut cx.p, x, &axes, eps, n);
+                if outs > 1 {
+                    cx.set(id, 1, mean);
+                }
+                if outs > 2 {
+                    cx.set(id, 2, inv);
+                }
+                y
+            };
             let mut y = cx.p.binary(BinaryOp::Mul, y, scale, n);
             if let Some(b) = bias {
                 y = cx.p.binary(BinaryOp::Add, y, b, n);
             }
             cx.set(id, 0, y);
-            let outs = cx.model.outputs(id).len();
-            if outs > 1 {
-                cx.set(id, 1, mean);
-            }
-            if outs > 2 {
-                cx.set(id, 2, inv);
-            }
         }
         "BatchNormalization" => {
             if op.attr_i("training_mode", 0) != 0 {
@@ -800,6 +808,12 @@ pub fn reduce(p: &mut Program, op: ReduceOp, x: Slot, axes: &[usize], node: &str
 }
 
 fn softmax(p: &mut Program, x: Slot, axes: &[usize], log: bool, n: &str) -> Slot {
+    let r = p.shape(x).len();
+    if !log && axes == [r.wrapping_sub(1)] {
+        // Over the last axis (attention, routers): one fused row-wise primitive.
+        let s = p.shape(x).to_vec();
+        return p.push(Prim::Rows(RowOp::Softmax), vec![x], s, n);
+    }
     let m = reduce(p, ReduceOp::Max, x, axes, n);
     // The max only stabilises: the result does not depend on it.
     p.instrs.last_mut().expect("just pushed").stop_grad = true;

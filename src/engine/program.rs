@@ -75,6 +75,17 @@ impl BinaryOp {
     }
 }
 
+/// Row-wise ops over the last axis, fused (each row is read and written in one kernel,
+/// instead of the reduce / broadcast / elementwise chain they decompose into).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RowOp {
+    /// (x − mean) / sqrt(var + eps), with the population variance: LayerNormalization
+    /// before its scale and bias.
+    Normalize(f32),
+    /// exp(x − max) / Σ exp(x − max).
+    Softmax,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
     Sum,
@@ -155,6 +166,10 @@ pub enum Prim {
     Pool(PoolKind, Window),
     /// ins [x, dy] → dx
     PoolGrad(PoolKind, Window),
+    /// ins [x] → the op over each row of the last axis.
+    Rows(RowOp),
+    /// ins [x, dy] for Normalize (its input), [y, dy] for Softmax (its output) → dx.
+    RowsGrad(RowOp),
 }
 
 impl Prim {
@@ -183,6 +198,8 @@ impl Prim {
             Prim::Col2Im(_) => "col2im",
             Prim::Pool(..) => "pool",
             Prim::PoolGrad(..) => "pool_grad",
+            Prim::Rows(_) => "rows",
+            Prim::RowsGrad(_) => "rows_grad",
         }
     }
 }

@@ -211,7 +211,7 @@ fn map2_self<T: Real>(o: &mut [T], y: &[T], f: &impl Fn(T, T) -> T) {
 macro_rules! wide {
     ($name:ident, $inner:ident, ($($ft:ident),*), ($($a:ident: $t:ty),*)) => {
         #[inline(always)]
-        fn $name<const SIMD: bool, T: Real>($($a: $t,)* f: &impl Fn($($ft),*) -> T) {
+        pub(crate) fn $name<const SIMD: bool, T: Real>($($a: $t,)* f: &impl Fn($($ft),*) -> T) {
             #[cfg(target_arch = "x86_64")]
             if SIMD && super::sgemm::available() {
                 #[target_feature(enable = "avx2")]

@@ -9,6 +9,7 @@ pub mod layout;
 pub mod matmul;
 pub mod profile;
 pub mod reduce;
+pub mod rows;
 pub mod sgemm;
 pub mod window;
 
@@ -361,6 +362,11 @@ impl<T: Real> Arena<T> {
     }
 }
 
+/// The length of a shape's last axis (1 for a scalar).
+fn last(shape: &[usize]) -> usize {
+    shape.last().copied().unwrap_or(1)
+}
+
 /// Runs one instruction on the CPU.
 pub fn exec<T: Real>(prog: &Program, ins: &Instr, bufs: &[Option<Arc<Vec<T>>>]) -> std::result::Result<Vec<T>, String> {
     let x = |k: usize| -> &[T] { bufs[ins.ins[k]].as_ref().expect("inputs materialised").as_slice() };
@@ -392,5 +398,7 @@ pub fn exec<T: Real>(prog: &Program, ins: &Instr, bufs: &[Option<Arc<Vec<T>>>]) 
         Prim::Col2Im(w) => window::col2im(x(0), w),
         Prim::Pool(kind, w) => window::pool(*kind, x(0), w),
         Prim::PoolGrad(kind, w) => window::pool_grad(*kind, x(0), x(1), w),
+        Prim::Rows(op) => rows::rows(*op, x(0), last(sh(0))),
+        Prim::RowsGrad(op) => rows::rows_grad(*op, x(0), x(1), last(sh(0))),
     })
 }

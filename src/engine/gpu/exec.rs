@@ -188,6 +188,8 @@ impl<'a> GpuArena<'a> {
             Prim::Col2Im(w) => kernels::col2im(cx, b(0), w),
             Prim::Pool(kind, w) => kernels::pool(cx, *kind, b(0), w),
             Prim::PoolGrad(kind, w) => kernels::pool_grad(cx, *kind, b(0), b(1), w),
+            Prim::Rows(op) => kernels::rows(cx, *op, &[b(0)], n_out, sh(0)),
+            Prim::RowsGrad(op) => kernels::rows(cx, *op, &[b(0), b(1)], n_out, sh(0)),
         }
     }
 

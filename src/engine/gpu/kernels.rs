@@ -8,7 +8,7 @@
 //! an out-of-range index sets a flag ([`Flag`]) that the caller reads back and reports.
 
 use super::{grid, GpuContext};
-use crate::engine::program::{broadcast_strides, strides, BinaryOp, PoolKind, ReduceOp, UnaryOp, Window};
+use crate::engine::program::{broadcast_strides, strides, BinaryOp, PoolKind, ReduceOp, RowOp, UnaryOp, Window};
 use crate::error::{Error, Result};
 
 const MAX_RANK: usize = 8;
@@ -280,6 +280,28 @@ fn i32s(v: &[isize]) -> Result<Vec<u32>> {
     let mut o: Vec<u32> = v.iter().map(|&x| x as i32 as u32).collect();
     o.resize(MAX_RANK, 0);
     Ok(o)
+}
+
+/// A row-wise op over the last axis of `shape` (`ins` = [x]), or its derivative
+/// (`ins` = [a, dy], see `Prim::RowsGrad`).
+pub fn rows(cx: &GpuContext, op: RowOp, ins: &[&wgpu::Buffer], n: usize, shape: &[usize]) -> Result<wgpu::Buffer> {
+    let y = cx.empty(n);
+    let len = shape.last().copied().unwrap_or(1);
+    if len == 0 || n == 0 {
+        return Ok(y);
+    }
+    let rows = n / len;
+    let (code, eps) = match op {
+        RowOp::Normalize(eps) => (0, eps),
+        RowOp::Softmax => (1, 0.0f32),
+    };
+    let (groups, width) = grid(rows, 64);
+    let meta = cx.upload_u32(&[rows as u32, len as u32, code, width, eps.to_bits()]);
+    let kernel = if ins.len() == 1 { "rows" } else { "rows_grad" };
+    let mut bindings: Vec<&wgpu::Buffer> = ins.to_vec();
+    bindings.extend([&y, &meta]);
+    cx.dispatch(kernel, &bindings, groups)?;
+    Ok(y)
 }
 
 /// dy · f'(x), elementwise.

@@ -21,6 +21,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("pool_grad", include_str!("../../../shaders/pool_grad.wgsl")),
     ("reduce", include_str!("../../../shaders/reduce.wgsl")),
     ("reduce_rows", include_str!("../../../shaders/reduce_rows.wgsl")),
+    ("rows", include_str!("../../../shaders/rows.wgsl")),
+    ("rows_grad", include_str!("../../../shaders/rows_grad.wgsl")),
     ("scatter_elements", include_str!("../../../shaders/scatter_elements.wgsl")),
     ("strided_copy", include_str!("../../../shaders/strided_copy.wgsl")),
     ("strided_write", include_str!("../../../shaders/strided_write.wgsl")),
