@@ -41,13 +41,13 @@ fn sum2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
-/// (mean, 1 / sqrt(var + eps)) of a row; `d` receives x − mean.
-fn moments<T: Real>(x: &[T], d: &mut [T], eps: f32) -> (T, T) {
+/// 1 / sqrt(var + eps) of a row; `d` receives x − mean.
+fn centre<T: Real>(x: &[T], d: &mut [T], eps: f32) -> T {
     let n = T::c(x.len() as f64);
     let mean = sum2(x, x, |v, _| v) / n;
     wide1::<true, _>(d, x, &|v| v - mean);
     let var = sum2(d, d, |a, b| a * b) / n;
-    (mean, T::one() / (var + T::c(eps as f64)).sqrt())
+    T::one() / (var + T::c(eps as f64)).sqrt()
 }
 
 /// The op over each row of `len` elements of `x`.
@@ -56,7 +56,7 @@ pub fn rows<T: Real>(op: RowOp, x: &[T], len: usize) -> Vec<T> {
         let x = &x[r * len..(r + 1) * len];
         match op {
             RowOp::Normalize(eps) => {
-                let (_, inv) = moments(x, o, eps);
+                let inv = centre(x, o, eps);
                 wide1_self::<true, _>(o, &|d| d * inv);
             }
             RowOp::Softmax => {
@@ -77,7 +77,7 @@ pub fn rows_grad<T: Real>(op: RowOp, a: &[T], dy: &[T], len: usize) -> Vec<T> {
         match op {
             RowOp::Normalize(eps) => {
                 // o holds x − mean, then x̂, then dx.
-                let (_, inv) = moments(a, o, eps);
+                let inv = centre(a, o, eps);
                 wide1_self::<true, _>(o, &|d| d * inv);
                 let n = T::c(len as f64);
                 let g = sum2(dy, dy, |d, _| d) / n;
