@@ -1,6 +1,6 @@
 //! CPU kernels of the row-wise primitives (`Prim::Rows`, `Prim::RowsGrad`): LayerNorm's
 //! normalisation and Softmax over the last axis, each row read and written in one pass
-//! (WGSL twins: shaders/rows.wgsl, shaders/rows_grad.wgsl). Rows are independent and each
+//! (WGSL twin: shaders/rows.wgsl, all four ops). Rows are independent and each
 //! is computed by one thread in a fixed order, so results do not depend on the thread count.
 
 use rayon::prelude::*;

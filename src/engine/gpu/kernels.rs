@@ -283,7 +283,7 @@ fn i32s(v: &[isize]) -> Result<Vec<u32>> {
 }
 
 /// A row-wise op over the last axis of `shape` (`ins` = [x]), or its derivative
-/// (`ins` = [a, dy], see `Prim::RowsGrad`).
+/// (`ins` = [a, dy], see `Prim::RowsGrad`): one kernel, rows.wgsl, for all four.
 pub fn rows(cx: &GpuContext, op: RowOp, ins: &[&wgpu::Buffer], n: usize, shape: &[usize]) -> Result<wgpu::Buffer> {
     let y = cx.empty(n);
     let len = shape.last().copied().unwrap_or(1);
@@ -295,12 +295,11 @@ pub fn rows(cx: &GpuContext, op: RowOp, ins: &[&wgpu::Buffer], n: usize, shape: 
         RowOp::Normalize(eps) => (0, eps),
         RowOp::Softmax => (1, 0.0f32),
     };
+    // The derivatives are ops 2 and 3; the forward ops bind their input as dy too, unread.
+    let (code, dy) = if ins.len() == 2 { (code + 2, ins[1]) } else { (code, ins[0]) };
     let (groups, width) = grid(rows, 64);
     let meta = cx.upload_u32(&[rows as u32, len as u32, code, width, eps.to_bits()]);
-    let kernel = if ins.len() == 1 { "rows" } else { "rows_grad" };
-    let mut bindings: Vec<&wgpu::Buffer> = ins.to_vec();
-    bindings.extend([&y, &meta]);
-    cx.dispatch(kernel, &bindings, groups)?;
+    cx.dispatch("rows", &[ins[0], dy, &y, &meta], groups)?;
     Ok(y)
 }
 

@@ -22,7 +22,6 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("reduce", include_str!("../../../shaders/reduce.wgsl")),
     ("reduce_rows", include_str!("../../../shaders/reduce_rows.wgsl")),
     ("rows", include_str!("../../../shaders/rows.wgsl")),
-    ("rows_grad", include_str!("../../../shaders/rows_grad.wgsl")),
     ("scatter_elements", include_str!("../../../shaders/scatter_elements.wgsl")),
     ("strided_copy", include_str!("../../../shaders/strided_copy.wgsl")),
     ("strided_write", include_str!("../../../shaders/strided_write.wgsl")),
