@@ -55,6 +55,9 @@ pub struct DistillReport {
     /// Samples fidelity was measured on, and whether they are held out from the fit.
     pub eval_samples: usize,
     pub eval_held_out: bool,
+    /// `--distill-hidden`: the hidden states (LayerNorm outputs) the loss also matched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<String>,
     /// Weight tensors trained, and their parameters.
     pub tensors: usize,
     pub parameters: usize,
@@ -93,15 +96,24 @@ impl Pass for DistillWeights {
                 )));
             }
         }
+        // With hidden-state targets, both models also output the residual stream after every
+        // LayerNormalization (same name and shape in both), and the loss matches those too.
+        let (teacher_h, student_h) = if cx.config.distill_hidden {
+            with_hidden_outputs(&teacher, model)
+        } else {
+            (teacher.clone(), model.clone())
+        };
+        let hidden: Vec<String> =
+            student_h.outputs[model.outputs.len()..].iter().map(|&v| student_h.value(v).name.clone()).collect();
         // The teacher runs on every (augmented) minibatch.
-        let (tm, tengine, _) = lowered(&teacher, &fit.take(b))?;
+        let (tm, tengine, _) = lowered(&teacher_h, &fit.take(b))?;
         let tparams: Params<f32> = tengine.params(&tm);
         let rate = cx.config.distill_augment;
         let pools = token_pools(&tm, &fit);
 
         // The student, lowered for minibatches of b samples, differentiated w.r.t. the
         // trainable weights.
-        let (sm, engine, _) = lowered(model, &fit.take(b))?;
+        let (sm, engine, _) = lowered(&student_h, &fit.take(b))?;
         let (train, frozen) = trainable(&sm, &engine.all_params());
         if train.is_empty() {
             return Err(Error::Other("distillation found no float weight to train".into()));
@@ -176,6 +188,7 @@ impl Pass for DistillWeights {
             batch: b,
             lr,
             augment: rate,
+            hidden,
             samples: fit.samples,
             eval_samples: eval.samples,
             eval_held_out: held_out,
@@ -191,6 +204,36 @@ impl Pass for DistillWeights {
         });
         Ok(())
     }
+}
+
+/// Copies of `teacher` and `student` whose outputs also include every LayerNormalization
+/// output the two share by name and shape (the residual stream of a transformer whose
+/// heads and neurons were pruned).
+fn with_hidden_outputs(teacher: &Model, student: &Model) -> (Model, Model) {
+    let (mut t, mut s) = (teacher.clone(), student.clone());
+    let by_name: BTreeMap<String, Id> = teacher
+        .topo_order()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&op| teacher.op(op).op_type == "LayerNormalization")
+        .map(|op| teacher.output(op, 0))
+        .map(|v| (teacher.value(v).name.clone(), v))
+        .collect();
+    for op in student.topo_order().unwrap_or_default() {
+        if student.op(op).op_type != "LayerNormalization" {
+            continue;
+        }
+        let v = student.output(op, 0);
+        let name = &student.value(v).name;
+        if let Some(&tv) = by_name.get(name) {
+            let same = teacher.value(tv).shape == student.value(v).shape;
+            if same && !s.outputs.contains(&v) && !t.outputs.contains(&tv) {
+                s.outputs.push(v);
+                t.outputs.push(tv);
+            }
+        }
+    }
+    (t, s)
 }
 
 /// The float weights to train, and the others with the reason.

@@ -174,6 +174,11 @@ struct PruneArgs {
     /// with which float inputs are mixed with another sample. 0 = none.
     #[arg(long, default_value_t = 0.3)]
     distill_augment: f64,
+    /// Also match the dense model's hidden states in --distill-steps: every
+    /// LayerNormalization output the slim model shares with the dense one by name and shape
+    /// (a transformer's residual stream after each block) joins the outputs in the loss.
+    #[arg(long)]
+    distill_hidden: bool,
     /// Also measure the model-level NTK condition number on the calibration set before and
     /// after pruning (two extra Gram passes over every unit).
     #[arg(long)]
@@ -347,6 +352,7 @@ fn config(a: &PruneArgs) -> Result<Config> {
         distill_lr: a.distill_lr,
         distill_batch: a.distill_batch,
         distill_augment: a.distill_augment,
+        distill_hidden: a.distill_hidden,
         ntk_condition: a.ntk_condition,
     })
 }

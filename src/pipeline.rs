@@ -68,6 +68,8 @@ pub struct Config {
     pub distill_lr: f64,
     pub distill_batch: usize,
     pub distill_augment: f64,
+    /// `--distill-hidden`: the distillation loss also matches shared LayerNorm outputs.
+    pub distill_hidden: bool,
     /// Measure the model-level NTK condition number before and after pruning.
     pub ntk_condition: bool,
 }
@@ -94,6 +96,7 @@ impl Default for Config {
             distill_lr: 1e-4,
             distill_batch: 16,
             distill_augment: 0.3,
+            distill_hidden: false,
             ntk_condition: false,
         }
     }

@@ -338,6 +338,9 @@ impl Report {
                 "distilled {} weight tensors ({} parameters) for {} steps of {} samples from {} calibration samples, loss {:.4} -> {:.4} (on {})",
                 r.tensors, r.parameters, r.steps, r.batch, r.samples, r.loss_first, r.loss_last, r.device
             );
+            if !r.hidden.is_empty() {
+                let _ = writeln!(s, "  the loss also matched {} hidden states (LayerNorm outputs)", r.hidden.len());
+            }
             fidelity_lines(&mut s, &r.fidelity, r.eval_samples, held);
         }
         s
