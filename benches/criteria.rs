@@ -16,7 +16,7 @@
 //! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
 //!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
-//!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3]
+//!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3 --distill-hidden]
 //! (`--recover` also takes `lsq+distill` and `none+distill`: the refit or none, then
 //! `--distill-steps` Adam steps of label-free distillation towards the dense model.)
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
@@ -203,6 +203,7 @@ fn main() {
         .collect();
     let distill_steps: usize = arg("--distill-steps").map(|r| r.parse().expect("distill steps")).unwrap_or(200);
     let distill_lr: f64 = arg("--distill-lr").map(|r| r.parse().expect("distill lr")).unwrap_or(1e-3);
+    let distill_hidden = std::env::args().any(|a| a == "--distill-hidden");
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
     let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
     let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
@@ -258,6 +259,7 @@ fn main() {
                         ntk_condition,
                         distill_steps: if distill { distill_steps } else { 0 },
                         distill_lr,
+                        distill_hidden,
                         ..Config::default()
                     };
                     let mut s = Session::open(&model, config).expect("open");
@@ -322,7 +324,9 @@ fn main() {
                         criterion.name(),
                         match (recover, distill) {
                             (Recover::Lsq, false) => "lsq".to_string(),
+                            (Recover::Lsq, true) if distill_hidden => format!("lsq + distill {distill_steps} (hidden)"),
                             (Recover::Lsq, true) => format!("lsq + distill {distill_steps}"),
+                            (_, true) if distill_hidden => format!("distill {distill_steps} (hidden)"),
                             (_, true) => format!("distill {distill_steps}"),
                             _ => String::new(),
                         },
