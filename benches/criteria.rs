@@ -16,7 +16,9 @@
 //! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
 //!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
-//!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3 --distill-hidden]
+//!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3 --distill-hidden
+//!       --alpha 0.1]
+//! (`--alpha` is pl's Hessian-penalty weight, as on the command line; default 1.)
 //! (`--recover` also takes `lsq+distill` and `none+distill`: the refit or none, then
 //! `--distill-steps` Adam steps of label-free distillation towards the dense model.)
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
@@ -204,6 +206,7 @@ fn main() {
     let distill_steps: usize = arg("--distill-steps").map(|r| r.parse().expect("distill steps")).unwrap_or(200);
     let distill_lr: f64 = arg("--distill-lr").map(|r| r.parse().expect("distill lr")).unwrap_or(1e-3);
     let distill_hidden = std::env::args().any(|a| a == "--distill-hidden");
+    let alpha: f64 = arg("--alpha").map(|r| r.parse().expect("alpha")).unwrap_or(1.0);
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
     let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
     let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
@@ -253,7 +256,11 @@ fn main() {
                         criterion,
                         calib: Some(root.join(case.calib)),
                         verify: false,
-                        scoring: plprune_onnx::criteria::ScoringConfig { calib_samples: n, ..Default::default() },
+                        scoring: plprune_onnx::criteria::ScoringConfig {
+                            calib_samples: n,
+                            gate: plprune_onnx::criteria::gate::GateConfig { alpha, ..Default::default() },
+                            ..Default::default()
+                        },
                         recover,
                         recover_ridge: ridge,
                         ntk_condition,
@@ -321,7 +328,10 @@ fn main() {
                     println!(
                         "| {} | {kinds} | {ratio} | {} | {} | {fid:.4} | {kb} -> {ka} | {} -> {} | {:.3} G | {secs:.1} | {note} |",
                         case.key,
-                        criterion.name(),
+                        match criterion {
+                            Criterion::Pl if alpha != 1.0 => format!("pl (α {alpha})"),
+                            c => c.name().to_string(),
+                        },
                         match (recover, distill) {
                             (Recover::Lsq, false) => "lsq".to_string(),
                             (Recover::Lsq, true) if distill_hidden => format!("lsq + distill {distill_steps} (hidden)"),
