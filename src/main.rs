@@ -300,6 +300,11 @@ fn config(a: &PruneArgs) -> Result<Config> {
             a.distill_lr, a.distill_batch, a.distill_augment
         )));
     }
+    if a.distill_hidden && a.distill_steps == 0 {
+        return Err(Error::Option(
+            "--distill-hidden shapes the loss of --distill-steps; give --distill-steps N".into(),
+        ));
+    }
     let device = DeviceChoice::parse(&a.device)
         .ok_or_else(|| Error::Option(format!("unknown --device '{}' (auto, cpu or gpu)", a.device)))?;
     let scope = match a.scope.as_str() {

@@ -287,6 +287,8 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("unknown --criterion 'nope'"), "{e}");
     let e = run_err(&[vggs, "--units", "filters,bogus", "-o", outs], 2);
     assert!(e.contains("bogus"), "{e}");
+    let e = run_err(&[vggs, "--distill-hidden", "-o", outs], 2);
+    assert!(e.contains("--distill-hidden") && e.contains("--distill-steps"), "{e}");
 
     // Calibration data of the wrong model: missing input, wrong dtype, wrong shape.
     let e = run_err(&[vggs, "--calib", shared("minilm-l6/calib.npz").to_str().unwrap(), "-o", outs], 2);
