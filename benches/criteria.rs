@@ -206,6 +206,7 @@ fn main() {
     let distill_steps: usize = arg("--distill-steps").map(|r| r.parse().expect("distill steps")).unwrap_or(200);
     let distill_lr: f64 = arg("--distill-lr").map(|r| r.parse().expect("distill lr")).unwrap_or(1e-3);
     let distill_hidden = std::env::args().any(|a| a == "--distill-hidden");
+    let hidden = if distill_hidden { " (hidden)" } else { "" };
     let alpha: f64 = arg("--alpha").map(|r| r.parse().expect("alpha")).unwrap_or(1.0);
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
     let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
@@ -334,10 +335,8 @@ fn main() {
                         },
                         match (recover, distill) {
                             (Recover::Lsq, false) => "lsq".to_string(),
-                            (Recover::Lsq, true) if distill_hidden => format!("lsq + distill {distill_steps} (hidden)"),
-                            (Recover::Lsq, true) => format!("lsq + distill {distill_steps}"),
-                            (_, true) if distill_hidden => format!("distill {distill_steps} (hidden)"),
-                            (_, true) => format!("distill {distill_steps}"),
+                            (Recover::Lsq, true) => format!("lsq + distill {distill_steps}{hidden}"),
+                            (_, true) => format!("distill {distill_steps}{hidden}"),
                             _ => String::new(),
                         },
                         report.parameters.before,

@@ -105,6 +105,9 @@ impl Pass for DistillWeights {
         };
         let hidden: Vec<String> =
             student_h.outputs[model.outputs.len()..].iter().map(|&v| student_h.value(v).name.clone()).collect();
+        if cx.config.distill_hidden && hidden.is_empty() {
+            cx.warn("--distill-hidden: no LayerNormalization output is shared by the dense and the slim model; the loss matches the outputs only");
+        }
         // The teacher runs on every (augmented) minibatch.
         let (tm, tengine, _) = lowered(&teacher_h, &fit.take(b))?;
         let tparams: Params<f32> = tengine.params(&tm);

@@ -307,10 +307,15 @@ fn distillation_raises_held_out_fidelity_on_vgg_filters() {
     let (ra, rb, rp) = (dir.join("a.json"), dir.join("b.json"), dir.join("plain.json"));
     let stdout = magnitude_lsq(&model, &calib, "filters", &d, &a, &ra);
     assert!(stdout.contains("distilled"), "{stdout}");
-    magnitude_lsq(&model, &calib, "filters", &d, &b, &rb);
+    // vgg_bn has no LayerNorm: --distill-hidden finds no hidden state, says so, and
+    // changes nothing.
+    let dh = [&d[..], &["--distill-hidden"]].concat();
+    magnitude_lsq(&model, &calib, "filters", &dh, &b, &rb);
     magnitude_lsq(&model, &calib, "filters", &[], &plain, &rp);
     let (ba, bp) = (std::fs::read(&a).unwrap(), std::fs::read(&plain).unwrap());
     assert_eq!(ba, std::fs::read(&b).unwrap(), "same seed, same input: the same bytes");
+    let warnings = json(&rb)["warnings"].to_string();
+    assert!(warnings.contains("--distill-hidden: no LayerNormalization output"), "{warnings}");
     assert_eq!(ba.len(), bp.len(), "distillation changes weights, not shapes");
     assert!(ba != bp, "distillation left the weights unchanged");
 
