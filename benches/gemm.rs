@@ -13,13 +13,18 @@ fn main() {
     let a: Vec<String> = std::env::args().collect();
     let reps: usize =
         a.iter().position(|x| x == "--reps").and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(10);
-    // (m, k, n, ta, tb): y = x W, dX = dY Wᵀ, dW = Xᵀ dY.
+    // (batch, m, k, n, ta, tb): y = x W, dX = dY Wᵀ, dW = Xᵀ dY; then attention's
+    // per-head products (32 sentences × 12 heads: scores Q Kᵀ, context P V, and their
+    // backward forms).
     let shapes = [
-        (2048, 384, 1536, false, false),
-        (2048, 1536, 384, false, false),
-        (2048, 384, 384, false, false),
-        (2048, 1536, 384, false, true),
-        (384, 2048, 1536, true, false),
+        (1, 2048, 384, 1536, false, false),
+        (1, 2048, 1536, 384, false, false),
+        (1, 2048, 384, 384, false, false),
+        (1, 2048, 1536, 384, false, true),
+        (1, 384, 2048, 1536, true, false),
+        (384, 64, 32, 64, false, true),
+        (384, 64, 64, 32, false, false),
+        (384, 64, 64, 32, true, false),
     ];
     let threads = rayon::current_num_threads();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -27,15 +32,15 @@ fn main() {
         .into_iter()
         .find(|p| p.exists());
     println!("gemm (cpu, f32, {threads} threads), median of {reps}");
-    for (m, k, n, ta, tb) in shapes {
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-        let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 500.0 - 1.0).collect();
-        let xs = if ta { [k, m] } else { [m, k] };
-        let ws = if tb { [n, k] } else { [k, n] };
+    for (bt, m, k, n, ta, tb) in shapes {
+        let x: Vec<f32> = (0..bt * m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let w: Vec<f32> = (0..bt * k * n).map(|i| ((i * 104729) % 1000) as f32 / 500.0 - 1.0).collect();
+        let xs = if ta { [bt, k, m] } else { [bt, m, k] };
+        let ws = if tb { [bt, n, k] } else { [bt, k, n] };
         let mut times = Vec::new();
         for rep in 0..=reps {
             let t = Instant::now();
-            let c = matmul(&x, &xs, &w, &ws, ta, tb, &[m, n]);
+            let c = matmul(&x, &xs, &w, &ws, ta, tb, &[bt, m, n]);
             std::hint::black_box(&c);
             if rep > 0 {
                 times.push(t.elapsed().as_secs_f64());
@@ -43,18 +48,19 @@ fn main() {
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let ours = times[times.len() / 2];
-        let gf = |t: f64| 2.0 * (m * k * n) as f64 / t / 1e9;
-        let form = format!("{m}x{k}x{n}{}{}", if ta { " Aᵀ" } else { "" }, if tb { " Bᵀ" } else { "" });
+        let gf = |t: f64| 2.0 * (bt * m * k * n) as f64 / t / 1e9;
+        let batch = if bt > 1 { format!("{bt}×") } else { String::new() };
+        let form = format!("{batch}{m}x{k}x{n}{}{}", if ta { " Aᵀ" } else { "" }, if tb { " Bᵀ" } else { "" });
         let torch = py.as_ref().and_then(|py| {
             let script = format!(
                 "import torch,time\ntorch.set_num_threads({threads})\n\
-                 a=torch.randn({}).{}\nb=torch.randn({}).{}\nts=[]\n\
+                 a=torch.randn({bt},{}).{}\nb=torch.randn({bt},{}).{}\nts=[]\n\
                  for r in range({reps}+1):\n t=time.perf_counter(); c=a@b; ts.append(time.perf_counter()-t)\n\
                  ts=sorted(ts[1:]); print(ts[len(ts)//2])",
                 if ta { format!("{k},{m}") } else { format!("{m},{k}") },
-                if ta { "t()" } else { "contiguous()" },
+                if ta { "transpose(-1,-2)" } else { "contiguous()" },
                 if tb { format!("{n},{k}") } else { format!("{k},{n}") },
-                if tb { "t()" } else { "contiguous()" },
+                if tb { "transpose(-1,-2)" } else { "contiguous()" },
             );
             let o = Command::new(py).args(["-c", &script]).output().ok()?;
             String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok()
