@@ -17,12 +17,17 @@
 //!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
 //!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3 --distill-hidden
-//!       --alpha 0.1]
-//! (`--alpha` is pl's Hessian-penalty weight, as on the command line; default 1.)
+//!       --alpha 0.1 --round-to 8 --latency]
+//! (`--alpha` is pl's Hessian-penalty weight and `--round-to` the per-layer multiple of kept
+//! filters and neurons, as on the command line; defaults 1.)
 //! (`--recover` also takes `lsq+distill` and `none+distill`: the refit or none, then
 //! `--distill-steps` Adam steps of label-free distillation towards the dense model.)
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
 //! each row's note.)
+//! (`--latency` adds a column: onnxruntime's speed-up of the pruned model over the dense one
+//! at batch 1 and 32, 2 threads, measured in the same run by `benches/ort_latency.py` on the
+//! held-out data (`--latency-reps`, default 10). Rows of the same criterion and ratio have the
+//! same architecture, so the first recovery mode's measurement stands for the others.)
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -211,8 +216,14 @@ fn main() {
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
     let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
     let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
-    println!("| model | kinds | ratio | criterion | recover | fidelity | kinds' params | model params | FLOPs | time s | note |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let round_to: usize = arg("--round-to").map(|r| r.parse().expect("round-to")).unwrap_or(1);
+    let latency = std::env::args().any(|a| a == "--latency");
+    let latency_reps: usize = arg("--latency-reps").map(|r| r.parse().expect("latency reps")).unwrap_or(10);
+    let (lat_head, lat_rule) = if latency { (" ORT speed-up b1 / b32 |", "---|") } else { ("", "") };
+    println!(
+        "| model | kinds | ratio | criterion | recover | fidelity | kinds' params | model params | FLOPs | time s |{lat_head} note |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|{lat_rule}---|");
     for case in CASES.iter().filter(|c| models.split(',').any(|m| m == c.key)) {
         let model: PathBuf = root.join(case.model);
         let kinds = case.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join("+");
@@ -236,8 +247,9 @@ fn main() {
             Metric::Cosine => "mean cosine to dense",
             Metric::Agreement => "top-1 agreement with dense",
         };
+        let lat_dense = if latency { " 1 / 1 |" } else { "" };
         println!(
-            "| {} | {kinds} | 0 | dense | | {dense_fid:.4} ({metric}) | | | {:.3} G | | |",
+            "| {} | {kinds} | 0 | dense | | {dense_fid:.4} ({metric}) | | | {:.3} G | |{lat_dense} |",
             case.key,
             dense_flops / 1e9
         );
@@ -250,6 +262,7 @@ fn main() {
                 // time includes the scoring time of the first). With --ntk-condition every
                 // row scores, since the condition number is measured in the selection passes.
                 let mut scored: Option<(plprune_onnx::units::KeepSet, f64)> = None;
+                let mut speedup: Option<String> = None;
                 for &(recover, distill) in &recovers {
                     let config = Config {
                         ratio,
@@ -263,6 +276,7 @@ fn main() {
                             ..Default::default()
                         },
                         recover,
+                        round_to,
                         recover_ridge: ridge,
                         ntk_condition,
                         distill_steps: if distill { distill_steps } else { 0 },
@@ -320,6 +334,10 @@ fn main() {
                             g.curve[0].total, best.total, g.best_epoch, g.differs_from_lambda_min
                         );
                     }
+                    if latency && speedup.is_none() {
+                        speedup = Some(ort_speedup(&model, &bytes, &root.join(case.test), latency_reps));
+                    }
+                    let lat = speedup.as_ref().map(|x| format!(" {x} |")).unwrap_or_default();
                     let keep = s.cx.keep.clone();
                     match criterion {
                         Criterion::NtkMin => lambda_min_keep = keep,
@@ -327,12 +345,12 @@ fn main() {
                         _ => {}
                     }
                     println!(
-                        "| {} | {kinds} | {ratio} | {} | {} | {fid:.4} | {kb} -> {ka} | {} -> {} | {:.3} G | {secs:.1} | {note} |",
+                        "| {} | {kinds} | {ratio} | {} | {} | {fid:.4} | {kb} -> {ka} | {} -> {} | {:.3} G | {secs:.1} |{lat} {note} |",
                         case.key,
                         match criterion {
                             Criterion::Pl if alpha != 1.0 => format!("pl (α {alpha})"),
                             c => c.name().to_string(),
-                        },
+                        } + &if round_to > 1 { format!(", round-to {round_to}") } else { String::new() },
                         match (recover, distill) {
                             (Recover::Lsq, false) => "lsq".to_string(),
                             (Recover::Lsq, true) => format!("lsq + distill {distill_steps}{hidden}"),
@@ -349,10 +367,44 @@ fn main() {
                 let differ: usize =
                     a.keep.iter().flatten().zip(b.keep.iter().flatten()).filter(|(x, y)| x != y).count();
                 println!(
-                    "| {} | {kinds} | {ratio} | pl vs ntk-min | | {differ} units decided differently | | | | | |",
-                    case.key
+                    "| {} | {kinds} | {ratio} | pl vs ntk-min | | {differ} units decided differently | | | | |{} |",
+                    case.key,
+                    if latency { " |" } else { "" }
                 );
             }
         }
+    }
+}
+
+/// onnxruntime's speed-up of `pruned` over the dense model at batch 1 and 32 ("1.23× / 1.87×"),
+/// both measured in one run of benches/ort_latency.py (2 threads, interleaved), or why not.
+fn ort_speedup(dense: &Path, pruned: &[u8], data: &Path, reps: usize) -> String {
+    let file = std::env::temp_dir().join(format!("plprune-bench-{}.onnx", std::process::id()));
+    if let Err(e) = std::fs::write(&file, pruned) {
+        return format!("not measured ({e})");
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_latency.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(dense)
+        .arg(&file)
+        .arg("--calib")
+        .arg(data)
+        .args(["--batches", "1", "32", "--threads", "2", "--reps", &reps.to_string(), "--json"])
+        .output();
+    let _ = std::fs::remove_file(&file);
+    let o = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => return format!("not measured ({})", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")),
+        Err(e) => return format!("not measured (python3: {e})"),
+    };
+    let text = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = text.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+    let at = |b: u64| {
+        v["rows"].as_array().and_then(|r| r.iter().find(|x| x["batch"].as_u64() == Some(b)))?["speedup"].as_f64()
+    };
+    match (at(1), at(32)) {
+        (Some(a), Some(b)) => format!("{a:.2}× / {b:.2}×"),
+        _ => "not measured (ort_latency.py output not understood)".to_string(),
     }
 }

@@ -3,14 +3,16 @@
 measured in the same run (a benchmark, never a test).
 
     python3 benches/ort_latency.py DENSE.onnx PRUNED.onnx [PRUNED2.onnx ...] \
-        --calib data.npz [--batches 1 32] [--threads 2] [--reps 20]
+        --calib data.npz [--batches 1 32] [--threads 2] [--reps 20] [--json]
 
 Inputs come from the calibration file (its first b samples; arrays named like the model's
 inputs). Each model gets its own session (intra-op threads = --threads, inter-op 1,
 default graph optimisations); after warm-up runs, the median of --reps runs is reported per
-batch size, with the speed-up dense / pruned.
+batch size, with the speed-up dense / pruned. With --json the last line is one JSON object
+with every measurement (the criteria benchmark reads it).
 """
 import argparse
+import json
 import statistics
 import time
 
@@ -57,11 +59,13 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     data = dict(np.load(a.calib))
     dense = session(a.dense, a.threads)
     print(f"onnxruntime {ort.__version__}, {a.threads} threads, median of {a.reps}")
     print(f"{'model':<40} {'batch':>5} {'ms':>10} {'dense ms':>10} {'speed-up':>9}")
+    rows = []
     for b in a.batches:
         fd = feeds(dense, data, b)
         for p in a.pruned:
@@ -70,6 +74,9 @@ def main():
             d_ms = median_ms(dense, fd, a.reps)
             p_ms = median_ms(s, feeds(s, data, b), a.reps)
             print(f"{p[-40:]:<40} {b:>5} {p_ms:>10.2f} {d_ms:>10.2f} {d_ms / p_ms:>8.2f}x")
+            rows.append({"model": p, "batch": b, "ms": p_ms, "dense_ms": d_ms, "speedup": d_ms / p_ms})
+    if a.json:
+        print(json.dumps({"onnxruntime": ort.__version__, "threads": a.threads, "reps": a.reps, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,15 @@
 //! the ranking spans all layers of a kind, with `--scope layer` each layer loses r of its
 //! own parameters. Every layer keeps at least `min_keep` units (the protecting strategy).
 //! Ties are broken by layer and unit index, so the result is deterministic.
+//!
+//! With `round_to` N > 1 (`--round-to`), every layer of filters or neurons keeps a multiple
+//! of N units (or all of them): when the ranking reaches a unit, its layer loses a block —
+//! the unit and the next lowest-scored units of the same layer, down to the next multiple of
+//! N — instead of that unit alone. Runtimes' fast paths want channel counts in multiples of
+//! their vector width: onnxruntime's NCHWc convolutions on x86 take channels in blocks of 8
+//! (16 with AVX-512) and fall back to a slower path otherwise, which can leave a pruned CNN
+//! slower than the dense one. Heads (whole blocks of head_dim channels) and experts are not
+//! rounded.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,10 +35,38 @@ impl Pass for SelectUnits {
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let selected: Vec<bool> = cx.groups.iter().map(|g| cx.selects(g.kind)).collect();
         let keep =
-            select(model, &cx.groups, &cx.scores, &selected, cx.config.ratio, cx.config.scope, cx.config.min_keep);
+            select(model, &cx.groups, &cx.scores, &selected, cx.config.ratio, cx.config.scope, cx.config.protect());
+        if cx.config.round_to == 1 {
+            if let Some(w) = unaligned_filters(&cx.groups, &selected, &keep) {
+                cx.warn(w);
+            }
+        }
         cx.keep = Some(keep);
         Ok(())
     }
+}
+
+/// Runtimes' vector width for conv channels (onnxruntime's NCHWc blocks on x86 with AVX2).
+const CHANNEL_BLOCK: usize = 8;
+
+/// The warning for pruned filter layers left with a channel count off the multiples of 8
+/// they had (None when there are none).
+fn unaligned_filters(groups: &[UnitGroup], selected: &[bool], keep: &KeepSet) -> Option<String> {
+    let pruned: Vec<usize> = (0..groups.len())
+        .filter(|&g| selected[g] && groups[g].kind == UnitKind::Filters && keep.kept_count(g) < groups[g].count)
+        .collect();
+    let off = pruned
+        .iter()
+        .filter(|&&g| groups[g].count % CHANNEL_BLOCK == 0 && keep.kept_count(g) % CHANNEL_BLOCK != 0)
+        .count();
+    (off > 0).then(|| {
+        format!(
+            "{off} of {} pruned filter layers keep a channel count that is not a multiple of {CHANNEL_BLOCK}: \
+             onnxruntime's fast x86 convolutions (NCHWc) need multiples of {CHANNEL_BLOCK}, and without them a \
+             pruned CNN can run slower than the dense one; --round-to {CHANNEL_BLOCK} keeps every layer aligned",
+            pruned.len()
+        )
+    })
 }
 
 /// Exact parameter bookkeeping: the current extent of every coupled tensor.
@@ -67,6 +104,21 @@ impl Ledger {
     }
 }
 
+/// The per-layer limits of a selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protect {
+    /// Units every layer keeps at least (`--min-keep`).
+    pub min_keep: usize,
+    /// Layers of filters and neurons keep a multiple of this many units (`--round-to`).
+    pub round_to: usize,
+}
+
+impl Default for Protect {
+    fn default() -> Self {
+        Protect { min_keep: 1, round_to: 1 }
+    }
+}
+
 /// Chooses the units to keep. Groups with `selected[g] == false` keep everything.
 pub fn select(
     model: &Model,
@@ -75,7 +127,7 @@ pub fn select(
     selected: &[bool],
     ratio: f64,
     scope: Scope,
-    min_keep: usize,
+    protect: Protect,
 ) -> KeepSet {
     let mut keep = KeepSet::all(groups);
     let chosen: Vec<usize> = (0..groups.len()).filter(|&g| selected[g]).collect();
@@ -125,13 +177,37 @@ pub fn select(
             }
         }
         let Some((_, b)) = best else { break };
-        let (g, u) = state[b].order[state[b].next];
+        let at = state[b].next;
+        let (g, u) = state[b].order[at];
         state[b].next += 1;
-        if keep.kept_count(g) <= min_keep.max(groups[g].min_keep) {
+        if !keep.keep[g][u] {
+            // Removed with an earlier block of its layer.
             continue;
         }
-        keep.keep[g][u] = false;
-        ledger.remove(&groups[g], u);
+        let kept = keep.kept_count(g);
+        let n = match groups[g].kind {
+            UnitKind::Filters | UnitKind::Neurons => protect.round_to.max(1),
+            _ => 1,
+        };
+        let step = match kept % n {
+            0 => n,
+            r => r,
+        };
+        if kept < step + protect.min_keep.max(groups[g].min_keep) {
+            continue;
+        }
+        // This unit and the next lowest-scored kept ones of its layer (the ranking holds
+        // every lower-scored unit of the batch before `at`, all processed).
+        let block: Vec<usize> = state[b].order[at..]
+            .iter()
+            .filter(|&&(gg, uu)| gg == g && keep.keep[gg][uu])
+            .map(|&(_, uu)| uu)
+            .take(step)
+            .collect();
+        for uu in block {
+            keep.keep[g][uu] = false;
+            ledger.remove(&groups[g], uu);
+        }
     }
     keep
 }

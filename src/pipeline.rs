@@ -46,6 +46,8 @@ pub struct Config {
     pub criterion: Criterion,
     pub seed: u64,
     pub min_keep: usize,
+    /// Layers of filters and neurons keep a multiple of this many units (`--round-to`).
+    pub round_to: usize,
     pub scope: Scope,
     /// Input shapes given with --input-shape (override everything else).
     pub input_shapes: BTreeMap<String, Vec<usize>>,
@@ -74,6 +76,13 @@ pub struct Config {
     pub ntk_condition: bool,
 }
 
+impl Config {
+    /// The per-layer limits of the selection (`--min-keep`, `--round-to`).
+    pub fn protect(&self) -> crate::passes::select_units::Protect {
+        crate::passes::select_units::Protect { min_keep: self.min_keep, round_to: self.round_to }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -82,6 +91,7 @@ impl Default for Config {
             criterion: Criterion::Pl,
             seed: 0,
             min_keep: 1,
+            round_to: 1,
             scope: Scope::Global,
             input_shapes: BTreeMap::new(),
             calib: None,

@@ -58,6 +58,7 @@ pub struct Options {
     pub seed: u64,
     pub scope: crate::pipeline::Scope,
     pub min_keep: usize,
+    pub round_to: usize,
     pub units: Option<Vec<UnitKind>>,
     pub calib: Option<String>,
 }
@@ -168,6 +169,7 @@ impl Report {
                 seed: c.seed,
                 scope: c.scope,
                 min_keep: c.min_keep,
+                round_to: c.round_to,
                 units: c.kinds.clone(),
                 calib: c.calib.as_ref().map(|p| p.display().to_string()),
             },

@@ -287,6 +287,8 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("unknown --criterion 'nope'"), "{e}");
     let e = run_err(&[vggs, "--units", "filters,bogus", "-o", outs], 2);
     assert!(e.contains("bogus"), "{e}");
+    let e = run_err(&[vggs, "--round-to", "0", "-o", outs], 2);
+    assert!(e.contains("--round-to"), "{e}");
     let e = run_err(&[vggs, "--distill-hidden", "-o", outs], 2);
     assert!(e.contains("--distill-hidden") && e.contains("--distill-steps"), "{e}");
 

@@ -308,3 +308,50 @@ fn hutchinson_on_gpu_matches_the_cpu_with_the_same_probes() {
     }
     eprintln!("hutchinson: worst |gpu − cpu| / max|h| = {worst:.2e} over the same 64 probes");
 }
+
+/// `--round-to 8`: every pruned layer of filters (EfficientNet-lite0, depthwise blocks
+/// included) and of FFN neurons (MiniLM-L6) keeps a multiple of 8 units, the ratio is still
+/// reached (overshooting by less than one block), heads are not rounded, and the warning
+/// about unaligned channel counts is given without it and not with it.
+#[test]
+fn round_to_keeps_layers_in_whole_blocks() {
+    let run = |model: &str, kinds: Vec<UnitKind>, round_to: usize| {
+        let mut s = session(&shared(model), None, Criterion::Magnitude, 4);
+        s.cx.config.kinds = Some(kinds);
+        s.cx.config.ratio = 0.5;
+        s.cx.config.round_to = round_to;
+        s.select().expect("select");
+        s.apply(None).expect("rewrite");
+        s
+    };
+    let warned = |s: &Session| s.cx.warnings.iter().any(|w| w.contains("--round-to 8"));
+    for (model, kind) in [("effnet-lite0/model.onnx", UnitKind::Filters), ("minilm-l6/model.onnx", UnitKind::Neurons)] {
+        let plain = run(model, vec![kind], 1);
+        let rounded = run(model, vec![kind], 8);
+        let counts = |s: &Session| -> Vec<(usize, usize)> {
+            let keep = s.cx.keep.as_ref().expect("keep-set");
+            (0..s.cx.groups.len())
+                .filter(|&g| s.cx.groups[g].kind == kind)
+                .map(|g| (keep.kept_count(g), s.cx.groups[g].count))
+                .collect()
+        };
+        let before = counts(&plain);
+        assert!(
+            before.iter().any(|&(k, n)| k < n && k % 8 != 0),
+            "{model}: the plain selection should leave some layer off the multiples of 8: {before:?}"
+        );
+        let after = counts(&rounded);
+        for &(k, n) in &after {
+            assert!(k == n || (k % 8 == 0 && k >= 8), "{model}: a layer keeps {k} of {n}");
+        }
+        assert!(after.iter().any(|&(k, n)| k < n), "{model}: nothing pruned");
+        let (r0, r8) = (removed(&plain, kind), removed(&rounded, kind));
+        assert!(r8 >= 0.5 && r8 < 0.53, "{model}: removed {r8} with --round-to 8 ({r0} without)");
+        if kind == UnitKind::Filters {
+            assert!(warned(&plain), "{model}: no warning: {:?}", plain.cx.warnings);
+        }
+        assert!(!warned(&rounded), "{model}: {:?}", rounded.cx.warnings);
+    }
+    let heads = |round_to| run("minilm-l6/model.onnx", vec![UnitKind::Heads], round_to).cx.keep.clone();
+    assert_eq!(heads(1), heads(8), "heads are not rounded");
+}

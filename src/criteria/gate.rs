@@ -264,7 +264,7 @@ pub struct Selection<'a> {
     pub selected: &'a [bool],
     pub ratio: f64,
     pub scope: Scope,
-    pub min_keep: usize,
+    pub protect: select_units::Protect,
     /// Units already pruned by earlier schedule steps (gate 0, excluded from training).
     pub forced: &'a [Vec<bool>],
 }
@@ -278,15 +278,8 @@ impl Selection<'_> {
             .enumerate()
             .map(|(g, s)| s.iter().enumerate().map(|(u, &x)| if self.forced[g][u] { lo } else { x }).collect())
             .collect();
-        let keep = select_units::select(
-            self.model,
-            self.groups,
-            &scores,
-            self.selected,
-            self.ratio,
-            self.scope,
-            self.min_keep,
-        );
+        let keep =
+            select_units::select(self.model, self.groups, &scores, self.selected, self.ratio, self.scope, self.protect);
         let gates = keep.keep.iter().map(|k| k.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect()).collect();
         (scores, gates)
     }

@@ -268,7 +268,7 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
                             selected: &selected,
                             ratio,
                             scope: cx.config.scope,
-                            min_keep: cx.config.min_keep,
+                            protect: cx.config.protect(),
                             forced: &forced,
                         };
                         crate::progress::begin(
@@ -317,7 +317,7 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
             .collect();
         if step < steps {
             let keep =
-                select_units::select(model, &groups, &scores, &selected, ratio, cx.config.scope, cx.config.min_keep);
+                select_units::select(model, &groups, &scores, &selected, ratio, cx.config.scope, cx.config.protect());
             for (g, k) in keep.keep.iter().enumerate() {
                 for (u, &kept) in k.iter().enumerate() {
                     forced[g][u] |= !kept;
