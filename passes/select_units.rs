@@ -10,9 +10,8 @@
 //! Ties are broken by layer and unit index, so the result is deterministic.
 //!
 //! With `round_to` N > 1 (`--round-to`), every layer of filters or neurons keeps a multiple
-//! of N units (or all of them): when the ranking reaches a unit, its layer loses a block —
-//! the unit and the next lowest-scored units of the same layer, down to the next multiple of
-//! N — instead of that unit alone. Runtimes' fast paths want channel counts in multiples of
+//! of N units (or all of them): layers lose blocks — their lowest-scored kept units down to
+//! the next multiple of N — and the block of lowest mean score goes first. Runtimes' fast paths want channel counts in multiples of
 //! their vector width: onnxruntime's NCHWc convolutions on x86 take channels in blocks of 8
 //! (16 with AVX-512) and fall back to a slower path otherwise, which can leave a pruned CNN
 //! slower than the dense one. Heads (whole blocks of head_dim channels) and experts are not
@@ -148,8 +147,9 @@ pub fn select(
     struct Batch {
         tensors: BTreeSet<Id>,
         total: usize,
-        order: Vec<(usize, usize)>,
-        next: usize,
+        /// Per group of the batch: its units, lowest score first, and how many are removed.
+        ranked: Vec<(usize, Vec<usize>, usize)>,
+        done: bool,
     }
     let mut state: Vec<Batch> = batches
         .into_iter()
@@ -161,10 +161,15 @@ pub fn select(
                 })
                 .collect();
             let total = ledger.size(&tensors);
-            let mut order: Vec<(f64, usize, usize)> =
-                batch.iter().flat_map(|&g| (0..groups[g].count).map(move |u| (scores[g][u], g, u))).collect();
-            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-            Batch { tensors, total, order: order.into_iter().map(|(_, g, u)| (g, u)).collect(), next: 0 }
+            let ranked = batch
+                .iter()
+                .map(|&g| {
+                    let mut units: Vec<usize> = (0..groups[g].count).collect();
+                    units.sort_by(|&a, &b| scores[g][a].total_cmp(&scores[g][b]).then(a.cmp(&b)));
+                    (g, units, 0)
+                })
+                .collect();
+            Batch { tensors, total, ranked, done: false }
         })
         .collect();
     loop {
@@ -172,42 +177,46 @@ pub fn select(
         let mut best: Option<(f64, usize)> = None;
         for (b, st) in state.iter().enumerate() {
             let removed = (st.total - ledger.size(&st.tensors)) as f64 / st.total.max(1) as f64;
-            if st.next < st.order.len() && removed < ratio && best.is_none_or(|(r, _)| removed < r) {
+            if !st.done && removed < ratio && best.is_none_or(|(r, _)| removed < r) {
                 best = Some((removed, b));
             }
         }
         let Some((_, b)) = best else { break };
-        let at = state[b].next;
-        let (g, u) = state[b].order[at];
-        state[b].next += 1;
-        if !keep.keep[g][u] {
-            // Removed with an earlier block of its layer.
+        // The batch's next removal: of every layer's next block (its lowest-scored kept
+        // unit, or with `round_to` N the units down to the next multiple of N), the one of
+        // lowest mean score; layers at their `min_keep` are done. With N = 1 this is the
+        // batch's lowest-scored unit, ties broken by layer and unit index.
+        let mut pick: Option<(f64, usize, usize)> = None;
+        for (i, (g, units, removed)) in state[b].ranked.iter().enumerate() {
+            let g = *g;
+            let kept = keep.kept_count(g);
+            let n = match groups[g].kind {
+                UnitKind::Filters | UnitKind::Neurons => protect.round_to.max(1),
+                _ => 1,
+            };
+            let step = match kept % n {
+                0 => n,
+                r => r,
+            };
+            if kept < step + protect.min_keep.max(groups[g].min_keep) {
+                continue;
+            }
+            let block = &units[*removed..*removed + step];
+            let cost = block.iter().map(|&u| scores[g][u]).sum::<f64>() / step as f64;
+            if pick.is_none_or(|(c, _, _)| cost.total_cmp(&c).is_lt()) {
+                pick = Some((cost, i, step));
+            }
+        }
+        let Some((_, i, step)) = pick else {
+            state[b].done = true;
             continue;
-        }
-        let kept = keep.kept_count(g);
-        let n = match groups[g].kind {
-            UnitKind::Filters | UnitKind::Neurons => protect.round_to.max(1),
-            _ => 1,
         };
-        let step = match kept % n {
-            0 => n,
-            r => r,
-        };
-        if kept < step + protect.min_keep.max(groups[g].min_keep) {
-            continue;
+        let (g, units, removed) = &mut state[b].ranked[i];
+        for &u in &units[*removed..*removed + step] {
+            keep.keep[*g][u] = false;
+            ledger.remove(&groups[*g], u);
         }
-        // This unit and the next lowest-scored kept ones of its layer (the ranking holds
-        // every lower-scored unit of the batch before `at`, all processed).
-        let block: Vec<usize> = state[b].order[at..]
-            .iter()
-            .filter(|&&(gg, uu)| gg == g && keep.keep[gg][uu])
-            .map(|&(_, uu)| uu)
-            .take(step)
-            .collect();
-        for uu in block {
-            keep.keep[g][uu] = false;
-            ledger.remove(&groups[g], uu);
-        }
+        *removed += step;
     }
     keep
 }
