@@ -346,7 +346,7 @@ fn round_to_keeps_layers_in_whole_blocks() {
         }
         assert!(after.iter().any(|&(k, n)| k < n), "{model}: nothing pruned");
         let (r0, r8) = (removed(&plain, kind), removed(&rounded, kind));
-        assert!(r8 >= 0.5 && r8 < 0.53, "{model}: removed {r8} with --round-to 8 ({r0} without)");
+        assert!((0.5..0.53).contains(&r8), "{model}: removed {r8} with --round-to 8 ({r0} without)");
         if kind == UnitKind::Filters {
             assert!(warned(&plain), "{model}: no warning: {:?}", plain.cx.warnings);
         }

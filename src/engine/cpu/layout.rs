@@ -31,7 +31,12 @@ pub fn strided_read<T: Real>(x: &[T], base: isize, st: &[isize], out_shape: &[us
     let body = |(row, o): (usize, &mut [std::mem::MaybeUninit<T>])| {
         let b = row_base(row);
         if is == 1 {
-            o.write_copy_of_slice(&x[b as usize..b as usize + inner]);
+            let src = &x[b as usize..b as usize + inner];
+            assert_eq!(o.len(), src.len());
+            // SAFETY: `o` and `src` have the same length (checked) and do not overlap (`o` is
+            // the output's fresh allocation); T is Copy. What `write_copy_of_slice` does, which
+            // needs Rust 1.93 (the crate's MSRV is 1.85).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), o.as_mut_ptr() as *mut T, src.len()) };
         } else {
             for (j, v) in o.iter_mut().enumerate() {
                 v.write(x[(b + j as isize * is) as usize]);
