@@ -7,8 +7,8 @@ measured in the same run (a benchmark, never a test).
 
 Inputs come from the calibration file (its first b samples; arrays named like the model's
 inputs). Each model gets its own session (intra-op threads = --threads, inter-op 1,
-default graph optimisations); after warm-up runs, the median of --reps runs is reported per
-batch size, with the speed-up dense / pruned. With --json the last line is one JSON object
+default graph optimisations); after warm-up runs, dense and pruned run alternately and the
+median of --reps runs of each is reported per batch size, with the speed-up dense / pruned. With --json the last line is one JSON object
 with every measurement (the criteria benchmark reads it).
 """
 import argparse
@@ -40,15 +40,21 @@ def feeds(sess, data, b):
     return out
 
 
-def median_ms(sess, f, reps):
+def medians_ms(a, fa, b, fb, reps):
+    """Median latency of two sessions, run alternately (a, b, a, b, ...) after warm-up, so
+    that the host's load changes hit both alike."""
     for _ in range(3):
-        sess.run(None, f)
-    ts = []
+        a.run(None, fa)
+        b.run(None, fb)
+    ta, tb = [], []
     for _ in range(reps):
         t = time.perf_counter()
-        sess.run(None, f)
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+        a.run(None, fa)
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b.run(None, fb)
+        tb.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ta), 1e3 * statistics.median(tb)
 
 
 def main():
@@ -70,9 +76,7 @@ def main():
         fd = feeds(dense, data, b)
         for p in a.pruned:
             s = session(p, a.threads)
-            # Interleave dense and pruned so load changes hit both alike.
-            d_ms = median_ms(dense, fd, a.reps)
-            p_ms = median_ms(s, feeds(s, data, b), a.reps)
+            d_ms, p_ms = medians_ms(dense, fd, s, feeds(s, data, b), a.reps)
             print(f"{p[-40:]:<40} {b:>5} {p_ms:>10.2f} {d_ms:>10.2f} {d_ms / p_ms:>8.2f}x")
             rows.append({"model": p, "batch": b, "ms": p_ms, "dense_ms": d_ms, "speedup": d_ms / p_ms})
     if a.json:
