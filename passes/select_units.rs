@@ -11,11 +11,11 @@
 //!
 //! With `round_to` N > 1 (`--round-to`), every layer of filters or neurons keeps a multiple
 //! of N units (or all of them): layers lose blocks — their lowest-scored kept units down to
-//! the next multiple of N — and the block of lowest mean score goes first. Runtimes' fast paths want channel counts in multiples of
-//! their vector width: onnxruntime's NCHWc convolutions on x86 take channels in blocks of 8
-//! (16 with AVX-512) and fall back to a slower path otherwise, which can leave a pruned CNN
-//! slower than the dense one. Heads (whole blocks of head_dim channels) and experts are not
-//! rounded.
+//! the next multiple of N — and the block of lowest mean score goes first. Runtimes' fast
+//! paths want channel counts in multiples of their vector width: onnxruntime's NCHWc
+//! convolutions on x86 take channels in blocks of 8 (16 with AVX-512) and fall back to a
+//! slower path otherwise, which can leave a pruned CNN slower than the dense one. Heads
+//! (whole blocks of head_dim channels) and experts are not rounded.
 
 use std::collections::{BTreeMap, BTreeSet};
 
