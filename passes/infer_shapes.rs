@@ -107,9 +107,16 @@ fn resolve_input_shapes(cx: &mut Context, model: &Model) -> Result<BTreeMap<Stri
     }
     defaulted.dedup();
     if !defaulted.is_empty() {
+        let shown: Vec<String> = defaulted
+            .iter()
+            .map(|n| {
+                let dims: Vec<String> = shapes[n].iter().map(|d| d.to_string()).collect();
+                format!("{n} [{}]", dims.join(", "))
+            })
+            .collect();
         cx.warn(format!(
-            "symbolic dimensions of {} set to 1 (first) and 8 (others); use --input-shape to choose",
-            defaulted.join(", ")
+            "symbolic input dimensions set to 1 (the first) and 8 (any other): {}; use --input-shape NAME=d0,d1,… to choose",
+            shown.join(", ")
         ));
     }
     Ok(shapes)

@@ -349,6 +349,16 @@ fn round_to_keeps_layers_in_whole_blocks() {
         assert!((0.5..0.53).contains(&r8), "{model}: removed {r8} with --round-to 8 ({r0} without)");
         if kind == UnitKind::Filters {
             assert!(warned(&plain), "{model}: no warning: {:?}", plain.cx.warnings);
+            // Without calibration data the defaulted input shape is named in full.
+            assert!(
+                plain
+                    .cx
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains("symbolic input dimensions") && w.contains("input [1, 3, 224, 224]")),
+                "{:?}",
+                plain.cx.warnings
+            );
         }
         assert!(!warned(&rounded), "{model}: {:?}", rounded.cx.warnings);
     }
