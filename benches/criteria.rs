@@ -377,7 +377,7 @@ fn main() {
 }
 
 /// onnxruntime's speed-up of `pruned` over the dense model at batch 1 and 32 ("1.23× / 1.87×"),
-/// both measured in one run of benches/ort_latency.py (2 threads, interleaved), or why not.
+/// both measured in one run of benches/ort_latency.py (2 threads, run alternately), or why not.
 fn ort_speedup(dense: &Path, pruned: &[u8], data: &Path, reps: usize) -> String {
     let file = std::env::temp_dir().join(format!("plprune-bench-{}.onnx", std::process::id()));
     if let Err(e) = std::fs::write(&file, pruned) {

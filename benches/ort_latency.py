@@ -8,8 +8,9 @@ measured in the same run (a benchmark, never a test).
 Inputs come from the calibration file (its first b samples; arrays named like the model's
 inputs). Each model gets its own session (intra-op threads = --threads, inter-op 1,
 default graph optimisations); after warm-up runs, dense and pruned run alternately and the
-median of --reps runs of each is reported per batch size, with the speed-up dense / pruned. With --json the last line is one JSON object
-with every measurement (the criteria benchmark reads it).
+median of --reps runs of each is reported per batch size, with the speed-up dense / pruned.
+With --json the last line is one JSON object with every measurement (the criteria benchmark
+reads it).
 """
 import argparse
 import json

@@ -103,19 +103,13 @@ impl Ledger {
     }
 }
 
-/// The per-layer limits of a selection.
+/// The per-layer limits of a selection (from `Config::protect`, which holds the defaults).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Protect {
     /// Units every layer keeps at least (`--min-keep`).
     pub min_keep: usize,
     /// Layers of filters and neurons keep a multiple of this many units (`--round-to`).
     pub round_to: usize,
-}
-
-impl Default for Protect {
-    fn default() -> Self {
-        Protect { min_keep: 1, round_to: 1 }
-    }
 }
 
 /// Chooses the units to keep. Groups with `selected[g] == false` keep everything.
