@@ -85,6 +85,9 @@ struct Analysis<'m> {
     shape_edits: Vec<(usize, ShapeEdit)>,
     /// The Reshape each shape edit was recorded for (same order as `shape_edits`).
     shape_readers: Vec<Id>,
+    /// Concat inputs computed from a `Shape` read of a space's channel count: each must be
+    /// one of the space's shape edits (replaced by the new count), or the space is blocked.
+    shape_reads: Vec<(usize, ShapeTarget, Id)>,
     /// Head-count attributes of fused attention ops, by space.
     attr_edits: Vec<(usize, AttrEdit)>,
     depthwise: Vec<(usize, Id)>,
@@ -104,6 +107,7 @@ pub fn discover(model: &Model) -> (Vec<UnitGroup>, Vec<Unprunable>) {
         slices: Vec::new(),
         shape_edits: Vec::new(),
         shape_readers: Vec::new(),
+        shape_reads: Vec::new(),
         attr_edits: Vec::new(),
         depthwise: Vec::new(),
         users: BTreeSet::new(),
@@ -676,7 +680,8 @@ impl<'m> Analysis<'m> {
                 Ok(())
             }
             "Attention" => self.visit_attention(op, laid),
-            "Shape" | "Size" => Err("the channel count is read as data".into()),
+            "Shape" => self.visit_shape(op, laid),
+            "Size" => Err("the channel count is read as data".into()),
             _ => Err(format!("{t} is not known to keep channels separate")),
         }
     }
@@ -804,6 +809,79 @@ impl<'m> Analysis<'m> {
             }
         }
         self.set_layout(outs[0], Layout { axis: ax, segs: l.segs });
+        Ok(())
+    }
+
+    /// `Shape` of a channel-carrying tensor. Exporters read batch and sequence sizes this way
+    /// (`Shape → Gather(0)`, `Shape → Slice(:-1)`), which pruning leaves alone, and
+    /// sometimes the channel count itself to rebuild a shape (`x.view(-1, x.size(-1))`).
+    /// The read is followed through Gather and Slice with constant indices, Squeeze,
+    /// Unsqueeze, Cast and Identity: paths that drop the channel axis end there; a path
+    /// that carries the channel count may only end as a one-element input of a Concat,
+    /// which must then become one of the group's shape edits (checked in `finish`, since
+    /// the Reshape reading it comes later).
+    fn visit_shape(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let o = model.op(op);
+        let l = laid.first().map(|(_, l)| l.clone()).ok_or("missing input")?;
+        let x = model.inputs(op).first().copied().flatten().ok_or("missing input")?;
+        let rank = self.shape(x)?.len() as i64;
+        let clamp = |a: i64| (if a < 0 { a + rank } else { a }).clamp(0, rank) as usize;
+        let (start, end) = (clamp(o.attr_i("start", 0)), clamp(o.attr_i("end", rank)));
+        if !(start..end).contains(&l.axis) {
+            return Ok(());
+        }
+        // (value, positions of its elements that hold the channel count)
+        let mut work = vec![(model.output(op, 0), vec![l.axis - start])];
+        while let Some((v, pos)) = work.pop() {
+            if model.is_graph_output(v) {
+                return Err("the channel count is read as data (a graph output)".into());
+            }
+            for (c, slot) in model.consumers(v) {
+                let co = model.op(c);
+                let cins = model.inputs(c);
+                let out = model.output(c, 0);
+                let konst = |i: usize| {
+                    cins.get(i).copied().flatten().and_then(|v| model.value(v).known().map(|t| t.to_i64_vec()))
+                };
+                let len = model.value(v).shape.as_ref().map(|s| s.iter().product::<usize>()).unwrap_or(1) as i64;
+                let picked = |idx: &[i64]| -> Vec<usize> {
+                    idx.iter()
+                        .enumerate()
+                        .filter(|(_, &i)| pos.contains(&((if i < 0 { i + len } else { i }) as usize)))
+                        .map(|(k, _)| k)
+                        .collect()
+                };
+                let next: Vec<usize> = match (co.op_type.as_str(), slot) {
+                    ("Gather", 0) if co.attr_i("axis", 0) == 0 => {
+                        picked(&konst(1).ok_or("a shape is gathered at computed indices")?)
+                    }
+                    ("Slice", 0) => {
+                        let (starts, ends) = (konst(1), konst(2));
+                        let (Some([b]), Some([e])) = (starts.as_deref(), ends.as_deref()) else {
+                            return Err("a shape is sliced at computed bounds".into());
+                        };
+                        let step = konst(4).and_then(|s| s.first().copied()).unwrap_or(1);
+                        if step != 1 || konst(3).is_some_and(|a| a != [0] && a != [-1]) {
+                            return Err("a shape is sliced with steps".into());
+                        }
+                        let norm = |a: i64| (if a < 0 { a + len } else { a }).clamp(0, len);
+                        picked(&(norm(*b)..norm(*e)).collect::<Vec<_>>())
+                    }
+                    ("Squeeze" | "Unsqueeze" | "Cast" | "Identity", 0) => pos.clone(),
+                    ("Concat", _) if len == 1 => {
+                        for s in &l.segs {
+                            self.shape_reads.push((s.space, ShapeTarget::ConcatInput { op: c, slot }, op));
+                        }
+                        vec![]
+                    }
+                    _ => return Err(format!("the channel count is read as data by {}", co.describe())),
+                };
+                if !next.is_empty() {
+                    work.push((out, next));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1537,6 +1615,13 @@ impl<'m> Analysis<'m> {
                 }
             }
         }
+        for (s, target, shape_op) in &self.shape_reads {
+            let r = roots[*s];
+            if !self.shape_edits.iter().any(|(e, edit)| roots[*e] == r && edit.target == *target) {
+                let why = format!("the channel count is read as data by {}", model.op(*shape_op).describe());
+                self.spaces[r].reasons.push(why);
+            }
+        }
         let mut groups = Vec::new();
         let mut unprunable = Vec::new();
         for r in 0..n {
@@ -1545,7 +1630,15 @@ impl<'m> Analysis<'m> {
             }
             let members: Vec<usize> = (0..n).filter(|&s| roots[s] == r).collect();
             let sp = &self.spaces[r];
-            let producer_name = model.op(sp.producer).name.clone();
+            // Node names are optional in ONNX: an unnamed producer is named by its output.
+            let producer_name = match model.op(sp.producer).name.as_str() {
+                "" => format!(
+                    "{} producing {}",
+                    model.op(sp.producer).op_type,
+                    model.value(model.output(sp.producer, 0)).name
+                ),
+                n => n.to_string(),
+            };
             let name = if members.len() > 1 {
                 format!("{producer_name} (+{} tied)", members.len() - 1)
             } else {

@@ -20,6 +20,10 @@ pub enum Error {
     #[error("{}: {msg}", path.display())]
     Calibration { path: PathBuf, msg: String },
 
+    /// The model has no unit of the asked-for kinds that can be removed safely.
+    #[error("{}: nothing to prune: {msg}", path.display())]
+    NothingToPrune { path: PathBuf, msg: String },
+
     #[error("invalid option: {0}")]
     Option(String),
 
@@ -49,6 +53,7 @@ impl Error {
             | Error::Tensor { .. }
             | Error::Node { .. }
             | Error::Calibration { .. }
+            | Error::NothingToPrune { .. }
             | Error::Option(_) => 2,
             Error::Verify(_) => 3,
             Error::Pass { .. } | Error::Other(_) => 1,

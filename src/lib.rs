@@ -41,6 +41,8 @@ use units::KeepSet;
 pub struct Session {
     pub cx: Context,
     pub model: Model,
+    /// The model file, for messages.
+    pub path: std::path::PathBuf,
 }
 
 impl Session {
@@ -51,7 +53,7 @@ impl Session {
         if let Some(c) = cx.config.calib.clone() {
             cx.inputs = Some(calib::load(&c, &model)?);
         }
-        Ok(Session { cx, model })
+        Ok(Session { cx, model, path: path.to_path_buf() })
     }
 
     /// Shape inference and unit discovery.
@@ -73,9 +75,47 @@ impl Session {
         run_passes(&pipeline::rewrite_passes(verify), &mut self.cx, &mut self.model)
     }
 
+    /// An error when pruning was asked for (ratio > 0) but no unit group of the selected
+    /// kinds was found: writing the model back unchanged would look like success to a
+    /// pipeline. The message names the first layers that were rejected and why.
+    pub fn check_prunable(&self) -> Result<()> {
+        if self.cx.config.ratio <= 0.0 || self.cx.groups.iter().any(|g| self.cx.selects(g.kind)) {
+            return Ok(());
+        }
+        let asked = match &self.cx.config.kinds {
+            Some(k) => format!("no {} can be removed", k.iter().map(|k| k.name()).collect::<Vec<_>>().join(" or ")),
+            None => "no filters, neurons, heads or experts can be removed".to_string(),
+        };
+        let mut found: Vec<String> = Vec::new();
+        for kind in crate::units::UnitKind::ALL {
+            let n = self.cx.groups.iter().filter(|g| g.kind == kind).count();
+            if n > 0 {
+                found.push(format!("{n} layer(s) of {}", kind.name()));
+            }
+        }
+        let mut msg = asked;
+        if !found.is_empty() {
+            msg += &format!(" (prunable: {}; see --units)", found.join(", "));
+        }
+        let rejected: Vec<_> =
+            self.cx.unprunable.iter().filter(|u| u.kind.is_none_or(|k| self.cx.selects(k))).collect();
+        if let Some(u) = rejected.first() {
+            let kind = u.kind.map(|k| k.name()).unwrap_or("units");
+            msg += &format!(
+                "; {} candidate layer(s) rejected, e.g. {kind} of '{}': {}",
+                rejected.len(),
+                u.layer,
+                u.reason
+            );
+        }
+        msg += &format!(" (`plprune-onnx inspect {}` lists every layer and why)", self.path.display());
+        Err(Error::NothingToPrune { path: self.path.clone(), msg })
+    }
+
     /// All of it: analyse, select, rewrite, verify.
     pub fn run(&mut self) -> Result<()> {
         self.analyze()?;
+        self.check_prunable()?;
         self.select()?;
         self.apply(None)
     }

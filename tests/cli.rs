@@ -295,6 +295,11 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("bogus"), "{e}");
     let e = run_err(&[vggs, "--round-to", "0", "-o", outs], 2);
     assert!(e.contains("--round-to"), "{e}");
+    // Nothing of the asked-for kinds can be pruned: an error, not an unchanged model.
+    let e = run_err(&[vggs, "--units", "heads", "--criterion", "magnitude", "-o", outs], 2);
+    assert!(e.contains("nothing to prune: no heads can be removed") && e.contains("of filters"), "{e}");
+    let e = run_err(&[shared("minilm-l6/model.onnx").to_str().unwrap(), "--units", "filters", "-o", outs], 2);
+    assert!(e.contains("model.onnx: nothing to prune") && e.contains("inspect"), "{e}");
     let e = run_err(&[vggs, "--distill-hidden", "-o", outs], 2);
     assert!(e.contains("--distill-hidden") && e.contains("--distill-steps"), "{e}");
 

@@ -14,7 +14,7 @@ use std::process::Command;
 use common::*;
 use plprune_onnx::passes::verify_rewrite::{compare, run_pair};
 use plprune_onnx::tensor::Tensor;
-use plprune_onnx::units::{KeepSet, UnitKind};
+use plprune_onnx::units::{KeepSet, ShapeTarget, UnitKind};
 use plprune_onnx::{Config, Session};
 
 fn open(name: &str, kinds: &[UnitKind], ratio: f64) -> Session {
@@ -234,6 +234,29 @@ fn constant_head_count_and_shared_shape_vectors() {
             .count();
     assert_eq!(shared, 2, "{:?}", s.cx.unprunable);
     all_ratios_and_keep_sets("attn_const_heads.onnx", &[UnitKind::Heads]);
+}
+
+#[test]
+fn shapes_read_at_run_time() {
+    let name = "attn_shape_reads.onnx";
+    let s = open(name, &[UnitKind::Heads, UnitKind::Neurons], 0.5);
+    // Layer 0 reads batch and sequence sizes from its Q/K/V projections and its merged
+    // context, and the FFN's channel count for h.view(-1, h.size(-1)): all prunable.
+    assert_eq!(counts(&s, UnitKind::Heads), vec![4], "unprunable: {:?}", s.cx.unprunable);
+    assert_eq!(counts(&s, UnitKind::Neurons), vec![8, 8], "unprunable: {:?}", s.cx.unprunable);
+    let ffn = s.cx.groups.iter().find(|g| g.name == "l0_fc1").expect("layer 0's FFN");
+    assert!(
+        ffn.shape_edits.iter().any(|e| matches!(e.target, ShapeTarget::ConcatInput { .. })),
+        "the channel count read by Shape becomes a literal: {:?}",
+        ffn.shape_edits
+    );
+    // Layer 1 divides the channel count by D to get its head count: not provably safe.
+    let why: Vec<_> = s.cx.unprunable.iter().filter(|u| u.kind == Some(UnitKind::Heads)).collect();
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(why[0].reason.contains("read as data by Div 'l1_q_heads'"), "{why:?}");
+    all_ratios_and_keep_sets(name, &[UnitKind::Heads]);
+    all_ratios_and_keep_sets(name, &[UnitKind::Neurons]);
+    all_ratios_and_keep_sets(name, &[UnitKind::Heads, UnitKind::Neurons]);
 }
 
 #[test]
