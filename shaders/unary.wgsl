@@ -6,7 +6,9 @@
 //   2: params array<u32>, read: [n, op, bitcast<u32>(a), bitcast<u32>(b), row width]
 // Ops: 0 neg, 1 exp, 2 log, 3 sqrt, 4 recip, 5 erf, 6 tanh, 7 sigmoid, 8 relu, 9 abs,
 //      10 floor, 11 ceil, 12 trunc, 13 nonzero, 14 not, 15 affine(a,b), 16 clip(a,b),
-//      17 hardsigmoid(a,b), 18 gelu (x·Φ(x), erf form).
+//      17 hardsigmoid(a,b), 18 gelu (x·Φ(x), erf form), 19 isnan, 20 isinf (+∞ when a != 0,
+//      −∞ when b != 0). NaN and ∞ are tested on the bits: compilers may assume floats are
+//      finite and fold v != v away.
 // Dispatch: ceil(n / 256) workgroups, split over x and y (index = x + y · row width).
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -55,6 +57,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         case 15u: { r = v * a + b; }
         case 16u: { r = min(max(v, a), b); }
         case 17u: { r = clamp(v * a + b, 0.0, 1.0); }
+        case 19u: {
+            let bits = bitcast<u32>(v);
+            r = select(0.0, 1.0, (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u);
+        }
+        case 20u: {
+            let bits = bitcast<u32>(v);
+            let inf = (bits & 0x7fffffffu) == 0x7f800000u;
+            let want = select(b != 0.0, a != 0.0, (bits & 0x80000000u) == 0u);
+            r = select(0.0, 1.0, inf && want);
+        }
         case 18u: { r = 0.5 * v * (1.0 + erf_f(v * 0.70710678118654752)); }
         default: { r = v; }
     }

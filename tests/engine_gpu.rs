@@ -62,6 +62,8 @@ fn gpu_kernels_match_cpu_twins() {
         UnaryOp::Trunc,
         UnaryOp::NonZero,
         UnaryOp::Not,
+        UnaryOp::IsNaN,
+        UnaryOp::IsInf(true, true),
         UnaryOp::Affine(0.5, 0.25),
         UnaryOp::Clip(-0.5, 0.7),
         UnaryOp::HardSigmoid(0.2, 0.5),
@@ -71,6 +73,20 @@ fn gpu_kernels_match_cpu_twins() {
         let (src, buf) = if positive { (&xp, &gxp) } else { (&x, &gx) };
         let g = cx.read(&kernels::unary(&cx, op, buf, n).unwrap(), n).unwrap();
         close(&g, &cpu::elementwise::unary(op, src), 2e-5, &format!("{op:?}"));
+    }
+    // NaN and ±∞ (random data has none): the tests read bits, as compilers may assume
+    // floats are finite.
+    let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.5, -2.0, f32::MAX, -f32::NAN];
+    let gs = cx.upload(&special);
+    for (op, want) in [
+        (UnaryOp::IsNaN, [1., 0., 0., 0., 0., 0., 0., 0., 1.]),
+        (UnaryOp::IsInf(true, true), [0., 1., 1., 0., 0., 0., 0., 0., 0.]),
+        (UnaryOp::IsInf(true, false), [0., 1., 0., 0., 0., 0., 0., 0., 0.]),
+        (UnaryOp::IsInf(false, true), [0., 0., 1., 0., 0., 0., 0., 0., 0.]),
+    ] {
+        let g = cx.read(&kernels::unary(&cx, op, &gs, special.len()).unwrap(), special.len()).unwrap();
+        assert_eq!(g, want, "{op:?} on the GPU");
+        assert_eq!(cpu::elementwise::unary(op, &special), want, "{op:?} on the CPU");
     }
     // Binary with broadcasting.
     for (sa, sb) in [
@@ -191,6 +207,8 @@ fn gpu_elementwise_reduce_layout_kernels_match_cpu_twins() {
         UnaryOp::Trunc,
         UnaryOp::NonZero,
         UnaryOp::Not,
+        UnaryOp::IsNaN,
+        UnaryOp::IsInf(true, true),
         UnaryOp::Affine(0.5, 0.25),
         UnaryOp::Clip(-0.5, 0.7),
         UnaryOp::HardSigmoid(0.2, 0.5),

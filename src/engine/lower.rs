@@ -296,6 +296,8 @@ fn lower_op(cx: &mut Cx, id: Id) -> Result<()> {
         "Floor" => unary(UnaryOp::Floor),
         "Ceil" => unary(UnaryOp::Ceil),
         "Not" => unary(UnaryOp::Not),
+        "IsNaN" => unary(UnaryOp::IsNaN),
+        "IsInf" => unary(UnaryOp::IsInf(op.attr_i("detect_positive", 1) != 0, op.attr_i("detect_negative", 1) != 0)),
         "HardSigmoid" => unary(UnaryOp::HardSigmoid(op.attr_f("alpha", 0.2), op.attr_f("beta", 0.5))),
         _ => None,
     };

@@ -31,6 +31,10 @@ pub enum UnaryOp {
     /// 1 where x != 0: a Cast to bool.
     NonZero,
     Not,
+    /// 1 where x is NaN.
+    IsNaN,
+    /// 1 where x is +∞ (when the first flag is set) or −∞ (when the second is).
+    IsInf(bool, bool),
     /// a·x + b.
     Affine(f32, f32),
     Clip(f32, f32),
@@ -44,7 +48,16 @@ pub enum UnaryOp {
 impl UnaryOp {
     /// Whether the op has a (non-zero almost everywhere) derivative.
     pub fn differentiable(self) -> bool {
-        !matches!(self, UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Trunc | UnaryOp::NonZero | UnaryOp::Not)
+        !matches!(
+            self,
+            UnaryOp::Floor
+                | UnaryOp::Ceil
+                | UnaryOp::Trunc
+                | UnaryOp::NonZero
+                | UnaryOp::Not
+                | UnaryOp::IsNaN
+                | UnaryOp::IsInf(..)
+        )
     }
 }
 

@@ -36,6 +36,8 @@ pub fn unary_f<T: Real>(op: UnaryOp, x: T) -> T {
         UnaryOp::Trunc => x.trunc(),
         UnaryOp::NonZero => T::from_bool(x != zero),
         UnaryOp::Not => T::from_bool(x == zero),
+        UnaryOp::IsNaN => T::from_bool(x.is_nan()),
+        UnaryOp::IsInf(pos, neg) => T::from_bool(x.is_infinite() && if x > zero { pos } else { neg }),
         UnaryOp::Affine(a, b) => x * T::c(a as f64) + T::c(b as f64),
         UnaryOp::Clip(lo, hi) => x.max(T::c(lo as f64)).min(T::c(hi as f64)),
         UnaryOp::HardSigmoid(a, b) => (x * T::c(a as f64) + T::c(b as f64)).max(zero).min(one),
@@ -109,7 +111,13 @@ pub fn unary_grad_f<T: Real>(op: UnaryOp, x: T, dy: T) -> T {
             }
         }
         UnaryOp::Gelu => gelu_grad(x, dy),
-        UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Trunc | UnaryOp::NonZero | UnaryOp::Not => zero,
+        UnaryOp::Floor
+        | UnaryOp::Ceil
+        | UnaryOp::Trunc
+        | UnaryOp::NonZero
+        | UnaryOp::Not
+        | UnaryOp::IsNaN
+        | UnaryOp::IsInf(..) => zero,
     }
 }
 

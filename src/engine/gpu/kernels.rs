@@ -34,6 +34,8 @@ fn unary_code(op: UnaryOp) -> (u32, f32, f32) {
         UnaryOp::Clip(a, b) => (16, a, b),
         UnaryOp::HardSigmoid(a, b) => (17, a, b),
         UnaryOp::Gelu => (18, 0.0, 0.0),
+        UnaryOp::IsNaN => (19, 0.0, 0.0),
+        UnaryOp::IsInf(pos, neg) => (20, pos as u8 as f32, neg as u8 as f32),
     }
 }
 
