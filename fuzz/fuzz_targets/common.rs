@@ -24,7 +24,7 @@ pub fn load_and_infer(data: &[u8]) -> bool {
 pub fn discover_and_rewrite(data: &[u8]) -> bool {
     let Ok((doc, model)) = onnx_io::load_bytes(data, Path::new(FUZZ_PATH)) else { return false };
     let config = Config { verify: false, ..Config::default() };
-    let mut s = Session { cx: Context::new(config, doc), model };
+    let mut s = Session { cx: Context::new(config, doc), model, path: Path::new(FUZZ_PATH).to_path_buf() };
     if s.analyze().is_err() {
         return false;
     }

@@ -111,13 +111,12 @@ pub fn unary_grad_f<T: Real>(op: UnaryOp, x: T, dy: T) -> T {
             }
         }
         UnaryOp::Gelu => gelu_grad(x, dy),
-        UnaryOp::Floor
-        | UnaryOp::Ceil
-        | UnaryOp::Trunc
-        | UnaryOp::NonZero
-        | UnaryOp::Not
-        | UnaryOp::IsNaN
-        | UnaryOp::IsInf(..) => zero,
+        // The ops `UnaryOp::differentiable` excludes (Floor, Ceil, Trunc, NonZero, Not, IsNaN,
+        // IsInf): zero almost everywhere.
+        _ => {
+            debug_assert!(!op.differentiable(), "{op:?} has no gradient rule");
+            zero
+        }
     }
 }
 
