@@ -17,13 +17,17 @@
 //! reason is recorded for `inspect`. A reshape that splits a projection's channels into
 //! (heads, head_dim) turns its space into a space of attention heads, each owning head_dim
 //! channels; the attention matmuls tie Q, K and V heads, and the merge reshape hands them to
-//! the output projection's rows. A fused QKV projection (`[.., 3·H·D]`, reshaped to
-//! `[.., 3, H, D]`, or cut by Split/Slice into Q, K and V) is first *partitioned* into its
-//! parts, so a head owns D columns in each of the three blocks of the fused weight (one
-//! slice per block); Gather, Split and Slice along other axes carry the heads through.
-//! Every literal that counts a group's channels (Reshape targets, Split sizes, Slice
-//! bounds) becomes a shape edit, and must be read by that group's ops only. MoE experts
-//! are matched separately (`crate::experts`). Assumes InferShapes ran (shapes are concrete).
+//! the output projection's rows. Grouped-query attention written out (transformers'
+//! `repeat_kv`: K and V go through Unsqueeze → Expand → Reshape, each KV head repeated `r`
+//! times) meets Q at the scores MatMul with `r` entries per KV head: the query heads are
+//! coarsened into groups of `r`, so a unit is one KV head and its query heads. A fused QKV
+//! projection (`[.., 3·H·D]`, reshaped to `[.., 3, H, D]`, or cut by Split/Slice into Q, K
+//! and V) is first *partitioned* into its parts, so a head owns D columns in each of the
+//! three blocks of the fused weight (one slice per block); Gather, Split and Slice along
+//! other axes carry the heads through. Every literal that counts a group's channels
+//! (Reshape and Expand targets, Split sizes, Slice bounds) becomes a shape edit, and must be
+//! read by that group's ops only. MoE experts are matched separately (`crate::experts`).
+//! Assumes InferShapes ran (shapes are concrete).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -680,6 +684,7 @@ impl<'m> Analysis<'m> {
                 Ok(())
             }
             "Attention" => self.visit_attention(op, laid),
+            "Expand" => self.visit_expand(op, laid),
             "Shape" => self.visit_shape(op, laid),
             "Size" => Err("the channel count is read as data".into()),
             _ => Err(format!("{t} is not known to keep channels separate")),
@@ -816,10 +821,11 @@ impl<'m> Analysis<'m> {
     /// (`Shape → Gather(0)`, `Shape → Slice(:-1)`), which pruning leaves alone, and
     /// sometimes the channel count itself to rebuild a shape (`x.view(-1, x.size(-1))`).
     /// The read is followed through Gather and Slice with constant indices, Squeeze,
-    /// Unsqueeze, Cast and Identity: paths that drop the channel axis end there; a path
-    /// that carries the channel count may only end as a one-element input of a Concat,
-    /// which must then become one of the group's shape edits (checked in `finish`, since
-    /// the Reshape reading it comes later).
+    /// Unsqueeze, Cast, Identity, and Mul or Div of a one-element value by a literal (the
+    /// `Hkv · r` heads of transformers' `repeat_kv`): paths that drop the channel axis end
+    /// there; a path that carries the channel count may only end as a one-element input of
+    /// a Concat, which must then become one of the group's shape edits (checked in
+    /// `finish`, since the Reshape reading it comes later).
     fn visit_shape(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
         let model = self.model;
         let o = model.op(op);
@@ -845,6 +851,9 @@ impl<'m> Analysis<'m> {
                     cins.get(i).copied().flatten().and_then(|v| model.value(v).known().map(|t| t.to_i64_vec()))
                 };
                 let len = model.value(v).shape.as_ref().map(|s| s.iter().product::<usize>()).unwrap_or(1) as i64;
+                let literal_scalar = |i: usize| {
+                    cins.get(i).copied().flatten().and_then(|v| model.value(v).data.as_ref()).filter(|t| t.numel() == 1)
+                };
                 let picked = |idx: &[i64]| -> Vec<usize> {
                     idx.iter()
                         .enumerate()
@@ -869,6 +878,11 @@ impl<'m> Analysis<'m> {
                         picked(&(norm(*b)..norm(*e)).collect::<Vec<_>>())
                     }
                     ("Squeeze" | "Unsqueeze" | "Cast" | "Identity", 0) => pos.clone(),
+                    // repeat_kv's head count `Hkv · r` (or a count divided by a literal):
+                    // the one-element result is frozen by the shape edit that must end the
+                    // path, which is exact because the other operand is a literal, not a
+                    // size read at run time.
+                    ("Mul", 0 | 1) | ("Div", 0) if len == 1 && literal_scalar(slot ^ 1).is_some() => pos.clone(),
                     ("Concat", _) if len == 1 => {
                         for s in &l.segs {
                             self.shape_reads.push((s.space, ShapeTarget::ConcatInput { op: c, slot }, op));
@@ -882,6 +896,44 @@ impl<'m> Analysis<'m> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Expand that leaves the channel axis alone: transformers' `repeat_kv` broadcasts each
+    /// KV head along a new axis (`[B, Hkv, 1, S, D] → [B, Hkv, r, S, D]`) before a Reshape
+    /// merges the copies into `Hkv·r` heads. The target's element for the channel axis is 1
+    /// (nothing to edit) or the channel extent, which becomes a shape edit like a Reshape's.
+    fn visit_expand(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
+        let model = self.model;
+        let ins = model.inputs(op);
+        let outs = model.outputs(op);
+        if laid.iter().any(|(s, _)| *s != 0) {
+            return Err("the channel count is read as a shape".into());
+        }
+        let l = laid[0].1.clone();
+        let ish = self.shape(ins[0].ok_or("missing input")?)?;
+        let osh = self.shape(outs[0])?;
+        let axis = (l.axis + osh.len()).checked_sub(ish.len()).ok_or("Expand lowers the rank")?;
+        if osh.get(axis) != ish.get(l.axis) {
+            return Err("broadcasts the channel axis".into());
+        }
+        let shape_v = ins.get(1).copied().flatten().ok_or("Expand without a shape")?;
+        let target = model.value(shape_v).known().ok_or("Expand target is not known")?.to_i64_vec();
+        if let Some(i) = (axis + target.len()).checked_sub(osh.len()) {
+            match target[i] {
+                1 => {}
+                n if n == ish[l.axis] as i64 => {
+                    let target =
+                        shape_source(model, shape_v, i).ok_or("the channel count is hard-coded in a computed shape")?;
+                    for s in &l.segs {
+                        self.shape_edits.push((s.space, ShapeEdit { target: target.clone(), factor: s.factor }));
+                        self.shape_readers.push(op);
+                    }
+                }
+                n => return Err(format!("Expand target {n} does not match the channel axis")),
+            }
+        }
+        self.set_layout(outs[0], Layout { axis, ..l });
         Ok(())
     }
 
@@ -1452,12 +1504,37 @@ impl<'m> Analysis<'m> {
     }
 
     /// MatMul of two activations (attention scores, context): channels may ride on a batch
-    /// axis (the head axis) of either operand; both operands' heads are tied.
+    /// axis (the head axis) of either operand; both operands' heads are tied. When one
+    /// operand's units own `r` times as many entries of that axis as the other's (grouped-
+    /// query attention written out: each KV head repeated `r` times by `repeat_kv`), the
+    /// finer operand's heads are first coarsened into groups of `r`, so that a unit is one
+    /// KV head with the `r` query heads that read it.
     fn visit_batched_matmul(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
         let model = self.model;
         let ins = model.inputs(op);
         let out = model.outputs(op)[0];
         let ro = self.shape(out)?.len();
+        if let [(sa, la), (sb, lb)] = laid {
+            // The output axis of a batch (not row or contracted) axis of an operand.
+            let batch_axis = |a: &Self, slot: usize, l: &Layout| -> Option<usize> {
+                let r = a.shape(ins[slot]?).ok()?.len();
+                (r >= 3 && l.axis + 2 < r && r <= ro).then(|| l.axis + ro - r)
+            };
+            if let (Some(x), Some(y)) = (batch_axis(self, *sa, la), batch_axis(self, *sb, lb)) {
+                if x == y {
+                    self.group_repeated_heads(la, lb);
+                }
+            }
+        }
+        // Coarsening rewrote the stored layouts: read them again.
+        let laid: Vec<(usize, Layout)> = laid
+            .iter()
+            .map(|(slot, l)| {
+                let now = ins[*slot].and_then(|v| self.layouts.get(&v).cloned());
+                (*slot, now.unwrap_or_else(|| l.clone()))
+            })
+            .collect();
+        let laid = laid.as_slice();
         let mut target: Option<(usize, Layout)> = None;
         for (slot, l) in laid {
             let v = ins[*slot].ok_or("missing input")?;
@@ -1503,6 +1580,26 @@ impl<'m> Analysis<'m> {
         }
         self.set_layout(out, Layout { axis: ax, segs: l.segs });
         Ok(())
+    }
+
+    /// Two single-space layouts of the same axis whose units own `f` and `r·f` entries of
+    /// it, with `r` times as many units on the finer side: coarsens the finer space by `r`.
+    /// Entry `j` of one operand meets entry `j` of the other, so unit `u` of both then covers
+    /// entries `u·r·f .. (u+1)·r·f`. Anything else is left for the caller to reject.
+    fn group_repeated_heads(&mut self, a: &Layout, b: &Layout) {
+        let ([x], [y]) = (a.segs.as_slice(), b.segs.as_slice()) else { return };
+        if x.offset != y.offset || x.factor == y.factor {
+            return;
+        }
+        let (fine, coarse) = if x.factor < y.factor { (x, y) } else { (y, x) };
+        if coarse.factor % fine.factor != 0 {
+            return;
+        }
+        let r = coarse.factor / fine.factor;
+        let (rf, rc) = (self.find(fine.space), self.find(coarse.space));
+        if rf != rc && self.spaces[rf].channels == r * self.spaces[rc].channels {
+            self.coarsen(rf, r);
+        }
     }
 
     fn visit_concat(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
@@ -1713,12 +1810,38 @@ pub fn shape_source(model: &Model, v: Id, element: usize) -> Option<ShapeTarget>
         "Unsqueeze" | "Cast" | "Identity" | "Squeeze" | "Reshape" => {
             shape_source(model, ins.first().copied().flatten()?, element)
         }
+        "Where" => shape_source(model, minus_one_guard(model, p)?, element),
         _ => None,
     }
 }
 
+/// The shape vector `s` of `Where(Equal(s, -1), ones, s)`, the guard torch.onnx writes
+/// before an Expand (a -1 of a view target becomes 1, which broadcasts). Every element that
+/// is not -1 passes through unchanged, so a positive channel count read through the guard
+/// can be edited at `s`. None when `where_op` is not that guard.
+fn minus_one_guard(model: &Model, where_op: Id) -> Option<Id> {
+    let ins = model.inputs(where_op);
+    let (cond, s) = (ins.first().copied().flatten()?, ins.get(2).copied().flatten()?);
+    let (eq, _) = model.producer(cond)?;
+    if model.op(eq).op_type != "Equal" || model.value(model.output(where_op, 0)).shape != model.value(s).shape {
+        return None;
+    }
+    let [Some(a), Some(b)] = model.inputs(eq)[..] else { return None };
+    let other = if a == s {
+        b
+    } else if b == s {
+        a
+    } else {
+        return None;
+    };
+    let minus_one = model.value(other).known()?.to_i64_vec();
+    (!minus_one.is_empty() && minus_one.iter().all(|&x| x == -1)).then_some(s)
+}
+
 /// Whether shape vector `v` is read only by `readers` (at a non-data slot), directly or
-/// through Concat, Unsqueeze, Squeeze, Cast, Identity and Reshape.
+/// through Concat, Unsqueeze, Squeeze, Cast, Identity, Reshape and the -1 guard
+/// `Where(Equal(s, -1), ones, s)` (see [`minus_one_guard`]). `Shape` of it reads only its
+/// length, which no edit changes.
 fn shape_read_only_by(model: &Model, v: Id, readers: &BTreeSet<Id>) -> bool {
     let mut seen = BTreeSet::new();
     let mut stack = vec![v];
@@ -1735,6 +1858,15 @@ fn shape_read_only_by(model: &Model, v: Id, readers: &BTreeSet<Id>) -> bool {
             }
             match model.op(c).op_type.as_str() {
                 "Reshape" | "Concat" | "Unsqueeze" | "Squeeze" | "Cast" | "Identity" => stack.extend(model.outputs(c)),
+                "Shape" => {}
+                "Where" if slot == 2 && minus_one_guard(model, c) == Some(v) => stack.extend(model.outputs(c)),
+                // The guard's comparison: its result only selects inside guards of `v`.
+                "Equal"
+                    if model
+                        .consumers(model.output(c, 0))
+                        .iter()
+                        .all(|&(w, slot)| slot == 0 && minus_one_guard(model, w) == Some(v))
+                        && !model.is_graph_output(model.output(c, 0)) => {}
                 _ => return false,
             }
         }

@@ -250,7 +250,8 @@ fn shapes_read_at_run_time() {
         "the channel count read by Shape becomes a literal: {:?}",
         ffn.shape_edits
     );
-    // Layer 1 divides the channel count by D to get its head count: not provably safe.
+    // Layer 1 divides the channel count by a size read at run time (Shape(x)[2] / H) to
+    // get its head count: freezing it into a literal is not provably safe.
     let why: Vec<_> = s.cx.unprunable.iter().filter(|u| u.kind == Some(UnitKind::Heads)).collect();
     assert_eq!(why.len(), 1, "{why:?}");
     assert!(why[0].reason.contains("read as data by Div 'l1_q_heads'"), "{why:?}");
