@@ -264,6 +264,60 @@ fn shapes_read_at_run_time() {
 }
 
 #[test]
+fn grouped_query_attention_written_out() {
+    // Llama as torch.onnx exports it: K and V repeated by repeat_kv (Unsqueeze, Expand
+    // behind Where(Equal(s, -1), 1, s), Reshape to Hkv·r heads computed by a Mul), rotary
+    // embeddings on Q and K. A unit is one KV head with the r query heads that read it.
+    let name = "attn_gqa_repeat_kv.onnx";
+    let s = open(name, &[UnitKind::Heads], 0.5);
+    assert_eq!(counts(&s, UnitKind::Heads), vec![2, 3], "unprunable: {:?}", s.cx.unprunable);
+    assert!(s.cx.unprunable.iter().all(|u| u.kind != Some(UnitKind::Heads)), "{:?}", s.cx.unprunable);
+    let (c, d) = (16, 4);
+    for (g, (layer, r)) in s.cx.groups.iter().zip([(0, 2), (1, 3)]) {
+        let slice = |t: &str| {
+            let sl: Vec<_> =
+                g.slices.iter().filter(|sl| s.model.value(sl.tensor).name == format!("l{layer}.w{t}")).collect();
+            assert_eq!(sl.len(), 1, "{}: {t}: {sl:?}", g.name);
+            (sl[0].axis, sl[0].factor)
+        };
+        // r·D columns of Wq and r·D rows of Wo, D columns of Wk and of Wv.
+        assert_eq!(slice("q"), (1, r * d), "{}", g.name);
+        assert_eq!(slice("k"), (1, d), "{}", g.name);
+        assert_eq!(slice("v"), (1, d), "{}", g.name);
+        assert_eq!(slice("o"), (0, r * d), "{}", g.name);
+        assert_eq!(g.params_per_unit(&s.model), 2 * c * r * d + 2 * c * d, "{}", g.name);
+        // K's and V's Expand targets count Hkv (1 per unit), their merges Hkv·r (r per
+        // unit); all read from shapes at run time, frozen into literals by the rewrite.
+        let mut factors: Vec<usize> = g.shape_edits.iter().map(|e| e.factor).collect();
+        factors.sort();
+        assert_eq!(factors, [1, 1, r, r], "{}: {:?}", g.name, g.shape_edits);
+        assert!(g.shape_edits.iter().all(|e| matches!(e.target, ShapeTarget::ConcatInput { .. })));
+    }
+    all_ratios_and_keep_sets(name, &[UnitKind::Heads]);
+    // Keeping layer 0's first and layer 1's middle KV head keeps exactly their query heads.
+    let s = open(name, &[UnitKind::Heads], 0.5);
+    let dense = s.model.clone();
+    let mut keep = KeepSet::all(&s.cx.groups);
+    keep.keep[0] = vec![true, false];
+    keep.keep[1] = vec![false, true, false];
+    let s = check(s, name, "kv-pick", Some(keep));
+    let cols = |m: &plprune_onnx::ir::Model, t: &str| {
+        let v = m.value(m.value_id(t).unwrap()).data.clone().unwrap();
+        (v.dims.clone(), v.to_f64_vec())
+    };
+    for (t, unit, width) in [("l0.wq", 0, 2 * d), ("l0.wk", 0, d), ("l1.wq", 1, 3 * d), ("l1.wv", 1, d)] {
+        let ((dd, dv), (sd, sv)) = (cols(&dense, t), cols(&s.model, t));
+        assert_eq!(sd, [c, width], "{t}");
+        for row in 0..c {
+            let want = &dv[row * dd[1] + unit * width..row * dd[1] + (unit + 1) * width];
+            assert_eq!(&sv[row * width..(row + 1) * width], want, "{t} row {row}");
+        }
+    }
+    let dev = engine_vs_ort(name);
+    assert!(dev.is_none_or(|d| d < 1e-4), "engine vs onnxruntime: {dev:?}");
+}
+
+#[test]
 fn stacked_experts_top2() {
     let name = "moe_stacked_top2.onnx";
     let s = open(name, &[UnitKind::Experts], 0.5);
