@@ -50,6 +50,8 @@ pub struct RecoverWeights;
 pub enum Recover {
     None,
     Lsq,
+    /// lsq, after re-choosing within each layer which units stay (see [`choose_units`]).
+    Obs,
 }
 
 impl Recover {
@@ -57,6 +59,7 @@ impl Recover {
         match s {
             "none" => Some(Recover::None),
             "lsq" => Some(Recover::Lsq),
+            "obs" => Some(Recover::Obs),
             _ => None,
         }
     }
@@ -105,6 +108,20 @@ pub struct RefitLayer {
     /// ‖A_m W_masked − A_d W‖ / ‖A_d W‖ on the fit rows, before and after the refit.
     pub rel_err_before: f64,
     pub rel_err_after: f64,
+    /// `--recover obs`: the group whose kept units were re-chosen before this refit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rearranged: Option<Rearranged>,
+}
+
+/// A group whose kept units `--recover obs` re-chose (as many as the criterion kept).
+#[derive(Clone, Debug, Serialize)]
+pub struct Rearranged {
+    pub group: String,
+    /// Units kept now that the criterion had pruned (as many kept ones went).
+    pub swapped: usize,
+    /// Why the group was left as the criterion chose, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -171,7 +188,7 @@ impl Pass for RecoverWeights {
         if cx.config.recover == Recover::None {
             return Ok(());
         }
-        let keep = cx.keep.clone().ok_or_else(|| Error::Other("no selection to recover from".into()))?;
+        let mut keep = cx.keep.clone().ok_or_else(|| Error::Other("no selection to recover from".into()))?;
         if keep.pruned_total() == 0 {
             return Ok(());
         }
@@ -187,14 +204,17 @@ impl Pass for RecoverWeights {
         let before = masked_outputs(model, &device, &cx.groups, &keep, &eval)?;
         let mut layers = Vec::new();
         if !consumers.is_empty() {
-            layers = refit(model, &device, &cx.groups, &keep, &fit, &consumers, ridge)?;
+            let rearrange = cx.config.recover == Recover::Obs;
+            layers = refit(model, &device, &cx.groups, &mut keep, &fit, &consumers, ridge, rearrange)?;
         } else {
             skipped.push("no consumer of pruned units can be refit".into());
         }
         let after = masked_outputs(model, &device, &cx.groups, &keep, &eval)?;
         let fidelity = fidelities(model, &dense, &before, &after);
+        // --recover obs may have re-chosen units: the rewrite removes the new selection.
+        cx.keep = Some(keep);
         cx.recovery = Some(RecoveryReport {
-            method: Recover::Lsq,
+            method: cx.config.recover,
             device: device.describe(),
             ridge,
             samples: fit.samples,
@@ -631,10 +651,11 @@ fn refit(
     model: &mut Model,
     device: &Device,
     groups: &[UnitGroup],
-    keep: &KeepSet,
+    keep: &mut KeepSet,
     fit: &crate::calib::Batch,
     consumers: &[Consumer],
     ridge: f64,
+    rearrange: bool,
 ) -> Result<Vec<RefitLayer>> {
     let xs: Vec<Id> = consumers.iter().flat_map(|c| [Some(c.x), c.residual, c.combined]).flatten().collect();
     let (dm, engine, inputs) = lowered(model, fit)?;
@@ -666,88 +687,55 @@ fn refit(
         targets.push(t);
     }
     drop(arena);
+    let run = Runner { engine: &engine, device, inputs: &inputs, groups, fit };
     let mut layers = Vec::new();
     for (c, target) in consumers.iter().zip(targets) {
-        let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
-        let params: Params<f32> = engine.params(&masked);
-        let keep_ids: Vec<Id> = std::iter::once(c.x).chain(c.residual).chain(c.row_scale).collect();
-        let (arena, slots) = run_keep(&engine, device, &inputs, &params, &keep_ids)?;
-        let (x, shape) = kept_value(&arena, &slots, c.x)?;
-        let w = model.value(c.weight).data.clone().expect("consumers have data");
-        let (mut wm, f, nout, per) = weight_matrix(&c.layout, &w);
-        let (a, rows) = activation_rows(&c.layout, &x, &shape, f);
-        let mut target = target;
-        // With the residual stream R in the target (A_d W + R_d − R_m), the refit output
-        // also makes up for what the layers before still get wrong in R.
-        if let Some(r) = c.residual {
-            let (rm, _) = kept_value(&arena, &slots, r)?;
-            target.iter_mut().zip(&rm).for_each(|(t, r)| *t -= *r as f64);
-        }
-        // Weighted rows: scale A's and the target's rows by |S| (the masked model's routing).
-        let scale = c.row_scale.map(|r| kept_value(&arena, &slots, r)).transpose()?.map(|(v, _)| v);
-        drop(arena);
-        if let (Some(sc), Some(_)) = (&scale, c.combined) {
-            // The block output is s · (A W' + b') on this expert's tokens: fit A W' + b' to
-            // the dense output / s there (rows are weighted by |s| below; the bias is
-            // subtracted here because the fit adds the dense bias to every target row).
-            let b = c.bias.and_then(|b| model.value(b).data.as_ref().map(|d| d.to_f64_vec())).unwrap_or_default();
-            for (row, &s) in target.chunks_mut(nout).zip(sc.iter()) {
-                if s != 0.0 {
-                    row.iter_mut().for_each(|t| *t /= s as f64);
+        let mut c = c.clone();
+        // --recover obs: first re-choose which units of the group feeding this consumer stay
+        // (as many as the criterion kept), on the activations with all of them alive.
+        let mut rearranged = None;
+        // The problem with every unit of the group alive holds the masked model's rows too
+        // (a unit's features depend on that unit alone, and the residual and routing come
+        // from before the group), so the refit reuses it on the features that stay.
+        let mut reuse = None;
+        if rearrange {
+            if let Some((g, slice)) = sole_group(&c, groups, keep) {
+                let mut all = keep.clone();
+                all.keep[g] = vec![true; groups[g].count];
+                let mut open = c.clone();
+                open.pruned = vec![false; c.pruned.len()];
+                let p = run.problem(model, &all, &open, &target)?;
+                let units: Vec<Vec<usize>> = (0..groups[g].count)
+                    .map(|u| UnitGroup::indices(slice, u).flat_map(|ch| ch * p.per..(ch + 1) * p.per).collect())
+                    .collect();
+                let bias = c.bias.and_then(|b| model.value(b).data.clone());
+                match choose_units(&p, &c.pruned, bias.as_ref(), &units, keep.kept_count(g), ridge) {
+                    Ok(alive) => {
+                        let swapped = alive.iter().zip(&keep.keep[g]).filter(|(a, k)| **a && !**k).count();
+                        for (u, chs) in (0..groups[g].count).map(|u| (u, UnitGroup::indices(slice, u))) {
+                            for ch in chs {
+                                c.pruned[ch] = !alive[u];
+                            }
+                        }
+                        keep.keep[g] = alive;
+                        rearranged = Some(Rearranged { group: groups[g].name.clone(), swapped, skipped: None });
+                    }
+                    Err(e) => {
+                        rearranged = Some(Rearranged { group: groups[g].name.clone(), swapped: 0, skipped: Some(e) })
+                    }
                 }
-                row.iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
+                reuse = Some(p);
             }
         }
-        let (a, target, rows, row_w, unrouted) = match scale {
-            Some(sc) => {
-                let live: Vec<usize> = (0..rows).filter(|&r| sc.get(r).is_some_and(|&v| v != 0.0)).collect();
-                let pick = |d: &[f64], w: usize| -> Vec<f64> {
-                    live.iter().flat_map(|&r| d[r * w..(r + 1) * w].iter().copied()).collect()
-                };
-                let row_w: Vec<f64> = live.iter().map(|&r| sc[r].abs() as f64).collect();
-                (pick(&a, f), pick(&target, nout), live.len(), Some(row_w), rows - live.len())
-            }
-            None => (a, target, rows, None, 0),
+        let p = match reuse {
+            Some(p) => p,
+            None => run.problem(model, keep, &c, &target)?,
         };
-        // Padded positions (attention_mask = 0) do not reach a pooled output: fit the rest.
-        let (a, target, rows, padding_rows) = match padding_rows(fit, &shape, rows) {
-            Some(live) => {
-                let pick = |d: &[f64], w: usize| -> Vec<f64> {
-                    d.chunks(w).zip(&live).filter(|(_, &l)| l).flat_map(|(r, _)| r.iter().copied()).collect()
-                };
-                let k = live.iter().filter(|&&l| l).count();
-                (pick(&a, f), pick(&target, nout), k, rows - k)
-            }
-            None => (a, target, rows, 0),
-        };
+        let (f, nout, per, rows, padding_rows, unrouted) = (p.f, p.nout, p.per, p.rows, p.padding_rows, p.unrouted);
+        let (mut wm, w) = (p.wm.clone(), p.w.clone());
         let kept: Vec<usize> = (0..f).filter(|&j| !c.pruned[j / per]).collect();
-        // With a bias, a column of ones joins A and the bias joins W as its last row; the
-        // dense target then includes the dense bias.
         let bias = c.bias.and_then(|b| model.value(b).data.clone());
-        let nb = usize::from(bias.is_some());
-        let fk = kept.len() + nb;
-        let mut ak: Vec<f64> = Vec::with_capacity(rows * fk);
-        for r in 0..rows {
-            ak.extend(kept.iter().map(|&j| a[r * f + j]));
-            ak.extend(std::iter::repeat_n(1.0, nb));
-        }
-        let mut wk: Vec<f64> = kept.iter().flat_map(|&j| wm[j * nout..(j + 1) * nout].to_vec()).collect();
-        let mut target = target;
-        if let Some(b) = &bias {
-            let bv = b.to_f64_vec();
-            wk.extend_from_slice(&bv);
-            for row in target.chunks_mut(nout) {
-                for (t, x) in row.iter_mut().zip(&bv) {
-                    *t += x;
-                }
-            }
-        }
-        if let Some(w) = &row_w {
-            for ((ar, tr), &wr) in ak.chunks_mut(fk).zip(target.chunks_mut(nout)).zip(w) {
-                ar.iter_mut().for_each(|x| *x *= wr);
-                tr.iter_mut().for_each(|x| *x *= wr);
-            }
-        }
+        let (ak, target, wk, fk) = design(&p, &kept, bias.as_ref());
         let norm = target.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
         let err = |wk: &[f64]| -> f64 {
             if rows == 0 {
@@ -757,16 +745,7 @@ fn refit(
             y.iter().zip(&target).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt() / norm
         };
         let before = err(&wk);
-        let mut g = at_b(&ak, &ak, rows, fk, fk);
-        let mut b = at_b(&ak, &target, rows, fk, nout);
-        let mean_diag = (0..fk).map(|i| g[i * fk + i]).sum::<f64>() / fk.max(1) as f64;
-        let lambda = (ridge * mean_diag).max(1e-12);
-        for i in 0..fk {
-            g[i * fk + i] += lambda;
-        }
-        for (bv, wv) in b.iter_mut().zip(&wk) {
-            *bv += lambda * wv;
-        }
+        let (mut g, mut b) = normal_equations(&ak, &target, &wk, rows, fk, nout, ridge);
         let solved = crate::linalg::cholesky_solve(&mut g, &mut b, fk, nout);
         let (new_wk, after) = match solved {
             Ok(()) => {
@@ -801,9 +780,294 @@ fn refit(
             rows,
             rel_err_before: before,
             rel_err_after: after,
+            rearranged,
         });
     }
     Ok(layers)
+}
+
+/// One consumer's least-squares problem on the masked model's activations.
+struct Problem {
+    /// Activations [rows, f] (every input feature, pruned ones included) and the target
+    /// [rows, nout], with the residual drift and the routing scale already applied.
+    a: Vec<f64>,
+    target: Vec<f64>,
+    /// Row weights (|routing weight|), applied to A's and the target's rows by [`design`].
+    row_w: Option<Vec<f64>>,
+    rows: usize,
+    /// The weight as Wm [f, nout], its tensor, and input features per channel.
+    wm: Vec<f64>,
+    w: Tensor,
+    f: usize,
+    nout: usize,
+    per: usize,
+    padding_rows: usize,
+    unrouted: usize,
+}
+
+/// What the forwards of one refit share.
+struct Runner<'a> {
+    engine: &'a Engine,
+    device: &'a Device,
+    inputs: &'a [(String, Tensor)],
+    groups: &'a [UnitGroup],
+    fit: &'a crate::calib::Batch,
+}
+
+impl Runner<'_> {
+    /// Runs `model` masked by `keep` and builds consumer `c`'s problem towards `target`
+    /// (the dense A_d W (+ R_d), or the dense block output).
+    fn problem(&self, model: &Model, keep: &KeepSet, c: &Consumer, target: &[f64]) -> Result<Problem> {
+        let masked = crate::passes::rewrite_graph::masked(model, self.groups, keep);
+        let params: Params<f32> = self.engine.params(&masked);
+        let keep_ids: Vec<Id> = std::iter::once(c.x).chain(c.residual).chain(c.row_scale).collect();
+        let (arena, slots) = run_keep(self.engine, self.device, self.inputs, &params, &keep_ids)?;
+        let kept_value = |v: Id| -> Result<(Vec<f32>, Vec<usize>)> {
+            let s = slots.get(&v).copied().ok_or_else(|| Error::Other("consumer input was not lowered".into()))?;
+            let x = arena.get(s).ok_or_else(|| Error::Other("consumer input was not kept".into()))?;
+            Ok((x.to_vec(), self.engine.lowered.program.shape(s).to_vec()))
+        };
+        let (x, shape) = kept_value(c.x)?;
+        let w = model.value(c.weight).data.clone().expect("consumers have data");
+        let (wm, f, nout, per) = weight_matrix(&c.layout, &w);
+        let (a, rows) = activation_rows(&c.layout, &x, &shape, f);
+        let mut target = target.to_vec();
+        // With the residual stream R in the target (A_d W + R_d − R_m), the refit output
+        // also makes up for what the layers before still get wrong in R.
+        if let Some(r) = c.residual {
+            let (rm, _) = kept_value(r)?;
+            target.iter_mut().zip(&rm).for_each(|(t, r)| *t -= *r as f64);
+        }
+        // Weighted rows: scale A's and the target's rows by |S| (the masked model's routing).
+        let scale = c.row_scale.map(kept_value).transpose()?.map(|(v, _)| v);
+        drop(arena);
+        if let (Some(sc), Some(_)) = (&scale, c.combined) {
+            // The block output is s · (A W' + b') on this expert's tokens: fit A W' + b' to
+            // the dense output / s there (rows are weighted by |s| in `design`; the bias is
+            // subtracted here because the fit adds the dense bias to every target row).
+            let b = c.bias.and_then(|b| model.value(b).data.as_ref().map(|d| d.to_f64_vec())).unwrap_or_default();
+            for (row, &s) in target.chunks_mut(nout).zip(sc.iter()) {
+                if s != 0.0 {
+                    row.iter_mut().for_each(|t| *t /= s as f64);
+                }
+                row.iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
+            }
+        }
+        // Padded positions (attention_mask = 0) do not reach a pooled output: fit the rest.
+        let mut scale = scale;
+        let (a, target, rows, padding_rows) = match padding_rows(self.fit, &shape, rows) {
+            Some(live) => {
+                let pick = |d: &[f64], w: usize| -> Vec<f64> {
+                    d.chunks(w).zip(&live).filter(|(_, &l)| l).flat_map(|(r, _)| r.iter().copied()).collect()
+                };
+                if let Some(sc) = scale.as_mut() {
+                    let mut it = live.iter();
+                    sc.retain(|_| it.next().copied().unwrap_or(false));
+                }
+                let k = live.iter().filter(|&&l| l).count();
+                (pick(&a, f), pick(&target, nout), k, rows - k)
+            }
+            None => (a, target, rows, 0),
+        };
+        let (a, target, rows, row_w, unrouted) = match scale {
+            Some(sc) => {
+                let live: Vec<usize> = (0..rows).filter(|&r| sc.get(r).is_some_and(|&v| v != 0.0)).collect();
+                let pick = |d: &[f64], w: usize| -> Vec<f64> {
+                    live.iter().flat_map(|&r| d[r * w..(r + 1) * w].iter().copied()).collect()
+                };
+                let row_w: Vec<f64> = live.iter().map(|&r| sc[r].abs() as f64).collect();
+                (pick(&a, f), pick(&target, nout), live.len(), Some(row_w), rows - live.len())
+            }
+            None => (a, target, rows, None, 0),
+        };
+        Ok(Problem { a, target, row_w, rows, wm, w, f, nout, per, padding_rows, unrouted })
+    }
+}
+
+/// The design matrix of a fit on input features `cols` (+ a column of ones with a bias),
+/// its target (+ the dense bias) and the starting weights W0 (rows `cols` of Wm, + the
+/// bias), with `row_w` applied: (A, T, W0, columns).
+fn design(p: &Problem, cols: &[usize], bias: Option<&Tensor>) -> (Vec<f64>, Vec<f64>, Vec<f64>, usize) {
+    let (rows, f, nout) = (p.rows, p.f, p.nout);
+    // With a bias, a column of ones joins A and the bias joins W as its last row; the
+    // dense target then includes the dense bias.
+    let nb = usize::from(bias.is_some());
+    let fk = cols.len() + nb;
+    let mut ak: Vec<f64> = Vec::with_capacity(rows * fk);
+    for r in 0..rows {
+        ak.extend(cols.iter().map(|&j| p.a[r * f + j]));
+        ak.extend(std::iter::repeat_n(1.0, nb));
+    }
+    let mut wk: Vec<f64> = cols.iter().flat_map(|&j| p.wm[j * nout..(j + 1) * nout].to_vec()).collect();
+    let mut target = p.target.clone();
+    if let Some(b) = bias {
+        let bv = b.to_f64_vec();
+        wk.extend_from_slice(&bv);
+        for row in target.chunks_mut(nout) {
+            for (t, x) in row.iter_mut().zip(&bv) {
+                *t += x;
+            }
+        }
+    }
+    if let Some(w) = &p.row_w {
+        for ((ar, tr), &wr) in ak.chunks_mut(fk).zip(target.chunks_mut(nout)).zip(w) {
+            ar.iter_mut().for_each(|x| *x *= wr);
+            tr.iter_mut().for_each(|x| *x *= wr);
+        }
+    }
+    (ak, target, wk, fk)
+}
+
+/// The ridge normal equations (AᵀA + λI) W = AᵀT + λ W0, λ = ridge · mean diag(AᵀA).
+fn normal_equations(
+    ak: &[f64],
+    target: &[f64],
+    w0: &[f64],
+    rows: usize,
+    fk: usize,
+    nout: usize,
+    ridge: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut g = at_b(ak, ak, rows, fk, fk);
+    let mut b = at_b(ak, target, rows, fk, nout);
+    let mean_diag = (0..fk).map(|i| g[i * fk + i]).sum::<f64>() / fk.max(1) as f64;
+    let lambda = (ridge * mean_diag).max(1e-12);
+    for i in 0..fk {
+        g[i * fk + i] += lambda;
+    }
+    for (bv, wv) in b.iter_mut().zip(w0) {
+        *bv += lambda * wv;
+    }
+    (g, b)
+}
+
+/// Largest design (input features + bias) `--recover obs` re-chooses units on: its greedy
+/// search keeps the inverse Gram, features² f64 values (128 MiB at this size).
+const MAX_REARRANGE_FEATURES: usize = 4096;
+
+/// The one unit group (not experts) whose pruned units consumer `c` reads, with its slice on
+/// c's weight, when that weight is the group's only consumer: re-choosing its units then
+/// changes no other refit's inputs.
+fn sole_group<'g>(c: &Consumer, groups: &'g [UnitGroup], keep: &KeepSet) -> Option<(usize, &'g crate::units::Slice)> {
+    let mut found = None;
+    for (g, group) in groups.iter().enumerate() {
+        let mine: Vec<&crate::units::Slice> =
+            group.slices.iter().filter(|s| s.role == Role::Consumer && s.tensor == c.weight).collect();
+        if mine.is_empty() || keep.pruned(g).is_empty() {
+            continue;
+        }
+        let consumers = group.slices.iter().filter(|s| s.role == Role::Consumer).count();
+        if found.is_some() || group.kind == UnitKind::Experts || mine.len() != 1 || consumers != 1 {
+            return None;
+        }
+        found = Some((g, mine[0]));
+    }
+    found
+}
+
+/// `--recover obs`: which units of a group stay, `keep_n` of them, chosen by greedy
+/// Optimal Brain Surgeon on the refit's own least-squares problem (Kwon et al. 2022's mask
+/// rearrangement; the structured OBS of Frantar & Alistarh's OBC and Kurtic et al.'s
+/// ZipLM). `p` holds the activations with every unit of the group alive and `units` the
+/// input features of each unit; the other kept features (and the bias) always stay.
+///
+/// With H = AᵀA + λI (the refit's ridge) and W = H⁻¹(AᵀT + λW0) the refit on all features,
+/// removing unit u's features I and refitting the rest raises the squared error by
+/// tr(W_Iᵀ [H⁻¹]_II⁻¹ W_I); the cheapest unit goes, then W and H⁻¹ are updated in closed
+/// form (W −= H⁻¹_:I [H⁻¹]_II⁻¹ W_I, H⁻¹ −= H⁻¹_:I [H⁻¹]_II⁻¹ H⁻¹_I:) until `keep_n`
+/// remain. Ties go to the lower index, so the choice is deterministic.
+fn choose_units(
+    p: &Problem,
+    pruned: &[bool],
+    bias: Option<&Tensor>,
+    units: &[Vec<usize>],
+    keep_n: usize,
+    ridge: f64,
+) -> std::result::Result<Vec<bool>, String> {
+    let in_units: BTreeSet<usize> = units.iter().flatten().copied().collect();
+    let cols: Vec<usize> = (0..p.f).filter(|&j| in_units.contains(&j) || !pruned[j / p.per]).collect();
+    let pos: BTreeMap<usize, usize> = cols.iter().enumerate().map(|(i, &j)| (j, i)).collect();
+    let (ak, target, w0, fk) = design(p, &cols, bias);
+    if fk > MAX_REARRANGE_FEATURES {
+        return Err(format!("{fk} input features (at most {MAX_REARRANGE_FEATURES})"));
+    }
+    if p.rows == 0 {
+        return Err("no rows to fit".into());
+    }
+    let nout = p.nout;
+    let (mut g, b) = normal_equations(&ak, &target, &w0, p.rows, fk, nout, ridge);
+    // H⁻¹ = (L⁻¹)ᵀ L⁻¹ from the Cholesky factor, then W = H⁻¹ B.
+    let li = crate::linalg::cholesky_inverse_factor(&mut g, fk)?;
+    let mut hi = at_b(&li, &li, fk, fk, fk);
+    drop(li);
+    let mut w = a_b(&hi, &b, fk, fk, nout);
+    let idx: Vec<Vec<usize>> = units.iter().map(|u| u.iter().map(|j| pos[j]).collect()).collect();
+    let mut alive = vec![true; units.len()];
+    let mut left = units.len();
+    // [H⁻¹]_II⁻¹ W_I and [H⁻¹]_II⁻¹ H⁻¹_I: for unit u (k = |I| rows each).
+    let solve_ii = |hi: &[f64], rows: &[usize], rhs: &mut [f64], width: usize| -> std::result::Result<(), String> {
+        let k = rows.len();
+        let mut s: Vec<f64> = rows.iter().flat_map(|&a| rows.iter().map(move |&b| hi[a * fk + b])).collect();
+        crate::linalg::cholesky_solve(&mut s, rhs, k, width)
+    };
+    while left > keep_n {
+        let mut best: Option<(usize, f64)> = None;
+        for (u, rows) in idx.iter().enumerate().filter(|(u, _)| alive[*u]) {
+            // A unit whose block of H⁻¹ is not positive definite is kept (cost +∞).
+            let cost = if let [r] = rows[..] {
+                let d = hi[r * fk + r];
+                let wr = &w[r * nout..(r + 1) * nout];
+                if d > 0.0 {
+                    wr.iter().map(|v| v * v).sum::<f64>() / d
+                } else {
+                    f64::INFINITY
+                }
+            } else {
+                let wi: Vec<f64> = rows.iter().flat_map(|&r| w[r * nout..(r + 1) * nout].iter().copied()).collect();
+                let mut x = wi.clone();
+                match solve_ii(&hi, rows, &mut x, nout) {
+                    Ok(()) => wi.iter().zip(&x).map(|(a, b)| a * b).sum::<f64>(),
+                    Err(_) => f64::INFINITY,
+                }
+            };
+            if cost.is_finite() && best.is_none_or(|(_, bc)| cost < bc) {
+                best = Some((u, cost));
+            }
+        }
+        let Some((u, _)) = best else {
+            return Err("no unit can be removed with a finite cost".into());
+        };
+        let rows = &idx[u];
+        let k = rows.len();
+        // X = [H⁻¹]_II⁻¹ [W_I | H⁻¹_I:], then W −= H⁻¹_:I X_W and H⁻¹ −= H⁻¹_:I X_H.
+        let width = nout + fk;
+        let mut x = vec![0.0; k * width];
+        for (i, &r) in rows.iter().enumerate() {
+            x[i * width..i * width + nout].copy_from_slice(&w[r * nout..(r + 1) * nout]);
+            x[i * width + nout..(i + 1) * width].copy_from_slice(&hi[r * fk..(r + 1) * fk]);
+        }
+        solve_ii(&hi, rows, &mut x, width)?;
+        let col: Vec<f64> =
+            (0..fk).flat_map(|a| rows.iter().map(move |&r| (a, r))).map(|(a, r)| hi[a * fk + r]).collect();
+        for a in 0..fk {
+            let ca = &col[a * k..(a + 1) * k];
+            if ca.iter().all(|v| *v == 0.0) {
+                continue;
+            }
+            let (wa, ha) = (&mut w[a * nout..(a + 1) * nout], &mut hi[a * fk..(a + 1) * fk]);
+            for (i, &cv) in ca.iter().enumerate() {
+                let xr = &x[i * width..(i + 1) * width];
+                wa.iter_mut().zip(&xr[..nout]).for_each(|(t, v)| *t -= cv * v);
+                ha.iter_mut().zip(&xr[nout..]).for_each(|(t, v)| *t -= cv * v);
+            }
+        }
+        for &r in rows {
+            w[r * nout..(r + 1) * nout].iter_mut().for_each(|v| *v = 0.0);
+        }
+        alive[u] = false;
+        left -= 1;
+    }
+    Ok(alive)
 }
 
 /// Fidelity of each model output (`before` and `after` a recovery step, against `dense`).
@@ -864,5 +1128,111 @@ fn fidelity(name: &str, shape: &[usize], logits: bool, dense: &[f32], before: &[
         rel_err_after: rel(after),
         top1_before: top1(before),
         top1_after: top1(after),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    fn lcg(seed: u64) -> impl FnMut() -> f64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        }
+    }
+
+    /// A problem with activations `a` [rows, f] and target T = A Wt, starting from weights w0.
+    fn problem(a: Vec<f64>, rows: usize, f: usize, wt: &[f64], w0: &[f64], nout: usize) -> Problem {
+        let target = a_b(&a, wt, rows, f, nout);
+        let w = Tensor::from_f64_as(DType::F32, vec![f, nout], w0);
+        Problem { a, target, row_w: None, rows, wm: w0.to_vec(), w, f, nout, per: 1, padding_rows: 0, unrouted: 0 }
+    }
+
+    /// Relative error of the least-squares refit on `cols` alone.
+    fn refit_error(p: &Problem, cols: &[usize]) -> f64 {
+        let (ak, t, w0, fk) = design(p, cols, None);
+        let (mut g, mut b) = normal_equations(&ak, &t, &w0, p.rows, fk, p.nout, 1e-9);
+        crate::linalg::cholesky_solve(&mut g, &mut b, fk, p.nout).unwrap();
+        let y = a_b(&ak, &b, p.rows, fk, p.nout);
+        let e: f64 = y.iter().zip(&t).map(|(p, q)| (p - q) * (p - q)).sum();
+        (e / t.iter().map(|v| v * v).sum::<f64>()).sqrt()
+    }
+
+    #[test]
+    fn obs_keeps_a_spanning_set_and_drops_what_the_target_does_not_use() {
+        // x3 = x0 + x1 and x4 = 2·x2 are redundant, x5 is independent but unused by the
+        // target T = 0.3·x0 + x3 − x4; the largest weights are on x5 (a magnitude criterion
+        // would keep it). Keeping 3 of 6, only a set spanning x0, x1, x2 fits T exactly.
+        let (rows, f, nout) = (200, 6, 2);
+        let mut r = lcg(3);
+        let mut a = vec![0.0; rows * f];
+        for i in 0..rows {
+            let (x0, x1, x2, x5) = (r(), r(), r(), r());
+            a[i * f..(i + 1) * f].copy_from_slice(&[x0, x1, x2, x0 + x1, 2.0 * x2, x5]);
+        }
+        let wt = [0.3, -0.2, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, -1.0, 0.7, 0.0, 0.0];
+        let w0 = [0.3, -0.2, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, -1.0, 0.7, 9.0, 9.0];
+        let p = problem(a, rows, f, &wt, &w0, nout);
+        let units: Vec<Vec<usize>> = (0..f).map(|j| vec![j]).collect();
+        let alive = choose_units(&p, &[false; 6], None, &units, 3, 1e-9).unwrap();
+        assert_eq!(alive.iter().filter(|a| **a).count(), 3, "{alive:?}");
+        assert!(!alive[5], "kept the unused feature: {alive:?}");
+        let kept: Vec<usize> = (0..f).filter(|&j| alive[j]).collect();
+        assert!(refit_error(&p, &kept) < 1e-6, "{kept:?} does not span the target");
+        // A choice that does not span it (x0, x3, x5) leaves a large error: the test can fail.
+        assert!(refit_error(&p, &[0, 3, 5]) > 0.1);
+    }
+
+    #[test]
+    fn obs_removes_whole_multi_feature_units_and_respects_fixed_features() {
+        // Four units of two features each plus a fixed (already kept, not a candidate)
+        // feature 8 and a pruned feature 9 that must not be used. Unit 2 carries noise the
+        // target ignores; unit 3 duplicates unit 0 (scaled). Keeping 2 of 4: unit 1 and one
+        // of units 0 / 3 stay, and the refit on them (with feature 8) is exact.
+        let (rows, f, nout) = (300, 10, 3);
+        let mut r = lcg(11);
+        let mut a = vec![0.0; rows * f];
+        for i in 0..rows {
+            let v: Vec<f64> = (0..8).map(|_| r()).collect();
+            a[i * f..(i + 1) * f].copy_from_slice(&[
+                v[0],
+                v[1],
+                v[2],
+                v[3],
+                v[4],
+                v[5],
+                3.0 * v[0],
+                3.0 * v[1],
+                v[6],
+                v[7],
+            ]);
+        }
+        let mut wt = vec![0.0; f * nout];
+        for (j, row) in [
+            (0, [1.0, 0.5, 0.0]),
+            (1, [0.0, 1.0, -1.0]),
+            (2, [0.4, 0.0, 0.3]),
+            (3, [-0.6, 0.2, 1.0]),
+            (8, [0.5, 0.5, 0.5]),
+        ] {
+            wt[j * nout..(j + 1) * nout].copy_from_slice(&row);
+        }
+        let mut w0 = wt.clone();
+        w0[4 * nout] = 5.0; // unit 2: large weights, no use in the target
+        w0[5 * nout + 1] = -5.0;
+        let p = problem(a, rows, f, &wt, &w0, nout);
+        let units: Vec<Vec<usize>> = (0..4).map(|u| vec![2 * u, 2 * u + 1]).collect();
+        let mut pruned = vec![false; f];
+        pruned[9] = true;
+        let alive = choose_units(&p, &pruned, None, &units, 2, 1e-9).unwrap();
+        assert!(alive[1] && !alive[2], "{alive:?}");
+        assert!(alive[0] != alive[3], "{alive:?}");
+        let mut kept: Vec<usize> = units.iter().zip(&alive).filter(|(_, a)| **a).flat_map(|(u, _)| u.clone()).collect();
+        kept.push(8);
+        assert!(refit_error(&p, &kept) < 1e-6, "{kept:?}");
+        assert!(refit_error(&p, &[0, 1, 4, 5, 8]) > 0.1, "dropping unit 1 must cost");
     }
 }

@@ -148,30 +148,11 @@ fn ql_implicit(d: &mut [f64], e: &mut [f64]) {
     }
 }
 
-/// Spectral features of a PSD matrix from its eigenvalues (negative round-off clamped to 0):
-/// (λ_min, λ_max, κ = λ_max/λ_min (∞ when λ_min = 0), entropy ρ of the normalised spectrum).
 /// Solves G X = B in place for symmetric positive definite G [n, n] (row-major) and
 /// B [n, m]: Cholesky G = L Lᵀ, then two triangular solves; B holds X on return. Errors
 /// when G is not positive definite (a pivot ≤ 0).
 pub fn cholesky_solve(g: &mut [f64], b: &mut [f64], n: usize, m: usize) -> Result<(), String> {
-    for j in 0..n {
-        let mut d = g[j * n + j];
-        for k in 0..j {
-            d -= g[j * n + k] * g[j * n + k];
-        }
-        if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-            return Err(format!("matrix is not positive definite (pivot {j} is {d:e})"));
-        }
-        let d = d.sqrt();
-        g[j * n + j] = d;
-        for i in j + 1..n {
-            let mut s = g[i * n + j];
-            for k in 0..j {
-                s -= g[i * n + k] * g[j * n + k];
-            }
-            g[i * n + j] = s / d;
-        }
-    }
+    cholesky_factor(g, n)?;
     // L Y = B, row by row (each row of B is m right-hand sides at once).
     for i in 0..n {
         for k in 0..i {
@@ -207,6 +188,58 @@ pub fn cholesky_solve(g: &mut [f64], b: &mut [f64], n: usize, m: usize) -> Resul
     Ok(())
 }
 
+/// Cholesky factor G = L Lᵀ in place: L in the lower triangle of `g` [n, n] (row-major; the
+/// upper triangle is left as it was). Errors when G is not positive definite (a pivot ≤ 0).
+pub fn cholesky_factor(g: &mut [f64], n: usize) -> Result<(), String> {
+    for j in 0..n {
+        let mut d = g[j * n + j];
+        for k in 0..j {
+            d -= g[j * n + k] * g[j * n + k];
+        }
+        if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            return Err(format!("matrix is not positive definite (pivot {j} is {d:e})"));
+        }
+        let d = d.sqrt();
+        g[j * n + j] = d;
+        for i in j + 1..n {
+            let mut s = g[i * n + j];
+            for k in 0..j {
+                s -= g[i * n + k] * g[j * n + k];
+            }
+            g[i * n + j] = s / d;
+        }
+    }
+    Ok(())
+}
+
+/// L⁻¹ [n, n] (row-major, lower triangular) of the Cholesky factor L of symmetric positive
+/// definite G, so that G⁻¹ = (L⁻¹)ᵀ L⁻¹ (one GEMM). `g` is overwritten by the factor.
+pub fn cholesky_inverse_factor(g: &mut [f64], n: usize) -> Result<Vec<f64>, String> {
+    cholesky_factor(g, n)?;
+    let mut m = vec![0.0; n * n];
+    let mut acc = vec![0.0; n];
+    for i in 0..n {
+        // Row i of L⁻¹: (e_i − Σ_k<i L[i][k] · row k of L⁻¹) / L[i][i]; row k is zero past k.
+        acc[..=i].iter_mut().for_each(|v| *v = 0.0);
+        acc[i] = 1.0;
+        for k in 0..i {
+            let l = g[i * n + k];
+            if l != 0.0 {
+                for (a, v) in acc[..=k].iter_mut().zip(&m[k * n..k * n + k + 1]) {
+                    *a -= l * v;
+                }
+            }
+        }
+        let d = g[i * n + i];
+        for (t, a) in m[i * n..i * n + i + 1].iter_mut().zip(&acc[..=i]) {
+            *t = a / d;
+        }
+    }
+    Ok(m)
+}
+
+/// Spectral features of a PSD matrix from its eigenvalues (negative round-off clamped to 0):
+/// (λ_min, λ_max, κ = λ_max/λ_min (∞ when λ_min = 0), entropy ρ of the normalised spectrum).
 pub fn spectral_features(eig: &[f64]) -> (f64, f64, f64, f64) {
     let lam: Vec<f64> = eig.iter().map(|&x| x.max(0.0)).collect();
     let lmin = lam.iter().copied().fold(f64::INFINITY, f64::min);
@@ -257,6 +290,21 @@ mod tests {
         }
         let mut not_pd = vec![1.0, 2.0, 2.0, 1.0];
         assert!(super::cholesky_solve(&mut not_pd, &mut [1.0, 1.0], 2, 1).is_err());
+        // (L⁻¹)ᵀ L⁻¹ is G⁻¹: G · (L⁻¹)ᵀ L⁻¹ = I, and L⁻¹ is lower triangular.
+        let li = super::cholesky_inverse_factor(&mut g.clone(), n).unwrap();
+        for i in 0..n {
+            for j in i + 1..n {
+                assert_eq!(li[i * n + j], 0.0);
+            }
+        }
+        let inv = |i: usize, j: usize| -> f64 { (0..n).map(|k| li[k * n + i] * li[k * n + j]).sum() };
+        for i in 0..n {
+            for j in 0..n {
+                let e: f64 = (0..n).map(|k| g[i * n + k] * inv(k, j)).sum();
+                assert!((e - if i == j { 1.0 } else { 0.0 }).abs() < 1e-10, "({i},{j}): {e}");
+            }
+        }
+        assert!(super::cholesky_inverse_factor(&mut vec![1.0, 2.0, 2.0, 1.0], 2).is_err());
     }
 
     #[test]

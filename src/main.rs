@@ -144,9 +144,11 @@ struct PruneArgs {
     /// adapter, software included).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Recovery after pruning: none, or lsq (ridge least-squares refit of the weights that
+    /// Recovery after pruning: none; lsq (ridge least-squares refit of the weights that
     /// read pruned units, on calibration activations, so each block reproduces the dense
-    /// block's output; needs the compute engine).
+    /// block's output; needs the compute engine); or obs (lsq, after re-choosing in each
+    /// layer which units stay, as many as the criterion kept, by greedy Optimal Brain
+    /// Surgeon on the same least-squares problem).
     #[arg(long, default_value = "none")]
     recover: String,
     /// Ridge of --recover lsq, relative to the mean diagonal of the activations' Gram.
@@ -296,7 +298,7 @@ fn config(a: &PruneArgs) -> Result<Config> {
         return Err(Error::Option("--alpha must be ≥ 0, --gate-lr > 0 and --gate-hidden ≥ 1".into()));
     }
     let recover = Recover::parse(&a.recover)
-        .ok_or_else(|| Error::Option(format!("unknown --recover '{}' (none or lsq)", a.recover)))?;
+        .ok_or_else(|| Error::Option(format!("unknown --recover '{}' (none, lsq or obs)", a.recover)))?;
     if !a.ridge.is_finite() || a.ridge <= 0.0 {
         return Err(Error::Option(format!("--ridge must be > 0, got {}", a.ridge)));
     }

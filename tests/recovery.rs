@@ -28,6 +28,19 @@ fn json(p: &Path) -> Value {
 /// `--criterion magnitude --ratio 0.5 --recover lsq` on `units`, written to `out` with a
 /// JSON `report`; `extra` options go before the output. Returns stdout.
 fn magnitude_lsq(model: &Path, calib: &Path, units: &str, extra: &[&str], out: &Path, report: &Path) -> String {
+    magnitude_refit("lsq", model, calib, units, extra, out, report)
+}
+
+/// As [`magnitude_lsq`], with `--recover recover`.
+fn magnitude_refit(
+    recover: &str,
+    model: &Path,
+    calib: &Path,
+    units: &str,
+    extra: &[&str],
+    out: &Path,
+    report: &Path,
+) -> String {
     let mut a = vec![
         model.to_str().unwrap(),
         "--criterion",
@@ -39,7 +52,7 @@ fn magnitude_lsq(model: &Path, calib: &Path, units: &str, extra: &[&str], out: &
         "--calib",
         calib.to_str().unwrap(),
         "--recover",
-        "lsq",
+        recover,
     ];
     a.extend(extra);
     a.extend(["-o", out.to_str().unwrap(), "--report", report.to_str().unwrap()]);
@@ -426,4 +439,59 @@ fn lsq_recovery_refits_kept_experts_to_the_combined_output_when_experts_are_prun
     let (cb, ca) = (f["cosine_before"].as_f64().unwrap(), f["cosine_after"].as_f64().unwrap());
     assert!(ca > cb + 0.02, "held-out cosine to dense: {cb} -> {ca}");
     assert!(f["top1_after"].as_f64() >= f["top1_before"].as_f64(), "{f}");
+}
+
+/// Kept units of each group of a report, by group name.
+fn kept_sets(r: &Value) -> std::collections::BTreeMap<String, Vec<u64>> {
+    r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let kept = g["units"].as_array().unwrap().iter().filter(|u| u["kept"] == Value::Bool(true));
+            (g["layer"].as_str().unwrap().to_string(), kept.map(|u| u["index"].as_u64().unwrap()).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn obs_recovery_rechooses_units_per_layer_and_beats_the_plain_refit() {
+    // The same magnitude selection of half of vgg_bn's filters, refit with lsq and with obs
+    // (which first re-chooses, layer by layer, which filters stay by greedy OBS on the
+    // refit's own least-squares problem, keeping each layer's count).
+    let dir = out_dir("recovery-obs");
+    let model = shared("digits/vgg_bn.onnx");
+    let calib = shared("digits/img_train.npz");
+    let (lsq, lsq_r) = (dir.join("lsq.onnx"), dir.join("lsq.json"));
+    magnitude_lsq(&model, &calib, "filters", &[], &lsq, &lsq_r);
+    let (obs, obs_r, masked) = (dir.join("obs.onnx"), dir.join("obs.json"), dir.join("obs-masked.onnx"));
+    let stdout =
+        magnitude_refit("obs", &model, &calib, "filters", &["--masked-output", masked.to_str().unwrap()], &obs, &obs_r);
+    assert!(stdout.contains("verified slim == masked dense"), "{stdout}");
+    let (a, b) = (json(&lsq_r), json(&obs_r));
+    assert_eq!(b["recovery"]["method"], "obs");
+    // Same count per layer (so the same parameters), different filters.
+    let (ka, kb) = (kept_sets(&a), kept_sets(&b));
+    assert_eq!(ka.keys().collect::<Vec<_>>(), kb.keys().collect::<Vec<_>>());
+    let mut differ = 0;
+    for (g, kept) in &ka {
+        assert_eq!(kept.len(), kb[g].len(), "{g}: the criterion's count per layer is kept");
+        differ += kept.iter().filter(|u| !kb[g].contains(u)).count();
+    }
+    assert_eq!(a["parameters"], b["parameters"]);
+    // The report says which group each refit re-chose and how many filters it swapped,
+    // which adds up to the difference of the two keep-sets.
+    let layers = b["recovery"]["layers"].as_array().unwrap();
+    let swapped: u64 = layers.iter().filter_map(|l| l["rearranged"]["swapped"].as_u64()).sum();
+    assert!(swapped > 0, "obs changed no filter: {layers:?}");
+    assert_eq!(swapped as usize, differ, "{layers:?}");
+    assert!(a["recovery"]["layers"][0]["rearranged"].is_null(), "lsq re-chooses nothing");
+    // The first refit sees the same inputs in both runs: the re-chosen filters fit better.
+    let err = |r: &Value| r["recovery"]["layers"][0]["rel_err_after"].as_f64().unwrap();
+    assert!(err(&b) < err(&a), "first layer: obs {} vs lsq {}", err(&b), err(&a));
+    // And the whole model ends closer to the dense one on held-out samples.
+    let cos = |r: &Value| r["recovery"]["fidelity"][0]["cosine_after"].as_f64().unwrap();
+    assert!(cos(&b) > cos(&a), "held-out cosine to dense: obs {} vs lsq {}", cos(&b), cos(&a));
+    // The slim model equals its masked reference (the new keep-set) in onnxruntime.
+    ort_check(&obs, &masked, Some(&calib), 4);
 }
