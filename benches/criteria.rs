@@ -1,5 +1,5 @@
 //! Criteria compared on the shared models (issues 4 and 7): every criterion prunes the same
-//! unit kinds at each ratio, without and with `--recover lsq`; the pruned model is run by
+//! unit kinds at each ratio, without and with `--recover lsq` (or `obs`); the pruned model is run by
 //! tract on held-out data, and one table is printed: unit kinds, parameters, FLOPs (for the
 //! held-out batch shape), fidelity, time, and for `pl` how its trained gate's selection
 //! differs from ranking by λ_min alone.
@@ -15,12 +15,12 @@
 //!
 //! Run (defaults: every model, every criterion, ratio 0.5, no recovery):
 //!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
-//!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq --n 32
+//!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq,obs --n 32
 //!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3 --distill-hidden
 //!       --alpha 0.1 --round-to 8 --latency]
 //! (`--alpha` is pl's Hessian-penalty weight and `--round-to` the per-layer multiple of kept
 //! filters and neurons, as on the command line; defaults 1.)
-//! (`--recover` also takes `lsq+distill` and `none+distill`: the refit or none, then
+//! (`--recover` also takes `lsq+distill`, `obs+distill` and `none+distill`: the refit or none, then
 //! `--distill-steps` Adam steps of label-free distillation towards the dense model.)
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
 //! each row's note.)
@@ -204,8 +204,8 @@ fn main() {
         .unwrap_or_else(|| "none".into())
         .split(',')
         .map(|r| match r.strip_suffix("+distill") {
-            Some(base) => (Recover::parse(base).expect("none, lsq, none+distill or lsq+distill"), true),
-            None => (Recover::parse(r).expect("none, lsq, none+distill or lsq+distill"), false),
+            Some(base) => (Recover::parse(base).expect("none, lsq, obs, or one of them +distill"), true),
+            None => (Recover::parse(r).expect("none, lsq, obs, or one of them +distill"), false),
         })
         .collect();
     let distill_steps: usize = arg("--distill-steps").map(|r| r.parse().expect("distill steps")).unwrap_or(200);
@@ -316,6 +316,13 @@ fn main() {
                     if reused.is_some() {
                         note += "selection of the row above; ";
                     }
+                    if let Some(r) = &report.recovery {
+                        let swapped: usize =
+                            r.layers.iter().filter_map(|l| l.rearranged.as_ref()).map(|x| x.swapped).sum();
+                        if r.method == Recover::Obs {
+                            note += &format!("obs re-chose {swapped} units; ");
+                        }
+                    }
                     if let Some(d) = &report.distillation {
                         note += &format!("distill loss {:.4} -> {:.4}; ", d.loss_first, d.loss_last);
                     }
@@ -338,6 +345,7 @@ fn main() {
                         speedup = Some(ort_speedup(&model, &bytes, &root.join(case.test), latency_reps));
                     }
                     let lat = speedup.as_ref().map(|x| format!(" {x} |")).unwrap_or_default();
+                    let note = note.trim_end_matches("; ");
                     let keep = s.cx.keep.clone();
                     match criterion {
                         Criterion::NtkMin => lambda_min_keep = keep,
@@ -353,7 +361,9 @@ fn main() {
                         } + &if round_to > 1 { format!(", round-to {round_to}") } else { String::new() },
                         match (recover, distill) {
                             (Recover::Lsq, false) => "lsq".to_string(),
+                            (Recover::Obs, false) => "obs".to_string(),
                             (Recover::Lsq, true) => format!("lsq + distill {distill_steps}{hidden}"),
+                            (Recover::Obs, true) => format!("obs + distill {distill_steps}{hidden}"),
                             (_, true) => format!("distill {distill_steps}{hidden}"),
                             _ => String::new(),
                         },
