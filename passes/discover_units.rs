@@ -1842,6 +1842,7 @@ fn minus_one_guard(model: &Model, where_op: Id) -> Option<Id> {
 /// through Concat, Unsqueeze, Squeeze, Cast, Identity, Reshape and the -1 guard
 /// `Where(Equal(s, -1), ones, s)` (see [`minus_one_guard`]). `Shape` of it reads only its
 /// length, which no edit changes.
+/// A Reshape that takes `v` as its target without being a reader makes the answer no.
 fn shape_read_only_by(model: &Model, v: Id, readers: &BTreeSet<Id>) -> bool {
     let mut seen = BTreeSet::new();
     let mut stack = vec![v];
@@ -1857,6 +1858,9 @@ fn shape_read_only_by(model: &Model, v: Id, readers: &BTreeSet<Id>) -> bool {
                 continue;
             }
             match model.op(c).op_type.as_str() {
+                // A Reshape that takes `v` as its target and is not one of the group's
+                // readers would be changed by the edit too: its output is not a shape.
+                "Reshape" if slot >= 1 => return false,
                 "Reshape" | "Concat" | "Unsqueeze" | "Squeeze" | "Cast" | "Identity" => stack.extend(model.outputs(c)),
                 "Shape" => {}
                 "Where" if slot == 2 && minus_one_guard(model, c) == Some(v) => stack.extend(model.outputs(c)),
