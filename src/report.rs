@@ -319,6 +319,17 @@ impl Report {
                 r.skipped.len(),
                 r.device
             );
+            let re: Vec<_> = r.layers.iter().filter_map(|l| l.rearranged.as_ref()).collect();
+            if r.method == crate::passes::recover_weights::Recover::Obs {
+                let _ = writeln!(
+                    s,
+                    "re-chose kept units by OBS before the refits: {} units swapped in {} of {} layers ({} left as selected)",
+                    re.iter().map(|x| x.swapped).sum::<usize>(),
+                    re.iter().filter(|x| x.swapped > 0).count(),
+                    re.len(),
+                    re.iter().filter(|x| x.skipped.is_some()).count()
+                );
+            }
             fidelity_lines(&mut s, &r.fidelity, r.eval_samples, held);
         }
         if let Some(v) = &self.verification {

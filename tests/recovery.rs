@@ -468,6 +468,7 @@ fn obs_recovery_rechooses_units_per_layer_and_beats_the_plain_refit() {
     let stdout =
         magnitude_refit("obs", &model, &calib, "filters", &["--masked-output", masked.to_str().unwrap()], &obs, &obs_r);
     assert!(stdout.contains("verified slim == masked dense"), "{stdout}");
+    assert!(stdout.contains("re-chose kept units by OBS before the refits"), "{stdout}");
     let (a, b) = (json(&lsq_r), json(&obs_r));
     assert_eq!(b["recovery"]["method"], "obs");
     // Same count per layer (so the same parameters), different filters.
