@@ -899,20 +899,29 @@ impl<'m> Analysis<'m> {
         Ok(())
     }
 
+    /// For an op whose data input (slot 0) alone carries channels (Reshape, Expand): its
+    /// layout and the input and output shapes.
+    fn data_in_out(
+        &self,
+        op: Id,
+        laid: &[(usize, Layout)],
+    ) -> std::result::Result<(Layout, Vec<usize>, Vec<usize>), String> {
+        let model = self.model;
+        if laid.iter().any(|(s, _)| *s != 0) {
+            return Err("the channel count is read as a shape".into());
+        }
+        let ish = self.shape(model.inputs(op)[0].ok_or("missing input")?)?;
+        Ok((laid[0].1.clone(), ish, self.shape(model.outputs(op)[0])?))
+    }
+
     /// Expand that leaves the channel axis alone: transformers' `repeat_kv` broadcasts each
     /// KV head along a new axis (`[B, Hkv, 1, S, D] → [B, Hkv, r, S, D]`) before a Reshape
     /// merges the copies into `Hkv·r` heads. The target's element for the channel axis is 1
     /// (nothing to edit) or the channel extent, which becomes a shape edit like a Reshape's.
     fn visit_expand(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
         let model = self.model;
-        let ins = model.inputs(op);
-        let outs = model.outputs(op);
-        if laid.iter().any(|(s, _)| *s != 0) {
-            return Err("the channel count is read as a shape".into());
-        }
-        let l = laid[0].1.clone();
-        let ish = self.shape(ins[0].ok_or("missing input")?)?;
-        let osh = self.shape(outs[0])?;
+        let (ins, outs) = (model.inputs(op), model.outputs(op));
+        let (l, ish, osh) = self.data_in_out(op, laid)?;
         let axis = (l.axis + osh.len()).checked_sub(ish.len()).ok_or("Expand lowers the rank")?;
         if osh.get(axis) != ish.get(l.axis) {
             return Err("broadcasts the channel axis".into());
@@ -939,14 +948,8 @@ impl<'m> Analysis<'m> {
 
     fn visit_reshape(&mut self, op: Id, laid: &[(usize, Layout)]) -> Step {
         let model = self.model;
-        let ins = model.inputs(op);
-        let outs = model.outputs(op);
-        if laid.iter().any(|(s, _)| *s != 0) {
-            return Err("the channel count is read as a shape".into());
-        }
-        let l = laid[0].1.clone();
-        let ish = self.shape(ins[0].ok_or("missing input")?)?;
-        let osh = self.shape(outs[0])?;
+        let (ins, outs) = (model.inputs(op), model.outputs(op));
+        let (l, ish, osh) = self.data_in_out(op, laid)?;
         let outer: usize = ish[..l.axis].iter().product();
         let inner_in: usize = ish[l.axis + 1..].iter().product();
         let c = ish[l.axis];

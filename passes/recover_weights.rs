@@ -1134,15 +1134,8 @@ fn fidelity(name: &str, shape: &[usize], logits: bool, dense: &[f32], before: &[
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linalg::tests::lcg;
     use crate::tensor::DType;
-
-    fn lcg(seed: u64) -> impl FnMut() -> f64 {
-        let mut s = seed;
-        move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        }
-    }
 
     /// A problem with activations `a` [rows, f] and target T = A Wt, starting from weights w0.
     fn problem(a: Vec<f64>, rows: usize, f: usize, wt: &[f64], w0: &[f64], nout: usize) -> Problem {

@@ -255,10 +255,11 @@ pub fn spectral_features(eig: &[f64]) -> (f64, f64, f64, f64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn lcg(seed: u64) -> impl FnMut() -> f64 {
+    /// Deterministic uniform numbers in [-0.5, 0.5).
+    pub(crate) fn lcg(seed: u64) -> impl FnMut() -> f64 {
         let mut x = seed;
         move || {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
