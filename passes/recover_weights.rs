@@ -119,6 +119,11 @@ pub struct Rearranged {
     pub group: String,
     /// Units kept now that the criterion had pruned (as many kept ones went).
     pub swapped: usize,
+    /// Relative error on the last quarter of the rows of the refit fit on the first three
+    /// quarters, on the criterion's units and on the re-chosen ones; the re-chosen units
+    /// are kept only when they do better.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<[f64; 2]>,
     /// Why the group was left as the criterion chose, when it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
@@ -709,21 +714,47 @@ fn refit(
                     .map(|u| UnitGroup::indices(slice, u).flat_map(|ch| ch * p.per..(ch + 1) * p.per).collect())
                     .collect();
                 let bias = c.bias.and_then(|b| model.value(b).data.clone());
-                match choose_units(&p, &c.pruned, bias.as_ref(), &units, keep.kept_count(g), ridge) {
-                    Ok(alive) => {
-                        let swapped = alive.iter().zip(&keep.keep[g]).filter(|(a, k)| **a && !**k).count();
-                        for (u, chs) in (0..groups[g].count).map(|u| (u, UnitGroup::indices(slice, u))) {
-                            for ch in chs {
-                                c.pruned[ch] = !alive[u];
+                // Chosen on the first three quarters of the rows (whole samples, in order),
+                // kept only if the refit then fits the last quarter better than on the
+                // criterion's units: with few samples (a CNN's large early feature maps fill
+                // the row budget with a handful of images) the search can overfit.
+                let split = p.rows - p.rows / 4;
+                let (fit_r, val_r) = (0..split, split..p.rows);
+                let outcome =
+                    choose_units(&p, fit_r.clone(), &c.pruned, bias.as_ref(), &units, keep.kept_count(g), ridge)
+                        .and_then(|alive| {
+                            let mut pruned = c.pruned.clone();
+                            for (u, chs) in (0..groups[g].count).map(|u| (u, UnitGroup::indices(slice, u))) {
+                                for ch in chs {
+                                    pruned[ch] = !alive[u];
+                                }
                             }
-                        }
+                            let err = |pr: &[bool]| {
+                                let cols: Vec<usize> = (0..p.f).filter(|&j| !pr[j / p.per]).collect();
+                                held_out_error(&p, &cols, bias.as_ref(), fit_r.clone(), val_r.clone(), ridge)
+                            };
+                            let (before, after) = (err(&c.pruned)?, err(&pruned)?);
+                            Ok((alive, pruned, [before, after]))
+                        });
+                let name = groups[g].name.clone();
+                rearranged = Some(match outcome {
+                    Ok((alive, _, held_out)) if alive == keep.keep[g] => {
+                        Rearranged { group: name, swapped: 0, held_out: Some(held_out), skipped: None }
+                    }
+                    Ok((alive, pruned, held_out)) if held_out[1] < held_out[0] => {
+                        let swapped = alive.iter().zip(&keep.keep[g]).filter(|(a, k)| **a && !**k).count();
+                        c.pruned = pruned;
                         keep.keep[g] = alive;
-                        rearranged = Some(Rearranged { group: groups[g].name.clone(), swapped, skipped: None });
+                        Rearranged { group: name, swapped, held_out: Some(held_out), skipped: None }
                     }
-                    Err(e) => {
-                        rearranged = Some(Rearranged { group: groups[g].name.clone(), swapped: 0, skipped: Some(e) })
-                    }
-                }
+                    Ok((_, _, held_out)) => Rearranged {
+                        group: name,
+                        swapped: 0,
+                        held_out: Some(held_out),
+                        skipped: Some("the criterion's units fit the held-out rows as well or better".into()),
+                    },
+                    Err(e) => Rearranged { group: name, swapped: 0, held_out: None, skipped: Some(e) },
+                });
                 reuse = Some(p);
             }
         }
@@ -735,7 +766,7 @@ fn refit(
         let (mut wm, w) = (p.wm.clone(), p.w.clone());
         let kept: Vec<usize> = (0..f).filter(|&j| !c.pruned[j / per]).collect();
         let bias = c.bias.and_then(|b| model.value(b).data.clone());
-        let (ak, target, wk, fk) = design(&p, &kept, bias.as_ref());
+        let (ak, target, wk, fk) = design(&p, &kept, bias.as_ref(), 0..rows);
         let norm = target.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
         let err = |wk: &[f64]| -> f64 {
             if rows == 0 {
@@ -886,20 +917,25 @@ impl Runner<'_> {
 
 /// The design matrix of a fit on input features `cols` (+ a column of ones with a bias),
 /// its target (+ the dense bias) and the starting weights W0 (rows `cols` of Wm, + the
-/// bias), with `row_w` applied: (A, T, W0, columns).
-fn design(p: &Problem, cols: &[usize], bias: Option<&Tensor>) -> (Vec<f64>, Vec<f64>, Vec<f64>, usize) {
-    let (rows, f, nout) = (p.rows, p.f, p.nout);
+/// bias), with `row_w` applied, on rows `range` of the problem: (A, T, W0, columns).
+fn design(
+    p: &Problem,
+    cols: &[usize],
+    bias: Option<&Tensor>,
+    range: std::ops::Range<usize>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, usize) {
+    let (rows, f, nout) = (range.len(), p.f, p.nout);
     // With a bias, a column of ones joins A and the bias joins W as its last row; the
     // dense target then includes the dense bias.
     let nb = usize::from(bias.is_some());
     let fk = cols.len() + nb;
     let mut ak: Vec<f64> = Vec::with_capacity(rows * fk);
-    for r in 0..rows {
+    for r in range.clone() {
         ak.extend(cols.iter().map(|&j| p.a[r * f + j]));
         ak.extend(std::iter::repeat_n(1.0, nb));
     }
     let mut wk: Vec<f64> = cols.iter().flat_map(|&j| p.wm[j * nout..(j + 1) * nout].to_vec()).collect();
-    let mut target = p.target.clone();
+    let mut target = p.target[range.start * nout..range.end * nout].to_vec();
     if let Some(b) = bias {
         let bv = b.to_f64_vec();
         wk.extend_from_slice(&bv);
@@ -910,12 +946,34 @@ fn design(p: &Problem, cols: &[usize], bias: Option<&Tensor>) -> (Vec<f64>, Vec<
         }
     }
     if let Some(w) = &p.row_w {
-        for ((ar, tr), &wr) in ak.chunks_mut(fk).zip(target.chunks_mut(nout)).zip(w) {
+        for ((ar, tr), &wr) in ak.chunks_mut(fk).zip(target.chunks_mut(nout)).zip(&w[range]) {
             ar.iter_mut().for_each(|x| *x *= wr);
             tr.iter_mut().for_each(|x| *x *= wr);
         }
     }
     (ak, target, wk, fk)
+}
+
+/// Relative error on rows `val` of the ridge refit on features `cols` fit on rows `fit`.
+fn held_out_error(
+    p: &Problem,
+    cols: &[usize],
+    bias: Option<&Tensor>,
+    fit: std::ops::Range<usize>,
+    val: std::ops::Range<usize>,
+    ridge: f64,
+) -> std::result::Result<f64, String> {
+    if fit.is_empty() || val.is_empty() {
+        return Err("too few rows to hold some out".into());
+    }
+    let (ak, t, w0, fk) = design(p, cols, bias, fit.clone());
+    let (mut g, mut b) = normal_equations(&ak, &t, &w0, fit.len(), fk, p.nout, ridge);
+    drop(ak);
+    crate::linalg::cholesky_solve(&mut g, &mut b, fk, p.nout)?;
+    let (av, tv, _, _) = design(p, cols, bias, val.clone());
+    let y = a_b(&av, &b, val.len(), fk, p.nout);
+    let e: f64 = y.iter().zip(&tv).map(|(p, q)| (p - q) * (p - q)).sum();
+    Ok((e / tv.iter().map(|v| v * v).sum::<f64>().max(f64::MIN_POSITIVE)).sqrt())
 }
 
 /// The ridge normal equations (AᵀA + λI) W = AᵀT + λ W0, λ = ridge · mean diag(AᵀA).
@@ -978,6 +1036,7 @@ fn sole_group<'g>(c: &Consumer, groups: &'g [UnitGroup], keep: &KeepSet) -> Opti
 /// remain. Ties go to the lower index, so the choice is deterministic.
 fn choose_units(
     p: &Problem,
+    range: std::ops::Range<usize>,
     pruned: &[bool],
     bias: Option<&Tensor>,
     units: &[Vec<usize>],
@@ -987,15 +1046,16 @@ fn choose_units(
     let in_units: BTreeSet<usize> = units.iter().flatten().copied().collect();
     let cols: Vec<usize> = (0..p.f).filter(|&j| in_units.contains(&j) || !pruned[j / p.per]).collect();
     let pos: BTreeMap<usize, usize> = cols.iter().enumerate().map(|(i, &j)| (j, i)).collect();
-    let (ak, target, w0, fk) = design(p, &cols, bias);
+    let rows = range.len();
+    let (ak, target, w0, fk) = design(p, &cols, bias, range);
     if fk > MAX_REARRANGE_FEATURES {
         return Err(format!("{fk} input features (at most {MAX_REARRANGE_FEATURES})"));
     }
-    if p.rows == 0 {
+    if rows == 0 {
         return Err("no rows to fit".into());
     }
     let nout = p.nout;
-    let (mut g, b) = normal_equations(&ak, &target, &w0, p.rows, fk, nout, ridge);
+    let (mut g, b) = normal_equations(&ak, &target, &w0, rows, fk, nout, ridge);
     // H⁻¹ = (L⁻¹)ᵀ L⁻¹ from the Cholesky factor, then W = H⁻¹ B.
     let li = crate::linalg::cholesky_inverse_factor(&mut g, fk)?;
     let mut hi = at_b(&li, &li, fk, fk, fk);
@@ -1146,7 +1206,7 @@ mod tests {
 
     /// Relative error of the least-squares refit on `cols` alone.
     fn refit_error(p: &Problem, cols: &[usize]) -> f64 {
-        let (ak, t, w0, fk) = design(p, cols, None);
+        let (ak, t, w0, fk) = design(p, cols, None, 0..p.rows);
         let (mut g, mut b) = normal_equations(&ak, &t, &w0, p.rows, fk, p.nout, 1e-9);
         crate::linalg::cholesky_solve(&mut g, &mut b, fk, p.nout).unwrap();
         let y = a_b(&ak, &b, p.rows, fk, p.nout);
@@ -1170,7 +1230,7 @@ mod tests {
         let w0 = [0.3, -0.2, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, -1.0, 0.7, 9.0, 9.0];
         let p = problem(a, rows, f, &wt, &w0, nout);
         let units: Vec<Vec<usize>> = (0..f).map(|j| vec![j]).collect();
-        let alive = choose_units(&p, &[false; 6], None, &units, 3, 1e-9).unwrap();
+        let alive = choose_units(&p, 0..rows, &[false; 6], None, &units, 3, 1e-9).unwrap();
         assert_eq!(alive.iter().filter(|a| **a).count(), 3, "{alive:?}");
         assert!(!alive[5], "kept the unused feature: {alive:?}");
         let kept: Vec<usize> = (0..f).filter(|&j| alive[j]).collect();
@@ -1220,7 +1280,7 @@ mod tests {
         let units: Vec<Vec<usize>> = (0..4).map(|u| vec![2 * u, 2 * u + 1]).collect();
         let mut pruned = vec![false; f];
         pruned[9] = true;
-        let alive = choose_units(&p, &pruned, None, &units, 2, 1e-9).unwrap();
+        let alive = choose_units(&p, 0..rows, &pruned, None, &units, 2, 1e-9).unwrap();
         assert!(alive[1] && !alive[2], "{alive:?}");
         assert!(alive[0] != alive[3], "{alive:?}");
         let mut kept: Vec<usize> = units.iter().zip(&alive).filter(|(_, a)| **a).flat_map(|(u, _)| u.clone()).collect();
