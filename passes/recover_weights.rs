@@ -707,9 +707,7 @@ fn refit(
             if let Some((g, slice)) = sole_group(&c, groups, keep) {
                 let mut all = keep.clone();
                 all.keep[g] = vec![true; groups[g].count];
-                let mut open = c.clone();
-                open.pruned = vec![false; c.pruned.len()];
-                let p = run.problem(model, &all, &open, &target)?;
+                let p = run.problem(model, &all, &c, &target)?;
                 let units: Vec<Vec<usize>> = (0..groups[g].count)
                     .map(|u| UnitGroup::indices(slice, u).flat_map(|ch| ch * p.per..(ch + 1) * p.per).collect())
                     .collect();
