@@ -557,8 +557,11 @@ fn masked_outputs(
 const MAX_ROWS: usize = 1 << 16;
 
 /// Activation `x` as a row-major [rows, features] matrix in f64, features in the order of
-/// the weight matrix's rows. At most [`MAX_ROWS`] rows, taken from the first samples (whole
-/// samples for convs), the same ones for the dense target and the masked fit.
+/// the weight matrix's rows, rows in sample order; the same ones for the dense target and
+/// the masked fit. At most about [`MAX_ROWS`] rows: the first ones of a matrix input; for a
+/// conv, an even share of every sample's output positions (a strided subset, its phase
+/// shifted from sample to sample), so that a large early feature map's rows still come from
+/// every calibration image instead of the first few.
 fn activation_rows(layout: &Layout, x: &[f32], x_shape: &[usize], features: usize) -> (Vec<f64>, usize) {
     match layout {
         Layout::RowsIn | Layout::ColsIn => {
@@ -566,17 +569,23 @@ fn activation_rows(layout: &Layout, x: &[f32], x_shape: &[usize], features: usiz
             (x[..rows * features].iter().map(|&v| v as f64).collect(), rows)
         }
         Layout::Conv(w) => {
-            // Whole samples up to MAX_ROWS output positions (at least one sample).
+            let n = x_shape[0];
             let per_sample: usize = x_shape[1..].iter().product();
             let positions = w.output[0] * w.output[1];
-            let k = (MAX_ROWS / positions.max(1)).clamp(1, x_shape[0]);
-            let xs: Vec<f64> = x[..k * per_sample].iter().map(|&v| v as f64).collect();
+            let stride = (n * positions).div_ceil(MAX_ROWS).max(1);
             let mut win = w.clone();
-            win.input = [k, x_shape[1], x_shape[2], x_shape[3]];
-            // im2col gives [C·kh·kw, k·L]; transpose to [k·L, C·kh·kw].
-            let cols = cpu::window::im2col(&xs, &win);
-            let rows = cols.len() / features.max(1);
-            (transpose(&cols, features, rows), rows)
+            win.input = [1, x_shape[1], x_shape[2], x_shape[3]];
+            let mut a = Vec::new();
+            for b in 0..n {
+                let xs: Vec<f64> = x[b * per_sample..(b + 1) * per_sample].iter().map(|&v| v as f64).collect();
+                // im2col gives [C·kh·kw, L]; the picked columns become rows.
+                let cols = cpu::window::im2col(&xs, &win);
+                for p in (0..positions).filter(|p| (p + b) % stride == 0) {
+                    a.extend((0..features).map(|f| cols[f * positions + p]));
+                }
+            }
+            let rows = a.len() / features.max(1);
+            (a, rows)
         }
     }
 }
@@ -712,10 +721,10 @@ fn refit(
                     .map(|u| UnitGroup::indices(slice, u).flat_map(|ch| ch * p.per..(ch + 1) * p.per).collect())
                     .collect();
                 let bias = c.bias.and_then(|b| model.value(b).data.clone());
-                // Chosen on the first three quarters of the rows (whole samples, in order),
-                // kept only if the refit then fits the last quarter better than on the
-                // criterion's units: with few samples (a CNN's large early feature maps fill
-                // the row budget with a handful of images) the search can overfit.
+                // Chosen on the first three quarters of the rows (in sample order, so the
+                // last quarter's samples are unseen), kept only if the refit then fits the
+                // last quarter better than on the criterion's units: with few calibration
+                // samples the search can overfit.
                 let split = p.rows - p.rows / 4;
                 let (fit_r, val_r) = (0..split, split..p.rows);
                 let outcome =
@@ -1285,5 +1294,37 @@ mod tests {
         kept.push(8);
         assert!(refit_error(&p, &kept) < 1e-6, "{kept:?}");
         assert!(refit_error(&p, &[0, 1, 4, 5, 8]) > 0.1, "dropping unit 1 must cost");
+    }
+
+    #[test]
+    fn conv_rows_come_from_every_sample_when_the_budget_is_short() {
+        // 1 × 1 conv over 3 one-channel 160 × 160 maps: 76,800 positions > MAX_ROWS, so every
+        // second position of each sample is taken, the phase shifting by one per sample.
+        // Each value encodes its sample and position.
+        let (n, h) = (3usize, 160usize);
+        let l = h * h;
+        let win = |n: usize| Window {
+            kernel: [1, 1],
+            stride: [1, 1],
+            dilation: [1, 1],
+            pad: [0, 0],
+            input: [n, 1, h, h],
+            output: [h, h],
+        };
+        let x: Vec<f32> = (0..n * l).map(|i| i as f32).collect();
+        let (a, rows) = activation_rows(&Layout::Conv(win(n)), &x, &[n, 1, h, h], 1);
+        assert_eq!(rows, n * l / 2);
+        assert!(rows <= MAX_ROWS);
+        let picked: Vec<(usize, usize)> = a.iter().map(|&v| (v as usize / l, v as usize % l)).collect();
+        for b in 0..n {
+            let mine: Vec<usize> = picked.iter().filter(|(s, _)| *s == b).map(|(_, p)| *p).collect();
+            assert_eq!(mine.len(), l / 2, "sample {b}");
+            assert!(mine.iter().all(|p| (p + b) % 2 == 0), "sample {b}: wrong phase");
+        }
+        assert!(picked.windows(2).all(|w| w[0] < w[1]), "rows are not in sample order");
+        // Within the budget: every position of every sample, as im2col orders them.
+        let (a, rows) = activation_rows(&Layout::Conv(win(2)), &x[..2 * l], &[2, 1, h, h], 1);
+        assert_eq!(rows, 2 * l);
+        assert!(a.iter().enumerate().all(|(i, &v)| v == i as f64));
     }
 }
