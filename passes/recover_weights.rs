@@ -1061,6 +1061,15 @@ fn choose_units(
     if rows == 0 {
         return Err("no rows to fit".into());
     }
+    // `--recover obs` chooses units only on at least as many rows as input features (bias
+    // included). With fewer, the ridge alone makes the problem solvable and almost any subset
+    // fits the rows it is chosen on, so the search picks units that fit those samples rather
+    // than the model's function: EfficientNet-lite0's 7 × 7 stages (24 calibration images,
+    // 882 rows to choose on for 1,153 features) were where it lost to lsq. MiniLM's layers
+    // (1.9 rows per feature at the default 128 refit samples) and the digits models have more.
+    if rows < fk {
+        return Err(format!("{rows} rows to choose on for {fk} input features: too few to choose units on"));
+    }
     let nout = p.nout;
     let (mut g, b) = normal_equations(&ak, &target, &w0, rows, fk, nout, ridge);
     // H⁻¹ = (L⁻¹)ᵀ L⁻¹ from the Cholesky factor, then W = H⁻¹ B.
@@ -1244,6 +1253,24 @@ mod tests {
         assert!(refit_error(&p, &kept) < 1e-6, "{kept:?} does not span the target");
         // A choice that does not span it (x0, x3, x5) leaves a large error: the test can fail.
         assert!(refit_error(&p, &[0, 3, 5]) > 0.1);
+    }
+
+    #[test]
+    fn obs_does_not_choose_on_fewer_rows_than_features() {
+        // 5 rows for 6 features: the search declines (the refit then keeps the criterion's
+        // units); 5 rows for 5 features (one unit already pruned and not a candidate): it runs.
+        let (rows, f, nout) = (5, 6, 2);
+        let mut r = lcg(5);
+        let a: Vec<f64> = (0..rows * f).map(|_| r()).collect();
+        let wt = [0.3, -0.2, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, -1.0, 0.7, 0.0, 0.0];
+        let p = problem(a, rows, f, &wt, &wt, nout);
+        let units: Vec<Vec<usize>> = (0..f).map(|j| vec![j]).collect();
+        let err = choose_units(&p, 0..rows, &[false; 6], None, &units, 3, 1e-3).unwrap_err();
+        assert!(err.contains("5 rows to choose on for 6 input features"), "{err}");
+        let mut pruned = [false; 6];
+        pruned[5] = true;
+        let alive = choose_units(&p, 0..rows, &pruned, None, &units[..5], 3, 1e-3).unwrap();
+        assert_eq!(alive.iter().filter(|a| **a).count(), 3, "{alive:?}");
     }
 
     #[test]
