@@ -8,9 +8,10 @@
 //! engine: for N steps of Adam on minibatches of `--distill-batch` calibration samples it
 //! minimises, per float output o of the model,
 //!
-//! L = mean_o  Σ_r w_r ‖f_o(x_r) − f_o^dense(x_r)‖² / Σ_r w_r ‖f_o^dense(x_r)‖²,
+//! L = Σ_o c_o Σ_r w_r ‖f_o(x_r) − f_o^dense(x_r)‖² / Σ_r w_r ‖f_o^dense(x_r)‖²  /  Σ_o c_o,
 //!
-//! with rows r the samples (or, for a sequence output [n, L, …], the tokens, padding
+//! with c_o = 1 for the model's outputs and `--distill-hidden-weight` for the hidden states
+//! `--distill-hidden` adds, rows r the samples (or, for a sequence output [n, L, …], the tokens, padding
 //! positions of `attention_mask` weighted 0). The learning rate warms up linearly over the
 //! first tenth of the steps and decays to zero on a cosine.
 //!
@@ -58,6 +59,9 @@ pub struct DistillReport {
     /// `--distill-hidden`: the hidden states (LayerNorm outputs) the loss also matched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hidden: Vec<String>,
+    /// `--distill-hidden-weight`: each hidden state's weight in the loss against an output's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_weight: Option<f64>,
     /// Weight tensors trained, and their parameters.
     pub tensors: usize,
     pub parameters: usize,
@@ -105,6 +109,9 @@ impl Pass for DistillWeights {
         };
         let hidden: Vec<String> =
             student_h.outputs[model.outputs.len()..].iter().map(|&v| student_h.value(v).name.clone()).collect();
+        let coef: Vec<f64> = (0..student_h.outputs.len())
+            .map(|o| if o < model.outputs.len() { 1.0 } else { cx.config.distill_hidden_weight })
+            .collect();
         if cx.config.distill_hidden && hidden.is_empty() {
             cx.warn("--distill-hidden: no LayerNormalization output is shared by the dense and the slim model; the loss matches the outputs only");
         }
@@ -145,7 +152,7 @@ impl Pass for DistillWeights {
                 &device,
                 &inputs,
                 &params,
-                |outs| Ok(loss_and_cotangents(outs, &targets, &weights)),
+                |outs| Ok(loss_and_cotangents(outs, &targets, &weights, &coef)),
                 &HashSet::new(),
             )?;
             if !run.loss.is_finite() {
@@ -191,6 +198,7 @@ impl Pass for DistillWeights {
             batch: b,
             lr,
             augment: rate,
+            hidden_weight: (!hidden.is_empty()).then_some(cx.config.distill_hidden_weight),
             hidden,
             samples: fit.samples,
             eval_samples: eval.samples,
@@ -390,22 +398,25 @@ fn row_weights(batch: &Batch, shape: &[usize]) -> Vec<f32> {
     w
 }
 
-/// The distillation loss of a minibatch and its cotangent per output.
+/// The distillation loss of a minibatch and its cotangent per output; output o's relative
+/// error counts with weight `coef[o]`.
 fn loss_and_cotangents(
     outs: &[(String, Vec<usize>, Vec<f32>)],
     targets: &[Vec<f32>],
     weights: &[Vec<f32>],
+    coef: &[f64],
 ) -> (f64, Vec<Vec<f32>>) {
-    let k = outs.len().max(1) as f64;
+    let total: f64 = coef.iter().sum::<f64>().max(1e-30);
     let mut loss = 0.0;
     let mut cots = Vec::with_capacity(outs.len());
-    for (((_, _, y), t), w) in outs.iter().zip(targets).zip(weights) {
+    for ((((_, _, y), t), w), c_o) in outs.iter().zip(targets).zip(weights).zip(coef) {
+        let k = c_o / total;
         let norm: f64 = t.iter().zip(w).map(|(t, w)| *w as f64 * (*t as f64).powi(2)).sum::<f64>().max(1e-30);
         let mut c = Vec::with_capacity(y.len());
         for ((y, t), w) in y.iter().zip(t).zip(w) {
             let d = (*y - *t) as f64;
-            loss += *w as f64 * d * d / norm / k;
-            c.push((2.0 * *w as f64 * d / norm / k) as f32);
+            loss += k * *w as f64 * d * d / norm;
+            c.push((2.0 * k * *w as f64 * d / norm) as f32);
         }
         cots.push(c);
     }
@@ -433,14 +444,32 @@ mod tests {
         let outs = vec![("y".to_string(), vec![2, 3], vec![0.5f32, -1.0, 2.0, 0.25, 0.0, 1.5])];
         let t = vec![vec![0.4f32, -0.8, 1.0, 0.5, 0.1, 1.0]];
         let w = vec![vec![1.0f32, 1.0, 1.0, 0.0, 0.0, 0.0]];
-        let (l0, c) = loss_and_cotangents(&outs, &t, &w);
+        let (l0, c) = loss_and_cotangents(&outs, &t, &w, &[1.0]);
         for i in 0..6 {
             let mut o = outs.clone();
             o[0].2[i] += 1e-3;
-            let (l1, _) = loss_and_cotangents(&o, &t, &w);
+            let (l1, _) = loss_and_cotangents(&o, &t, &w, &[1.0]);
             assert!(((l1 - l0) / 1e-3 - c[0][i] as f64).abs() < 1e-2, "element {i}");
         }
         assert_eq!(&c[0][3..], &[0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn output_weights_scale_each_term_of_the_loss() {
+        // Two outputs with relative errors 0.25 and 1: alike they average to 0.625; with
+        // the second weighted 1/3 the loss is (0.25 + 1/3) / (4/3) = 0.4375, and its
+        // cotangent shrinks by the same factor against the first's.
+        let outs = vec![("a".to_string(), vec![1, 1], vec![1.0f32]), ("h".to_string(), vec![1, 1], vec![0.0f32])];
+        let t = vec![vec![2.0f32], vec![1.0f32]];
+        let w = vec![vec![1.0f32], vec![1.0f32]];
+        let (alike, ca) = loss_and_cotangents(&outs, &t, &w, &[1.0, 1.0]);
+        assert!((alike - 0.625).abs() < 1e-12, "{alike}");
+        let (weighted, cw) = loss_and_cotangents(&outs, &t, &w, &[1.0, 1.0 / 3.0]);
+        assert!((weighted - 0.4375).abs() < 1e-9, "{weighted}");
+        let ratio = |c: &[Vec<f32>]| c[1][0] / c[0][0];
+        assert!((ratio(&cw) / ratio(&ca) - 1.0 / 3.0).abs() < 1e-6);
+        let (only_outputs, c0) = loss_and_cotangents(&outs, &t, &w, &[1.0, 0.0]);
+        assert!((only_outputs - 0.25).abs() < 1e-12 && c0[1][0] == 0.0);
     }
 
     #[test]

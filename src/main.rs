@@ -181,6 +181,11 @@ struct PruneArgs {
     /// (a transformer's residual stream after each block) joins the outputs in the loss.
     #[arg(long)]
     distill_hidden: bool,
+    /// Weight of each hidden-state term of --distill-hidden in the loss, relative to one
+    /// model output's (default 1: every term alike; MiniLM-L6 has 12 LayerNorm outputs and
+    /// 2 model outputs, so 1/6 weighs the hidden states and the outputs equally in all).
+    #[arg(long)]
+    distill_hidden_weight: Option<f64>,
     /// Also measure the model-level NTK condition number on the calibration set before and
     /// after pruning (two extra Gram passes over every unit).
     #[arg(long)]
@@ -314,6 +319,16 @@ fn config(a: &PruneArgs) -> Result<Config> {
             "--distill-hidden shapes the loss of --distill-steps; give --distill-steps N".into(),
         ));
     }
+    if let Some(w) = a.distill_hidden_weight {
+        if !a.distill_hidden {
+            return Err(Error::Option(
+                "--distill-hidden-weight weighs the terms of --distill-hidden; give it too".into(),
+            ));
+        }
+        if !w.is_finite() || w < 0.0 {
+            return Err(Error::Option(format!("--distill-hidden-weight must be a number ≥ 0, got {w}")));
+        }
+    }
     let device = DeviceChoice::parse(&a.device)
         .ok_or_else(|| Error::Option(format!("unknown --device '{}' (auto, cpu or gpu)", a.device)))?;
     let scope = match a.scope.as_str() {
@@ -368,6 +383,7 @@ fn config(a: &PruneArgs) -> Result<Config> {
         distill_batch: a.distill_batch,
         distill_augment: a.distill_augment,
         distill_hidden: a.distill_hidden,
+        distill_hidden_weight: a.distill_hidden_weight.unwrap_or(1.0),
         ntk_condition: a.ntk_condition,
     })
 }

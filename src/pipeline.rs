@@ -72,6 +72,9 @@ pub struct Config {
     pub distill_augment: f64,
     /// `--distill-hidden`: the distillation loss also matches shared LayerNorm outputs.
     pub distill_hidden: bool,
+    /// `--distill-hidden-weight`: weight of each hidden-state term in the distillation loss
+    /// relative to one model output's (1 = every term alike).
+    pub distill_hidden_weight: f64,
     /// Measure the model-level NTK condition number before and after pruning.
     pub ntk_condition: bool,
 }
@@ -107,6 +110,7 @@ impl Default for Config {
             distill_batch: 16,
             distill_augment: 0.3,
             distill_hidden: false,
+            distill_hidden_weight: 1.0,
             ntk_condition: false,
         }
     }

@@ -302,6 +302,10 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("model.onnx: nothing to prune") && e.contains("inspect"), "{e}");
     let e = run_err(&[vggs, "--distill-hidden", "-o", outs], 2);
     assert!(e.contains("--distill-hidden") && e.contains("--distill-steps"), "{e}");
+    let e = run_err(&[vggs, "--distill-steps", "1", "--distill-hidden-weight", "0.5", "-o", outs], 2);
+    assert!(e.contains("--distill-hidden-weight weighs the terms of --distill-hidden"), "{e}");
+    let e = run_err(&[vggs, "--distill-steps", "1", "--distill-hidden", "--distill-hidden-weight=-1", "-o", outs], 2);
+    assert!(e.contains("--distill-hidden-weight must be a number ≥ 0, got -1"), "{e}");
 
     // Calibration data of the wrong model: missing input, wrong dtype, wrong shape.
     let e = run_err(&[vggs, "--calib", shared("minilm-l6/calib.npz").to_str().unwrap(), "-o", outs], 2);

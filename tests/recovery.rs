@@ -336,6 +336,7 @@ fn distillation_raises_held_out_fidelity_on_vgg_filters() {
     assert!(r["distillation"].is_object() && json(&rp)["distillation"].is_null());
     let dist = &r["distillation"];
     assert!(dist.get("hidden").is_none(), "no --distill-hidden: outputs only");
+    assert!(dist.get("hidden_weight").is_none(), "no hidden states, no weight for them");
     assert_eq!(dist["eval_held_out"], true);
     assert_eq!(dist["steps"], 80);
     assert!(dist["tensors"].as_u64().unwrap() > 10 && dist["frozen"].as_array().unwrap().is_empty(), "{dist}");
@@ -364,7 +365,8 @@ fn assert_distilled(f: &Value, gain: f64, files: (&Path, &Path, &Path), range: (
 }
 
 /// On MiniLM the token inputs are augmented, the embedding tables stay frozen, the loss
-/// also matches the residual stream after each LayerNorm (`--distill-hidden`), and a short
+/// also matches the residual stream after each LayerNorm (`--distill-hidden`, each weighted
+/// half an output by `--distill-hidden-weight`), and a short
 /// distillation already raises held-out fidelity of the sentence embedding (as
 /// onnxruntime measures it on the written model).
 #[test]
@@ -383,6 +385,8 @@ fn distillation_on_minilm_trains_all_but_the_embeddings() {
         "--distill-batch",
         "8",
         "--distill-hidden",
+        "--distill-hidden-weight",
+        "0.5",
     ];
     let stdout = magnitude_lsq(&model, &calib, "heads,neurons", &extra, &out, &report);
     assert!(stdout.contains("the loss also matched 12 hidden states"), "{stdout}");
@@ -396,6 +400,7 @@ fn distillation_on_minilm_trains_all_but_the_embeddings() {
     assert_eq!(frozen.len(), 3, "{frozen:?}");
     assert!(frozen.iter().all(|f| f.ends_with("embedding table")), "{frozen:?}");
     assert_eq!(dist["augment"], 0.3);
+    assert_eq!(dist["hidden_weight"], 0.5);
     // Minibatch losses are noisy over 24 steps (a tenth is 2 of them): compare halves.
     let tenths: Vec<f64> = dist["loss_by_tenth"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let (first, last) = (tenths[..5].iter().sum::<f64>(), tenths[5..].iter().sum::<f64>());
