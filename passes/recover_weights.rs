@@ -210,6 +210,15 @@ impl Pass for RecoverWeights {
         let mut layers = Vec::new();
         if !consumers.is_empty() {
             let rearrange = cx.config.recover == Recover::Obs;
+            if rearrange && fit.samples / 4 < MIN_CHECK_SAMPLES {
+                cx.warn(&format!(
+                    "--recover obs: {} refit samples leave {} to check a re-choice on (needs {MIN_CHECK_SAMPLES}, from {} \
+                     samples); no units are re-chosen and the refit is --recover lsq's",
+                    fit.samples,
+                    fit.samples / 4,
+                    4 * MIN_CHECK_SAMPLES
+                ));
+            }
             layers = refit(model, &device, &cx.groups, &mut keep, &fit, &consumers, ridge, rearrange)?;
         } else {
             skipped.push("no consumer of pruned units can be refit".into());
@@ -712,7 +721,19 @@ fn refit(
         // (a unit's features depend on that unit alone, and the residual and routing come
         // from before the group), so the refit reuses it on the features that stay.
         let mut reuse = None;
-        if rearrange {
+        let check_samples = fit.samples / 4;
+        if rearrange && check_samples < MIN_CHECK_SAMPLES {
+            if let Some((g, _)) = sole_group(&c, groups, keep) {
+                let why = format!(
+                    "{} refit samples: the last quarter ({check_samples}) is too few to check a re-choice on \
+                     (needs {MIN_CHECK_SAMPLES}, from {} refit samples)",
+                    fit.samples,
+                    4 * MIN_CHECK_SAMPLES
+                );
+                let group = groups[g].name.clone();
+                rearranged = Some(Rearranged { group, swapped: 0, held_out: None, skipped: Some(why) });
+            }
+        } else if rearrange {
             if let Some((g, slice)) = sole_group(&c, groups, keep) {
                 let mut all = keep.clone();
                 all.keep[g] = vec![true; groups[g].count];
@@ -1010,6 +1031,15 @@ fn normal_equations(
 /// search keeps the inverse Gram, features² f64 values (128 MiB at this size).
 const MAX_REARRANGE_FEATURES: usize = 4096;
 
+/// `--recover obs` re-chooses units only when the last quarter of the refit's samples, on
+/// which each re-choice must beat the criterion's to be kept, holds at least this many.
+/// With fewer the check cannot tell a better choice from one that fits a few samples by
+/// chance: EfficientNet-lite0's 24 calibration images leave 6, and every re-choice they let
+/// through made the model worse on held-out images (fisher, 50% of filters: top-1 agreement
+/// 0.750 with lsq, 0.625 with obs). vgg_bn and MiniLM at the default 128 refit samples
+/// (32 to check on) gain from obs.
+const MIN_CHECK_SAMPLES: usize = 16;
+
 /// The one unit group (not experts) whose pruned units consumer `c` reads, with its slice on
 /// c's weight, when that weight is the group's only consumer: re-choosing its units then
 /// changes no other refit's inputs.
@@ -1060,15 +1090,6 @@ fn choose_units(
     }
     if rows == 0 {
         return Err("no rows to fit".into());
-    }
-    // `--recover obs` chooses units only on at least as many rows as input features (bias
-    // included). With fewer, the ridge alone makes the problem solvable and almost any subset
-    // fits the rows it is chosen on, so the search picks units that fit those samples rather
-    // than the model's function: EfficientNet-lite0's 7 × 7 stages (24 calibration images,
-    // 882 rows to choose on for 1,153 features) were where it lost to lsq. MiniLM's layers
-    // (1.9 rows per feature at the default 128 refit samples) and the digits models have more.
-    if rows < fk {
-        return Err(format!("{rows} rows to choose on for {fk} input features: too few to choose units on"));
     }
     let nout = p.nout;
     let (mut g, b) = normal_equations(&ak, &target, &w0, rows, fk, nout, ridge);
@@ -1253,24 +1274,6 @@ mod tests {
         assert!(refit_error(&p, &kept) < 1e-6, "{kept:?} does not span the target");
         // A choice that does not span it (x0, x3, x5) leaves a large error: the test can fail.
         assert!(refit_error(&p, &[0, 3, 5]) > 0.1);
-    }
-
-    #[test]
-    fn obs_does_not_choose_on_fewer_rows_than_features() {
-        // 5 rows for 6 features: the search declines (the refit then keeps the criterion's
-        // units); 5 rows for 5 features (one unit already pruned and not a candidate): it runs.
-        let (rows, f, nout) = (5, 6, 2);
-        let mut r = lcg(5);
-        let a: Vec<f64> = (0..rows * f).map(|_| r()).collect();
-        let wt = [0.3, -0.2, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, -1.0, 0.7, 0.0, 0.0];
-        let p = problem(a, rows, f, &wt, &wt, nout);
-        let units: Vec<Vec<usize>> = (0..f).map(|j| vec![j]).collect();
-        let err = choose_units(&p, 0..rows, &[false; 6], None, &units, 3, 1e-3).unwrap_err();
-        assert!(err.contains("5 rows to choose on for 6 input features"), "{err}");
-        let mut pruned = [false; 6];
-        pruned[5] = true;
-        let alive = choose_units(&p, 0..rows, &pruned, None, &units[..5], 3, 1e-3).unwrap();
-        assert_eq!(alive.iter().filter(|a| **a).count(), 3, "{alive:?}");
     }
 
     #[test]

@@ -500,4 +500,21 @@ fn obs_recovery_rechooses_units_per_layer_and_beats_the_plain_refit() {
     assert!(cos(&b) > cos(&a), "held-out cosine to dense: obs {} vs lsq {}", cos(&b), cos(&a));
     // The slim model equals its masked reference (the new keep-set) in onnxruntime.
     ort_check(&obs, &masked, Some(&calib), 4);
+
+    // On 40 refit samples the last quarter (10) is too few to check a re-choice on: obs
+    // re-chooses nothing, says why, and writes the model lsq writes, byte for byte.
+    let few = ["--recover-samples", "40"];
+    let (lsq40, lsq40_r, obs40, obs40_r) =
+        (dir.join("lsq40.onnx"), dir.join("lsq40.json"), dir.join("obs40.onnx"), dir.join("obs40.json"));
+    magnitude_lsq(&model, &calib, "filters", &few, &lsq40, &lsq40_r);
+    magnitude_refit("obs", &model, &calib, "filters", &few, &obs40, &obs40_r);
+    let warnings = json(&obs40_r)["warnings"].to_string();
+    assert!(warnings.contains("--recover obs: 40 refit samples leave 10 to check a re-choice on"), "{warnings}");
+    let layers = json(&obs40_r)["recovery"]["layers"].clone();
+    for l in layers.as_array().unwrap() {
+        let why = l["rearranged"]["skipped"].as_str().unwrap_or_default();
+        assert!(why.contains("40 refit samples: the last quarter (10) is too few"), "{layers}");
+        assert_eq!(l["rearranged"]["swapped"], 0);
+    }
+    assert!(std::fs::read(&obs40).unwrap() == std::fs::read(&lsq40).unwrap(), "obs on 40 samples differs from lsq");
 }
