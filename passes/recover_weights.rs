@@ -210,14 +210,8 @@ impl Pass for RecoverWeights {
         let mut layers = Vec::new();
         if !consumers.is_empty() {
             let rearrange = cx.config.recover == Recover::Obs;
-            if rearrange && fit.samples / 4 < MIN_CHECK_SAMPLES {
-                cx.warn(&format!(
-                    "--recover obs: {} refit samples leave {} to check a re-choice on (needs {MIN_CHECK_SAMPLES}, from {} \
-                     samples); no units are re-chosen and the refit is --recover lsq's",
-                    fit.samples,
-                    fit.samples / 4,
-                    4 * MIN_CHECK_SAMPLES
-                ));
+            if let Some(why) = too_few_to_check(fit.samples).filter(|_| rearrange) {
+                cx.warn(format!("--recover obs: {why}; no units are re-chosen and the refit is --recover lsq's"));
             }
             layers = refit(model, &device, &cx.groups, &mut keep, &fit, &consumers, ridge, rearrange)?;
         } else {
@@ -712,6 +706,7 @@ fn refit(
     drop(arena);
     let run = Runner { engine: &engine, device, inputs: &inputs, groups, fit };
     let mut layers = Vec::new();
+    let shortfall = too_few_to_check(fit.samples);
     for (c, target) in consumers.iter().zip(targets) {
         let mut c = c.clone();
         // --recover obs: first re-choose which units of the group feeding this consumer stay
@@ -721,17 +716,10 @@ fn refit(
         // (a unit's features depend on that unit alone, and the residual and routing come
         // from before the group), so the refit reuses it on the features that stay.
         let mut reuse = None;
-        let check_samples = fit.samples / 4;
-        if rearrange && check_samples < MIN_CHECK_SAMPLES {
+        if let (true, Some(why)) = (rearrange, &shortfall) {
             if let Some((g, _)) = sole_group(&c, groups, keep) {
-                let why = format!(
-                    "{} refit samples: the last quarter ({check_samples}) is too few to check a re-choice on \
-                     (needs {MIN_CHECK_SAMPLES}, from {} refit samples)",
-                    fit.samples,
-                    4 * MIN_CHECK_SAMPLES
-                );
-                let group = groups[g].name.clone();
-                rearranged = Some(Rearranged { group, swapped: 0, held_out: None, skipped: Some(why) });
+                let (group, skipped) = (groups[g].name.clone(), Some(why.clone()));
+                rearranged = Some(Rearranged { group, swapped: 0, held_out: None, skipped });
             }
         } else if rearrange {
             if let Some((g, slice)) = sole_group(&c, groups, keep) {
@@ -1039,6 +1027,17 @@ const MAX_REARRANGE_FEATURES: usize = 4096;
 /// 0.750 with lsq, 0.625 with obs). vgg_bn and MiniLM at the default 128 refit samples
 /// (32 to check on) gain from obs.
 const MIN_CHECK_SAMPLES: usize = 16;
+
+/// Why `--recover obs` cannot check re-choices on `samples` refit samples, if it cannot.
+fn too_few_to_check(samples: usize) -> Option<String> {
+    (samples / 4 < MIN_CHECK_SAMPLES).then(|| {
+        format!(
+            "{samples} refit samples leave {} to check a re-choice on (needs {MIN_CHECK_SAMPLES}, from {} samples)",
+            samples / 4,
+            4 * MIN_CHECK_SAMPLES
+        )
+    })
+}
 
 /// The one unit group (not experts) whose pruned units consumer `c` reads, with its slice on
 /// c's weight, when that weight is the group's only consumer: re-choosing its units then

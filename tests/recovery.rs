@@ -513,7 +513,7 @@ fn obs_recovery_rechooses_units_per_layer_and_beats_the_plain_refit() {
     let layers = json(&obs40_r)["recovery"]["layers"].clone();
     for l in layers.as_array().unwrap() {
         let why = l["rearranged"]["skipped"].as_str().unwrap_or_default();
-        assert!(why.contains("40 refit samples: the last quarter (10) is too few"), "{layers}");
+        assert!(why.contains("40 refit samples leave 10 to check a re-choice on"), "{layers}");
         assert_eq!(l["rearranged"]["swapped"], 0);
     }
     assert!(std::fs::read(&obs40).unwrap() == std::fs::read(&lsq40).unwrap(), "obs on 40 samples differs from lsq");
