@@ -1,34 +1,72 @@
-//! Packed f32 GEMM for x86-64 with AVX2 + FMA, in BLIS's structure: B is packed into
-//! KC × 16 column panels (shared by the threads), each thread packs its MC × KC block of A
-//! into 6-row panels, and a 6 × 16 register tile (12 ymm accumulators, 2 B loads and
-//! 6 broadcasts per k) multiplies them. matrixmultiply's 8 × 8 tile needs 9 loads per
-//! 8 FMAs and stalls on the load ports; this tile is FMA-bound. Threads split the rows of C
-//! in whole blocks (rayon), so each element is summed in the same order whatever the thread
-//! count: results do not depend on it.
+//! Packed f32 GEMM for x86-64, in BLIS's structure: B is packed into KC × NR column panels
+//! (shared by the threads), each thread packs its MC × KC block of A into MR-row panels,
+//! and an MR × NR register tile multiplies them. Two tiles, chosen at run time:
+//! - AVX-512F: 12 × 32 (24 zmm accumulators, 2 B loads and 12 broadcasts per k). On CPUs
+//!   with full-width 512-bit FMA units (AMD Zen 5, Intel server cores) it does twice the
+//!   work per instruction of the AVX2 tile.
+//! - AVX2 + FMA: 6 × 16 (12 ymm accumulators, 2 B loads and 6 broadcasts per k).
+//!   matrixmultiply's 8 × 8 tile needs 9 loads per 8 FMAs and stalls on the load ports;
+//!   this tile is FMA-bound.
+//!
+//! Both sum every element of C in the same order (one FMA per depth step, depth blocks of
+//! the same size, block results added to C in order), so they give the same bits, and
+//! threads split the rows of C in whole blocks (rayon), so results depend neither on the
+//! thread count nor on which tile the CPU runs.
 //!
 //! Used for f32 products big enough to amortise the packing when the CPU has AVX2 and FMA
 //! (detected at run time); everything else goes to matrixmultiply.
 
 use rayon::prelude::*;
 
-const MR: usize = 6;
-const NR: usize = 16;
 const KC: usize = 256;
 const MC: usize = 96;
 const NC: usize = 3072;
 
-/// Whether this CPU runs the kernel (AVX2 and FMA).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
+/// A register tile of the packed GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// 6 × 16, AVX2 + FMA.
+    Avx2,
+    /// 12 × 32, AVX-512F.
+    Avx512,
+}
+
+impl Tile {
+    /// Whether this CPU can run the tile.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static AVX2: OnceLock<bool> = OnceLock::new();
+            static AVX512: OnceLock<bool> = OnceLock::new();
+            let avx2 = *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+            match self {
+                Tile::Avx2 => avx2,
+                Tile::Avx512 => avx2 && *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f")),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+
+    /// The widest tile this CPU runs, if any. `PLPRUNE_GEMM_TILE=avx2` keeps the AVX2 tile
+    /// on an AVX-512 CPU (to compare the two).
+    pub fn best() -> Option<Tile> {
         use std::sync::OnceLock;
-        static OK: OnceLock<bool> = OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        static BEST: OnceLock<Option<Tile>> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let narrow = std::env::var("PLPRUNE_GEMM_TILE").is_ok_and(|v| v.eq_ignore_ascii_case("avx2"));
+            [Tile::Avx512, Tile::Avx2].into_iter().find(|t| t.supported() && !(narrow && *t == Tile::Avx512))
+        })
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+}
+
+/// Whether this CPU runs the packed GEMM (AVX2 and FMA).
+pub fn available() -> bool {
+    Tile::Avx2.supported()
 }
 
 #[derive(Clone, Copy)]
@@ -49,13 +87,66 @@ thread_local! {
 }
 
 /// C = A·B with A m × k (element (i, p) at a[i·rsa + p·csa]), B k × n (b[p·rsb + j·csb]) and
-/// C m × n row-major with row stride rsc (overwritten).
+/// C m × n row-major with row stride rsc (overwritten), on the widest tile the CPU runs.
 ///
 /// # Safety
 /// The strides must describe matrices inside the allocations behind the pointers, C must not
 /// overlap A or B, and `available()` must be true.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    c: *mut f32,
+    rsc: isize,
+) {
+    sgemm_on(Tile::best().unwrap_or(Tile::Avx2), m, k, n, a, rsa, csa, b, rsb, csb, c, rsc)
+}
+
+/// [`sgemm`] on a given tile.
+///
+/// # Safety
+/// As [`sgemm`], and `tile.supported()` must be true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_on(
+    tile: Tile,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    c: *mut f32,
+    rsc: isize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match tile {
+        Tile::Avx2 => drive::<6, 16>(kernel_avx2, m, k, n, a, rsa, csa, b, rsb, csb, c, rsc),
+        Tile::Avx512 => drive::<12, 32>(kernel_avx512, m, k, n, a, rsa, csa, b, rsb, csb, c, rsc),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (tile, m, k, n, a, rsa, csa, b, rsb, csb, c, rsc);
+        unreachable!("sgemm::available() is false off x86-64")
+    }
+}
+
+/// An MR × NR tile kernel: C tile (rows × cols at c, row stride rsc) = (accumulate ? C : 0)
+/// + Σ_p a[p]ᵀ b[p] over the packed panels a (kc × MR) and b (kc × NR).
+type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, isize, usize, usize, bool);
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive<const MR: usize, const NR: usize>(
+    kernel: Kernel,
     m: usize,
     k: usize,
     n: usize,
@@ -176,30 +267,6 @@ unsafe fn pack<const W: usize>(
     }
 }
 
-/// C tile (rows × cols at c, row stride rsc) = (accumulate ? C : 0) + Σ_p a[p]ᵀ b[p] over the
-/// packed panels a (kc × 6) and b (kc × 16).
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    rsc: isize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        kernel_avx2(kc, a, b, c, rsc, rows, cols, accumulate)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (kc, a, b, c, rsc, rows, cols, accumulate);
-        unreachable!("sgemm::available() is false off x86-64")
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -214,11 +281,13 @@ unsafe fn kernel_avx2(
     accumulate: bool,
 ) {
     use std::arch::x86_64::*;
+    const MR: usize = 6;
+    const NR: usize = 16;
     // The C tile is read (or written) after the loop: start fetching it now.
     for r in 0..rows {
         let p = c.offset(r as isize * rsc) as *const i8;
         _mm_prefetch::<_MM_HINT_T0>(p);
-        _mm_prefetch::<_MM_HINT_T0>(p.add(60));
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(60));
     }
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let (mut a, mut b) = (a, b);
@@ -270,6 +339,76 @@ unsafe fn kernel_avx2(
     }
 }
 
+/// The 12 × 32 AVX-512 tile: the same sums in the same order as [`kernel_avx2`] (one FMA
+/// per depth step per element, C added after the loop), four times the elements per pass.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 12;
+    const NR: usize = 32;
+    // The C tile is read (or written) after the loop: start fetching it now (128 bytes
+    // a row, so up to three cache lines when unaligned).
+    for r in 0..rows {
+        let p = c.offset(r as isize * rsc) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(p);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(124));
+    }
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let (mut a, mut b) = (a, b);
+    macro_rules! step {
+        ($a:expr, $b:expr) => {{
+            let b0 = _mm512_loadu_ps($b);
+            let b1 = _mm512_loadu_ps($b.add(16));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*$a.add(r));
+                row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+            }
+        }};
+    }
+    for _ in 0..kc / 2 {
+        step!(a, b);
+        step!(a.add(MR), b.add(NR));
+        a = a.add(2 * MR);
+        b = b.add(2 * NR);
+    }
+    if kc % 2 == 1 {
+        step!(a, b);
+    }
+    // Column masks of the two halves (all ones for a full tile).
+    let lanes = |from: usize| -> __mmask16 {
+        let n = cols.saturating_sub(from).min(16);
+        if n == 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    };
+    let (k0, k1) = (lanes(0), lanes(16));
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        let p = c.offset(r as isize * rsc);
+        let (mut v0, mut v1) = (row[0], row[1]);
+        if accumulate {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, p));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, p.wrapping_add(16)));
+        }
+        _mm512_mask_storeu_ps(p, k0, v0);
+        _mm512_mask_storeu_ps(p.wrapping_add(16), k1, v1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,57 +429,130 @@ mod tests {
         c
     }
 
-    /// Every transpose combination, on sizes that are not multiples of the tile or block
-    /// sizes (and ones spanning several KC and MC blocks), against an f64 reference.
-    #[test]
-    fn matches_a_naive_product_on_ragged_shapes() {
-        if !available() {
-            eprintln!("no AVX2/FMA: the packed kernel is not used on this CPU");
-            return;
-        }
-        let mut seed = 7u64;
-        let mut rnd = || {
+    fn rnd_fn(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        for &(m, k, n) in &[(1, 1, 1), (7, 5, 17), (13, 300, 33), (200, 517, 45), (6, 16, 16), (97, 1, 250)] {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
-                let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
-                let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-                let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-                let mut c = vec![f32::NAN; m * n];
-                unsafe { sgemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, c.as_mut_ptr(), n as isize) };
-                let want = naive(m, k, n, &a, ta, &b, tb);
-                for (i, (x, y)) in c.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*x as f64 - y).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,
-                        "{m}x{k}x{n} ta={ta} tb={tb}: element {i}: {x} vs {y}"
-                    );
+        }
+    }
+
+    /// The tiles this CPU runs (none off x86-64 or without AVX2 + FMA, where the packed
+    /// GEMM is not used).
+    fn tiles() -> Vec<Tile> {
+        let t: Vec<Tile> = [Tile::Avx2, Tile::Avx512].into_iter().filter(|t| t.supported()).collect();
+        if t.len() < 2 {
+            eprintln!("tiles this CPU runs: {t:?} (the others are not tested here)");
+        }
+        t
+    }
+
+    const SHAPES: [(usize, usize, usize); 8] =
+        [(1, 1, 1), (7, 5, 17), (13, 300, 33), (200, 517, 45), (6, 16, 16), (12, 32, 32), (97, 1, 250), (30, 40, 70)];
+
+    /// Every transpose combination, on sizes that are not multiples of the tile or block
+    /// sizes (and ones spanning several KC and MC blocks), against an f64 reference, on
+    /// every tile the CPU runs.
+    #[test]
+    fn matches_a_naive_product_on_ragged_shapes() {
+        let mut rnd = rnd_fn(7);
+        for tile in tiles() {
+            for &(m, k, n) in &SHAPES {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+                    let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+                    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+                    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+                    let mut c = vec![f32::NAN; m * n];
+                    unsafe {
+                        sgemm_on(tile, m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, c.as_mut_ptr(), n as isize)
+                    };
+                    let want = naive(m, k, n, &a, ta, &b, tb);
+                    for (i, (x, y)) in c.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*x as f64 - y).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,
+                            "{tile:?} {m}x{k}x{n} ta={ta} tb={tb}: element {i}: {x} vs {y}"
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// A row stride wider than n leaves the gaps alone.
+    /// The AVX-512 tile sums in the AVX2 tile's order: the same bits, so results do not
+    /// depend on which CPU ran them (shapes spanning several depth blocks included).
     #[test]
-    fn writes_only_the_product_into_a_strided_c() {
-        if !available() {
+    fn the_tiles_give_the_same_bits() {
+        if !Tile::Avx512.supported() {
+            eprintln!("no AVX-512F: only the AVX2 tile runs on this CPU");
             return;
         }
-        let (m, k, n, ld) = (9, 4, 20, 23);
-        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.25).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| 1.0 - i as f32 * 0.125).collect();
-        let mut c = vec![-7.0f32; m * ld];
-        unsafe { sgemm(m, k, n, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, c.as_mut_ptr(), ld as isize) };
-        let want = naive(m, k, n, &a, false, &b, false);
-        for i in 0..m {
-            for j in 0..ld {
-                let x = c[i * ld + j] as f64;
-                if j < n {
-                    assert!((x - want[i * n + j]).abs() < 1e-4, "({i}, {j}): {x} vs {}", want[i * n + j]);
-                } else {
-                    assert_eq!(x, -7.0, "({i}, {j}) is outside the product");
+        let mut rnd = rnd_fn(11);
+        for &(m, k, n) in SHAPES.iter().chain(&[(131, 700, 97), (2048 / 8, 1536, 384 / 4)]) {
+            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let run = |tile| {
+                let mut c = vec![f32::NAN; m * n];
+                unsafe {
+                    sgemm_on(
+                        tile,
+                        m,
+                        k,
+                        n,
+                        a.as_ptr(),
+                        k as isize,
+                        1,
+                        b.as_ptr(),
+                        n as isize,
+                        1,
+                        c.as_mut_ptr(),
+                        n as isize,
+                    )
+                };
+                c
+            };
+            let (x, y) = (run(Tile::Avx2), run(Tile::Avx512));
+            for (i, (x, y)) in x.iter().zip(&y).enumerate() {
+                assert_eq!(x.to_bits(), y.to_bits(), "{m}x{k}x{n}: element {i}: {x} vs {y}");
+            }
+        }
+    }
+
+    /// A row stride wider than n leaves the gaps alone, also when C is accumulated over
+    /// several depth blocks.
+    #[test]
+    fn writes_only_the_product_into_a_strided_c() {
+        for tile in tiles() {
+            for (m, k, n, ld) in [(9, 4, 20, 23), (13, 600, 37, 41)] {
+                let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.25).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| 1.0 - (i % 17) as f32 * 0.125).collect();
+                let mut c = vec![-7.0f32; m * ld];
+                unsafe {
+                    sgemm_on(
+                        tile,
+                        m,
+                        k,
+                        n,
+                        a.as_ptr(),
+                        k as isize,
+                        1,
+                        b.as_ptr(),
+                        n as isize,
+                        1,
+                        c.as_mut_ptr(),
+                        ld as isize,
+                    )
+                };
+                let want = naive(m, k, n, &a, false, &b, false);
+                for i in 0..m {
+                    for j in 0..ld {
+                        let x = c[i * ld + j] as f64;
+                        if j < n {
+                            let w = want[i * n + j];
+                            assert!((x - w).abs() < 1e-4 * w.abs().max(1.0), "{tile:?} ({i}, {j}): {x} vs {w}");
+                        } else {
+                            assert_eq!(x, -7.0, "{tile:?} ({i}, {j}) is outside the product");
+                        }
+                    }
                 }
             }
         }
