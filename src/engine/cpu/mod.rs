@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::program::{Instr, Prim, Program, Slot, SlotKind};
 use crate::error::{Error, Result};
 
-/// f32 products with at least this many multiply-adds use the packed AVX2 kernel
+/// f32 products with at least this many multiply-adds use the packed AVX2/AVX-512 kernel
 /// (`sgemm`) when the CPU has it; smaller ones matrixmultiply, whose packing costs less.
 const PACKED_GEMM: usize = 1 << 18;
 
