@@ -267,6 +267,55 @@ unsafe fn pack<const W: usize>(
     }
 }
 
+/// One depth step of a tile: two `$w`-lane vectors of B, and per row of A one broadcast and
+/// two FMAs into that row's accumulators.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_step {
+    ($acc:ident, $a:expr, $b:expr, $w:expr, $load:ident, $set1:ident, $fma:ident) => {{
+        let b0 = $load($b);
+        let b1 = $load($b.add($w));
+        for (r, row) in $acc.iter_mut().enumerate() {
+            let x = $set1(*$a.add(r));
+            row[0] = $fma(x, b0, row[0]);
+            row[1] = $fma(x, b1, row[1]);
+        }
+    }};
+}
+
+/// The part both tiles share, on `$w`-lane vectors: prefetch the C tile (read or written
+/// after the loop), then the sums Σ_p a[p]ᵀ b[p] over the packed panels, one FMA per element
+/// per depth step, two steps a pass. Evaluates to the `$mr` × 2 accumulators. A macro, not
+/// a function, so each kernel compiles it with its own target features, as straight-line
+/// code at any opt-level.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_sums {
+    ($kc:expr, $a:expr, $b:expr, $c:expr, $rsc:expr, $rows:expr, $mr:expr, $w:expr,
+     $zero:ident, $load:ident, $set1:ident, $fma:ident) => {{
+        for r in 0..$rows {
+            let p = $c.offset(r as isize * $rsc) as *const i8;
+            // 2·$w floats a row: every cache line it touches when unaligned.
+            let mut off = 0;
+            while off < 8 * $w {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+                off += 64;
+            }
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * $w - 4));
+        }
+        let mut acc = [[$zero(); 2]; $mr];
+        let (mut a, mut b) = ($a, $b);
+        for _ in 0..$kc / 2 {
+            tile_step!(acc, a, b, $w, $load, $set1, $fma);
+            tile_step!(acc, a.add($mr), b.add(2 * $w), $w, $load, $set1, $fma);
+            a = a.add(2 * $mr);
+            b = b.add(4 * $w);
+        }
+        if $kc % 2 == 1 {
+            tile_step!(acc, a, b, $w, $load, $set1, $fma);
+        }
+        acc
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -283,35 +332,8 @@ unsafe fn kernel_avx2(
     use std::arch::x86_64::*;
     const MR: usize = 6;
     const NR: usize = 16;
-    // The C tile is read (or written) after the loop: start fetching it now.
-    for r in 0..rows {
-        let p = c.offset(r as isize * rsc) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(p);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(60));
-    }
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let (mut a, mut b) = (a, b);
-    // A macro, not a closure, so the step is straight-line code at any opt-level.
-    macro_rules! step {
-        ($a:expr, $b:expr) => {{
-            let b0 = _mm256_loadu_ps($b);
-            let b1 = _mm256_loadu_ps($b.add(8));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*$a.add(r));
-                row[0] = _mm256_fmadd_ps(x, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(x, b1, row[1]);
-            }
-        }};
-    }
-    for _ in 0..kc / 2 {
-        step!(a, b);
-        step!(a.add(MR), b.add(NR));
-        a = a.add(2 * MR);
-        b = b.add(2 * NR);
-    }
-    if kc % 2 == 1 {
-        step!(a, b);
-    }
+    let acc =
+        tile_sums!(kc, a, b, c, rsc, rows, MR, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps);
     if rows == MR && cols == NR {
         for (r, row) in acc.iter().enumerate() {
             let p = c.offset(r as isize * rsc);
@@ -356,37 +378,8 @@ unsafe fn kernel_avx512(
 ) {
     use std::arch::x86_64::*;
     const MR: usize = 12;
-    const NR: usize = 32;
-    // The C tile is read (or written) after the loop: start fetching it now (128 bytes
-    // a row, so up to three cache lines when unaligned).
-    for r in 0..rows {
-        let p = c.offset(r as isize * rsc) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(p);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(124));
-    }
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    let (mut a, mut b) = (a, b);
-    macro_rules! step {
-        ($a:expr, $b:expr) => {{
-            let b0 = _mm512_loadu_ps($b);
-            let b1 = _mm512_loadu_ps($b.add(16));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*$a.add(r));
-                row[0] = _mm512_fmadd_ps(x, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(x, b1, row[1]);
-            }
-        }};
-    }
-    for _ in 0..kc / 2 {
-        step!(a, b);
-        step!(a.add(MR), b.add(NR));
-        a = a.add(2 * MR);
-        b = b.add(2 * NR);
-    }
-    if kc % 2 == 1 {
-        step!(a, b);
-    }
+    let acc =
+        tile_sums!(kc, a, b, c, rsc, rows, MR, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps);
     // Column masks of the two halves (all ones for a full tile).
     let lanes = |from: usize| -> __mmask16 {
         let n = cols.saturating_sub(from).min(16);
