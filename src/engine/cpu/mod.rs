@@ -90,8 +90,8 @@ impl Real for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        if csc == 1 && m * n * k >= PACKED_GEMM && sgemm::available() {
-            sgemm::sgemm(m, k, n, a, rsa, csa, b, rsb, csb, c, rsc)
+        if let Some(tile) = sgemm::Tile::best().filter(|_| csc == 1 && m * n * k >= PACKED_GEMM) {
+            sgemm::sgemm(tile, m, k, n, a, rsa, csa, b, rsb, csb, c, rsc)
         } else {
             matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc)
         }

@@ -87,34 +87,13 @@ thread_local! {
 }
 
 /// C = A·B with A m × k (element (i, p) at a[i·rsa + p·csa]), B k × n (b[p·rsb + j·csb]) and
-/// C m × n row-major with row stride rsc (overwritten), on the widest tile the CPU runs.
+/// C m × n row-major with row stride rsc (overwritten), on `tile` (`Tile::best()` in use).
 ///
 /// # Safety
 /// The strides must describe matrices inside the allocations behind the pointers, C must not
-/// overlap A or B, and `available()` must be true.
+/// overlap A or B, and `tile.supported()` must be true.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    c: *mut f32,
-    rsc: isize,
-) {
-    sgemm_on(Tile::best().unwrap_or(Tile::Avx2), m, k, n, a, rsa, csa, b, rsb, csb, c, rsc)
-}
-
-/// [`sgemm`] on a given tile.
-///
-/// # Safety
-/// As [`sgemm`], and `tile.supported()` must be true.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm_on(
     tile: Tile,
     m: usize,
     k: usize,
@@ -439,6 +418,18 @@ mod tests {
         t
     }
 
+    /// A·B on `tile` for row-major A (m × k) and B (k × n), into a C of row stride `ld`
+    /// filled with `fill` first.
+    #[allow(clippy::too_many_arguments)]
+    fn row_major(tile: Tile, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], ld: usize, fill: f32) -> Vec<f32> {
+        let mut c = vec![fill; m * ld];
+        // SAFETY: the strides describe a, b and c, and the caller checked tile.supported().
+        unsafe {
+            sgemm(tile, m, k, n, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, c.as_mut_ptr(), ld as isize)
+        };
+        c
+    }
+
     const SHAPES: [(usize, usize, usize); 8] =
         [(1, 1, 1), (7, 5, 17), (13, 300, 33), (200, 517, 45), (6, 16, 16), (12, 32, 32), (97, 1, 250), (30, 40, 70)];
 
@@ -457,7 +448,7 @@ mod tests {
                     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
                     let mut c = vec![f32::NAN; m * n];
                     unsafe {
-                        sgemm_on(tile, m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, c.as_mut_ptr(), n as isize)
+                        sgemm(tile, m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, c.as_mut_ptr(), n as isize)
                     };
                     let want = naive(m, k, n, &a, ta, &b, tb);
                     for (i, (x, y)) in c.iter().zip(&want).enumerate() {
@@ -483,27 +474,10 @@ mod tests {
         for &(m, k, n) in SHAPES.iter().chain(&[(131, 700, 97), (2048 / 8, 1536, 384 / 4)]) {
             let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
-            let run = |tile| {
-                let mut c = vec![f32::NAN; m * n];
-                unsafe {
-                    sgemm_on(
-                        tile,
-                        m,
-                        k,
-                        n,
-                        a.as_ptr(),
-                        k as isize,
-                        1,
-                        b.as_ptr(),
-                        n as isize,
-                        1,
-                        c.as_mut_ptr(),
-                        n as isize,
-                    )
-                };
-                c
-            };
-            let (x, y) = (run(Tile::Avx2), run(Tile::Avx512));
+            let (x, y) = (
+                row_major(Tile::Avx2, m, k, n, &a, &b, n, f32::NAN),
+                row_major(Tile::Avx512, m, k, n, &a, &b, n, f32::NAN),
+            );
             for (i, (x, y)) in x.iter().zip(&y).enumerate() {
                 assert_eq!(x.to_bits(), y.to_bits(), "{m}x{k}x{n}: element {i}: {x} vs {y}");
             }
@@ -518,23 +492,7 @@ mod tests {
             for (m, k, n, ld) in [(9, 4, 20, 23), (13, 600, 37, 41)] {
                 let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.25).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| 1.0 - (i % 17) as f32 * 0.125).collect();
-                let mut c = vec![-7.0f32; m * ld];
-                unsafe {
-                    sgemm_on(
-                        tile,
-                        m,
-                        k,
-                        n,
-                        a.as_ptr(),
-                        k as isize,
-                        1,
-                        b.as_ptr(),
-                        n as isize,
-                        1,
-                        c.as_mut_ptr(),
-                        ld as isize,
-                    )
-                };
+                let c = row_major(tile, m, k, n, &a, &b, ld, -7.0);
                 let want = naive(m, k, n, &a, false, &b, false);
                 for i in 0..m {
                     for j in 0..ld {
