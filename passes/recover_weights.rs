@@ -20,10 +20,12 @@
 //! Runs before RewriteGraph, on the calibration samples the criterion scored; fidelity to
 //! the dense model with and without the refit is measured on the next samples of the file
 //! when it has them (else on the same ones) and reported. Consumers it cannot refit
-//! (grouped convs, weights read by several ops, stacked experts) are listed with the
-//! reason and left as they are. When whole experts of a top-1 MoE block are pruned, each
+//! (grouped convs, weights read by several ops) are listed with the reason and left as
+//! they are. When whole experts of a top-1 MoE block are pruned, each
 //! kept expert's down-projection is refit towards the block's dense combined output on the
-//! tokens routed to it in the masked model (those of removed experts included).
+//! tokens routed to it in the masked model (those of removed experts included); stacked
+//! experts (one [E, F, C] weight, any top-k) are refit together the same way
+//! ([`stacked_experts`]).
 //!
 //! The forwards that collect the activations run on the backend `--device` picks (the
 //! WGSL kernels on a GPU); the Grams AᵀA and the solves run on the CPU in f64.
@@ -41,6 +43,9 @@ use crate::ir::{Id, Model};
 use crate::pipeline::{Context, Pass};
 use crate::tensor::Tensor;
 use crate::units::{KeepSet, Role, UnitGroup, UnitKind};
+
+#[path = "recover_weights/stacked_experts.rs"]
+mod stacked_experts;
 
 pub struct RecoverWeights;
 
@@ -200,7 +205,7 @@ impl Pass for RecoverWeights {
         let batch = cx.inputs.clone().ok_or_else(|| Error::Other("--recover needs calibration inputs".into()))?;
         let (fit, eval, held_out) = fit_and_eval(cx, &batch);
         let ridge = cx.config.recover_ridge;
-        let (consumers, mut skipped) = consumers(model, &cx.groups, &keep);
+        let (consumers, stacked, mut skipped) = consumers(model, &cx.groups, &keep);
         // The forwards that give the activations run on the chosen backend; the
         // least-squares solves, small and in f64, on the CPU.
         let device = crate::engine::gpu::select(cx.config.device)?;
@@ -208,12 +213,13 @@ impl Pass for RecoverWeights {
         let dense = dense_outputs(model, &device, &eval)?;
         let before = masked_outputs(model, &device, &cx.groups, &keep, &eval)?;
         let mut layers = Vec::new();
-        if !consumers.is_empty() {
+        if !consumers.is_empty() || !stacked.is_empty() {
             let rearrange = cx.config.recover == Recover::Obs;
             if let Some(why) = too_few_to_check(fit.samples).filter(|_| rearrange) {
                 cx.warn(format!("--recover obs: {why}; no units are re-chosen and the refit is --recover lsq's"));
             }
-            layers = refit(model, &device, &cx.groups, &mut keep, &fit, &consumers, ridge, rearrange)?;
+            let todo = Todo { consumers: &consumers, stacked: &stacked };
+            layers = refit(model, &device, &cx.groups, &mut keep, &fit, todo, ridge, rearrange, &mut skipped)?;
         } else {
             skipped.push("no consumer of pruned units can be refit".into());
         }
@@ -279,12 +285,17 @@ pub(crate) fn outputs_in_chunks(
     Ok(all)
 }
 
-/// The consumers of pruned units that can be refit, in topological order, and the others
-/// with the reason.
-fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consumer>, Vec<String>) {
+/// The consumers of pruned units that can be refit, in topological order, the stacked
+/// expert blocks, and the others with the reason.
+fn consumers(
+    model: &Model,
+    groups: &[UnitGroup],
+    keep: &KeepSet,
+) -> (Vec<Consumer>, Vec<stacked_experts::Block>, Vec<String>) {
     let mut pruned: BTreeMap<(Id, usize), BTreeSet<usize>> = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut experts: Vec<Consumer> = Vec::new();
+    let mut stacked = Vec::new();
     for (g, group) in groups.iter().enumerate() {
         let p = keep.pruned(g);
         if p.is_empty() {
@@ -293,7 +304,10 @@ fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consum
         if group.kind == UnitKind::Experts {
             match &group.routing {
                 Some(r) => experts.extend(expert_refits(model, group, r, &p, &mut skipped)),
-                None => skipped.push(format!("experts '{}': stacked experts are not refit", group.name)),
+                None => match stacked_experts::find(model, groups, g) {
+                    Ok(b) => stacked.push(b),
+                    Err(why) => skipped.push(format!("experts '{}': {why}", group.name)),
+                },
             }
             continue;
         }
@@ -368,7 +382,8 @@ fn consumers(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> (Vec<Consum
         }
     }
     out.sort_by_key(|c| order.get(&c.op).copied().unwrap_or(usize::MAX));
-    (out, skipped)
+    stacked.sort_by_key(|b| order.get(&b.op).copied().unwrap_or(usize::MAX));
+    (out, stacked, skipped)
 }
 
 /// The down-projections of the kept experts of an MoE block whose experts `pruned` are
@@ -664,17 +679,29 @@ fn padding_rows(batch: &crate::calib::Batch, x_shape: &[usize], rows: usize) -> 
     (live.len() == rows && live.iter().any(|&l| !l) && live.iter().any(|&l| l)).then_some(live)
 }
 
+/// What a refit works through: the matrix consumers and the stacked expert blocks, each in
+/// topological order.
+#[derive(Clone, Copy)]
+struct Todo<'a> {
+    consumers: &'a [Consumer],
+    stacked: &'a [stacked_experts::Block],
+}
+
+#[allow(clippy::too_many_arguments)]
 fn refit(
     model: &mut Model,
     device: &Device,
     groups: &[UnitGroup],
     keep: &mut KeepSet,
     fit: &crate::calib::Batch,
-    consumers: &[Consumer],
+    todo: Todo,
     ridge: f64,
     rearrange: bool,
+    skipped: &mut Vec<String>,
 ) -> Result<Vec<RefitLayer>> {
-    let xs: Vec<Id> = consumers.iter().flat_map(|c| [Some(c.x), c.residual, c.combined]).flatten().collect();
+    let consumers = todo.consumers;
+    let mut xs: Vec<Id> = consumers.iter().flat_map(|c| [Some(c.x), c.residual, c.combined]).flatten().collect();
+    xs.extend(todo.stacked.iter().flat_map(|b| [Some(b.combined), b.residual]).flatten());
     let (dm, engine, inputs) = lowered(model, fit)?;
     let (arena, slots) = run_keep(&engine, device, &inputs, &engine.params(&dm), &xs)?;
     let kept_value = |arena: &Arena<f32>, slots: &BTreeMap<Id, usize>, v: Id| -> Result<(Vec<f32>, Vec<usize>)> {
@@ -703,11 +730,37 @@ fn refit(
         }
         targets.push(t);
     }
+    // Dense block outputs (+ R_d) of the stacked expert blocks.
+    let mut stacked_targets = Vec::new();
+    for b in todo.stacked {
+        let (mut t, _) = kept_value(&arena, &slots, b.combined)?;
+        if let Some(r) = b.residual {
+            let (rd, _) = kept_value(&arena, &slots, r)?;
+            t.iter_mut().zip(&rd).for_each(|(t, r)| *t += *r);
+        }
+        stacked_targets.push(t.into_iter().map(|v| v as f64).collect::<Vec<f64>>());
+    }
     drop(arena);
     let run = Runner { engine: &engine, device, inputs: &inputs, groups, fit };
     let mut layers = Vec::new();
     let shortfall = too_few_to_check(fit.samples);
+    let order: BTreeMap<Id, usize> =
+        model.topo_order().unwrap_or_default().into_iter().enumerate().map(|(i, op)| (op, i)).collect();
+    let position = |op: Id| order.get(&op).copied().unwrap_or(usize::MAX);
+    // Stacked blocks are refit in turn with the consumers, each when the model before it is.
+    let mut next_stacked = 0;
+    let mut refit_stacked = |model: &mut Model, keep: &KeepSet, until: usize, layers: &mut Vec<RefitLayer>| {
+        while let Some(b) = todo.stacked.get(next_stacked).filter(|b| position(b.op) < until) {
+            match stacked_experts::refit(&run, model, keep, b, &stacked_targets[next_stacked], ridge)? {
+                Ok(layer) => layers.push(layer),
+                Err(why) => skipped.push(format!("experts '{}': {why}", groups[b.group].name)),
+            }
+            next_stacked += 1;
+        }
+        Ok::<(), Error>(())
+    };
     for (c, target) in consumers.iter().zip(targets) {
+        refit_stacked(model, keep, position(c.op), &mut layers)?;
         let mut c = c.clone();
         // --recover obs: first re-choose which units of the group feeding this consumer stay
         // (as many as the criterion kept), on the activations with all of them alive.
@@ -830,6 +883,7 @@ fn refit(
             rearranged,
         });
     }
+    refit_stacked(model, keep, usize::MAX, &mut layers)?;
     Ok(layers)
 }
 

@@ -518,3 +518,59 @@ fn obs_recovery_rechooses_units_per_layer_and_beats_the_plain_refit() {
     }
     assert!(std::fs::read(&obs40).unwrap() == std::fs::read(&lsq40).unwrap(), "obs on 40 samples differs from lsq");
 }
+
+/// Stacked experts (one [E, F, C] weight; the Einsum form and the Gather + batched-MatMul
+/// form with top-2 routing, and com.microsoft MoE): when experts are pruned, the kept
+/// experts' stacked down-projection and bias are refit together towards each block's dense
+/// combined output, and the written model's fidelity (onnxruntime) is the one the report
+/// gives.
+#[test]
+fn lsq_recovery_refits_stacked_experts() {
+    use plprune_onnx::tensor::{DType, Tensor};
+    let dir = out_dir("recovery-stacked-experts");
+    let calib = dir.join("calib.npz");
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let x: Vec<f64> = (0..64 * 5 * 16)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 20001) as f64 / 10000.0 - 1.0
+        })
+        .collect();
+    let arrays = [("x".to_string(), Tensor::from_f64_as(DType::F32, vec![64, 5, 16], &x))].into_iter().collect();
+    plprune_onnx::npz::write(&calib, &arrays).unwrap();
+    let cases = [
+        ("moe_stacked_top2.onnx", [("l0.w2", "l0_moe", "x"), ("l1.w2", "l1_moe", "l0_y")]),
+        ("ms_moe.onnx", [("l0.w2", "l0_moe", "l0_in"), ("l1.w2", "l1_moe", "l0_y")]),
+    ];
+    for (name, expect) in cases {
+        let model = fixture(name);
+        let (out, report) = (dir.join(name), dir.join(format!("{name}.json")));
+        let stdout = magnitude_lsq(&model, &calib, "experts", &["--calib-samples", "16"], &out, &report);
+        assert!(stdout.contains("verified slim == masked dense"), "{name}: {stdout}");
+        let rec = &json(&report)["recovery"];
+        assert_eq!(rec["skipped"].as_array().unwrap().len(), 0, "{name}: {rec}");
+        let layers = rec["layers"].as_array().unwrap();
+        let samples = rec["samples"].as_u64().unwrap();
+        assert_eq!(layers.len(), expect.len(), "{name}: {layers:?}");
+        for (l, (weight, target, residual)) in layers.iter().zip(expect) {
+            assert_eq!(l["weight"], weight, "{name}: {l}");
+            assert_eq!(l["target"], target, "{name}: {l}");
+            assert_eq!(l["residual"], residual, "{name}: {l}");
+            assert_eq!(l["bias"], true, "{name}: {l}");
+            // Every token of every fit sample (5 per sample); half the experts' features.
+            assert_eq!(l["rows"].as_u64().unwrap(), samples * 5, "{name}: {l}");
+            assert_eq!(l["kept_inputs"].as_u64().unwrap() * 2, l["inputs"].as_u64().unwrap(), "{name}: {l}");
+            let (b, a) = (l["rel_err_before"].as_f64().unwrap(), l["rel_err_after"].as_f64().unwrap());
+            assert!(a < 0.8 * b, "the refit lowers the block's error: {name}: {l}");
+        }
+        let f = &rec["fidelity"][0];
+        let (cb, ca) = (f["cosine_before"].as_f64().unwrap(), f["cosine_after"].as_f64().unwrap());
+        assert!(ca > cb + 0.05, "{name}: held-out cosine to dense: {cb} -> {ca}");
+        let eval = rec["eval_samples"].as_u64().unwrap() as usize;
+        if let Some(c) = ort_cosine(&model, &out, &calib, (samples as usize, samples as usize + eval), "y") {
+            assert!((c - ca).abs() < 1e-4, "{name}: onnxruntime {c} vs report {ca}");
+        }
+    }
+}
