@@ -329,6 +329,14 @@ fn config(a: &PruneArgs) -> Result<Config> {
             return Err(Error::Option(format!("--distill-hidden-weight must be a number ≥ 0, got {w}")));
         }
     }
+    // Checked before any work: without data the refit and the distillation would fail only
+    // after scoring.
+    if a.calib.is_none() && (recover != Recover::None || a.distill_steps > 0) {
+        let what = if recover != Recover::None { format!("--recover {}", a.recover) } else { "--distill-steps".into() };
+        return Err(Error::Option(format!(
+            "{what} fits the pruned model to the dense one on calibration data; give --calib FILE.npz"
+        )));
+    }
     let device = DeviceChoice::parse(&a.device)
         .ok_or_else(|| Error::Option(format!("unknown --device '{}' (auto, cpu or gpu)", a.device)))?;
     let scope = match a.scope.as_str() {

@@ -306,6 +306,11 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("--distill-hidden-weight weighs the terms of --distill-hidden"), "{e}");
     let e = run_err(&[vggs, "--distill-steps", "1", "--distill-hidden", "--distill-hidden-weight=-1", "-o", outs], 2);
     assert!(e.contains("--distill-hidden-weight must be a number ≥ 0, got -1"), "{e}");
+    // Recovery without calibration data: refused before any scoring.
+    let e = run_err(&[vggs, "--criterion", "magnitude", "--recover", "lsq", "-o", outs], 2);
+    assert!(e.contains("--recover lsq") && e.contains("--calib"), "{e}");
+    let e = run_err(&[vggs, "--criterion", "magnitude", "--distill-steps", "5", "-o", outs], 2);
+    assert!(e.contains("--distill-steps") && e.contains("--calib"), "{e}");
 
     // Calibration data of the wrong model: missing input, wrong dtype, wrong shape.
     let e = run_err(&[vggs, "--calib", shared("minilm-l6/calib.npz").to_str().unwrap(), "-o", outs], 2);
