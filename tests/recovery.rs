@@ -573,4 +573,24 @@ fn lsq_recovery_refits_stacked_experts() {
             assert!((c - ca).abs() < 1e-4, "{name}: onnxruntime {c} vs report {ca}");
         }
     }
+    // The probe forwards on the WGSL backend (Einsum, Gather, batched MatMul kernels) give
+    // the same refit.
+    std::env::set_var("NODEVICE_SELECT", "1");
+    if plprune_onnx::engine::gpu::GpuContext::new(true).expect("wgpu").is_none() {
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "CI: no wgpu adapter found");
+        eprintln!("note: no wgpu adapter; the GPU half of the stacked-experts test is skipped locally");
+        return;
+    }
+    let name = "moe_stacked_top2.onnx";
+    let (out, report) = (dir.join("gpu.onnx"), dir.join("gpu.json"));
+    let extra = ["--calib-samples", "16", "--device", "gpu"];
+    let stdout = magnitude_lsq(&fixture(name), &calib, "experts", &extra, &out, &report);
+    assert!(stdout.contains("forwards on gpu"), "{stdout}");
+    let (c, g) = (json(&dir.join(format!("{name}.json"))), json(&report));
+    let (lc, lg) = (c["recovery"]["layers"].as_array().unwrap(), g["recovery"]["layers"].as_array().unwrap());
+    assert_eq!(lc.len(), lg.len());
+    for (a, b) in lc.iter().zip(lg) {
+        let (x, y) = (a["rel_err_after"].as_f64().unwrap(), b["rel_err_after"].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-4 * (1.0 + x), "{}: cpu {x}, gpu {y}", a["weight"]);
+    }
 }
