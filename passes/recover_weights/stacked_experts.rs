@@ -156,8 +156,13 @@ pub(super) fn refit(
     let rm = blk.residual.map(|r| read(r).map(|(v, _)| v)).transpose()?;
     drop(arena);
     let c = *shape.last().unwrap_or(&1);
-    let all_rows = ym.len() / c.max(1);
     let kept: Vec<usize> = (0..run.groups[blk.group].count).filter(|&e| keep.keep[blk.group][e]).collect();
+    // The output axis of W: the one of size C; both when F = C (the check picks).
+    let d = wt.dims.clone();
+    let axes: Vec<usize> = [2, 1].into_iter().filter(|&a| d[a] == c).collect();
+    // The first rows (tokens in sample order) whose features fit in memory.
+    let f_max = axes.iter().map(|&a| d[3 - a]).max().unwrap_or(0);
+    let all_rows = (ym.len() / c.max(1)).min((MAX_FEATURE_VALUES / (kept.len().max(1) * (f_max + 1))).max(1));
     let probe = |w: Tensor, b: Option<Tensor>| -> Result<Vec<f64>> {
         let mut p = params.clone();
         p.insert(blk.weight, Arc::new(crate::engine::tensor_to::<f32>(&w)));
@@ -169,12 +174,9 @@ pub(super) fn refit(
         let y = arena.get(s).ok_or_else(|| Error::Other("the MoE block output was not kept".into()))?;
         Ok(y.iter().map(|&v| v as f64).collect())
     };
-    // The output axis of W: the one of size C; both when F = C (the check picks).
-    let d = wt.dims.clone();
-    let axes: Vec<usize> = [2, 1].into_iter().filter(|&a| d[a] == c).collect();
     let mut found = None;
     for out_axis in axes {
-        let feats = features(&probe, &wt, bt.as_ref(), &kept, out_axis, c)?;
+        let feats = features(&probe, &wt, bt.as_ref(), &kept, out_axis, c, all_rows)?;
         let pred = predict(&feats, &weights_of(&wt, bt.as_ref(), &kept, out_axis), all_rows, c);
         let num: f64 = pred.iter().zip(&ym).map(|(p, y)| (p - y) * (p - y)).sum();
         let den: f64 = ym.iter().zip(&feats.y0).map(|(y, z)| (y - z) * (y - z)).sum();
@@ -246,7 +248,8 @@ pub(super) fn refit(
     Ok(Ok(out))
 }
 
-/// Φ_e and γ_e of every kept expert, read off the combined output of probe forwards.
+/// Φ_e and γ_e of every kept expert on the first `rows` rows, read off the combined output
+/// of probe forwards.
 fn features(
     probe: &dyn Fn(Tensor, Option<Tensor>) -> Result<Vec<f64>>,
     w: &Tensor,
@@ -254,6 +257,7 @@ fn features(
     kept: &[usize],
     out_axis: usize,
     c: usize,
+    rows: usize,
 ) -> Result<Features> {
     let d = &w.dims;
     let f = d[3 - out_axis];
@@ -261,8 +265,8 @@ fn features(
     let zeros_b = || b.map(|b| vec![0.0f64; b.numel()]);
     let as_w = |v: &[f64]| Tensor::from_f64_as(w.dtype, d.clone(), v);
     let as_b = |v: Option<Vec<f64>>| v.zip(b).map(|(v, b)| Tensor::from_f64_as(b.dtype, b.dims.clone(), &v));
-    let y0 = probe(as_w(&zeros_w()), as_b(zeros_b()))?;
-    let rows = y0.len() / c.max(1);
+    let mut y0 = probe(as_w(&zeros_w()), as_b(zeros_b()))?;
+    y0.truncate(rows * c);
     let fk = f + 1;
     let mut per_expert = vec![vec![0.0; rows * fk]; kept.len()];
     let index = |e: usize, feat: usize, out: usize| {
@@ -407,6 +411,9 @@ fn gauss_seidel(
     }
     w
 }
+
+/// Feature values (rows × kept experts × (F + 1), f64) a refit holds at most: 1 GiB.
+const MAX_FEATURE_VALUES: usize = 1 << 27;
 
 /// Sweeps of [`gauss_seidel`] at most.
 const MAX_SWEEPS: usize = 64;
