@@ -960,7 +960,7 @@ impl<'m> Analysis<'m> {
         for (i, &d) in osh.iter().enumerate() {
             if acc == outer && d > 0 {
                 let inner_out: usize = osh[i + 1..].iter().product();
-                if inner_out > 0 && inner_in % inner_out == 0 && d == c * (inner_in / inner_out) {
+                if inner_out > 0 && inner_in.is_multiple_of(inner_out) && d == c * (inner_in / inner_out) {
                     k = Some((i, inner_in / inner_out));
                     break;
                 }
@@ -1009,22 +1009,27 @@ impl<'m> Analysis<'m> {
         let mut acc = 1usize;
         for (k, &d) in osh.iter().enumerate() {
             let inner_out: usize = osh[k + 1..].iter().product();
-            if acc == outer && d > 1 && inner_in > 0 && inner_out % inner_in == 0 && d * inner_out == c * inner_in {
+            if acc == outer
+                && d > 1
+                && inner_in > 0
+                && inner_out.is_multiple_of(inner_in)
+                && d * inner_out == c * inner_in
+            {
                 // (parts, heads, head_dim): a fused projection (QKV) split into its parts and
                 // each part into heads.
                 if let Some(&h) = osh.get(k + 1) {
                     let rest: usize = osh[k + 2..].iter().product();
-                    if h > 1 && rest % inner_in == 0 && rest / inner_in > 1 {
+                    if h > 1 && rest.is_multiple_of(inner_in) && rest / inner_in > 1 {
                         return self.split_fused_heads(seg, c, d, h, rest / inner_in, k + 1);
                     }
                 }
                 let per_head = inner_out / inner_in; // channels per head
-                if per_head % seg.factor != 0 {
+                if !per_head.is_multiple_of(seg.factor) {
                     return Err("head size does not align with the channel groups".into());
                 }
                 let q = per_head / seg.factor;
                 let root = self.find(seg.space);
-                if self.spaces[root].channels % q != 0 || self.spaces[root].channels / q != d {
+                if !self.spaces[root].channels.is_multiple_of(q) || self.spaces[root].channels / q != d {
                     return Err("head split does not match the channel count".into());
                 }
                 self.coarsen(root, q);
@@ -1048,7 +1053,7 @@ impl<'m> Analysis<'m> {
         head_dim: usize,
         head_axis: usize,
     ) -> std::result::Result<Layout, String> {
-        if head_dim % seg.factor != 0 {
+        if !head_dim.is_multiple_of(seg.factor) {
             return Err("head size does not align with the channel groups".into());
         }
         let q = head_dim / seg.factor;
@@ -1070,7 +1075,7 @@ impl<'m> Analysis<'m> {
     fn partition(&mut self, root: usize, n: usize) -> Step {
         let members: Vec<usize> = (0..self.spaces.len()).filter(|&s| self.find(s) == root).collect();
         let ch = self.spaces[root].channels;
-        if n < 2 || ch % n != 0 || members.iter().any(|&m| self.spaces[m].channels != ch) {
+        if n < 2 || !ch.is_multiple_of(n) || members.iter().any(|&m| self.spaces[m].channels != ch) {
             return Err(format!("cannot cut {ch} channels into {n} equal parts"));
         }
         if self.depthwise.iter().any(|(s, _)| members.contains(s)) {
@@ -1365,7 +1370,7 @@ impl<'m> Analysis<'m> {
                 return Err("head size does not align with the channel groups".into());
             }
             let q = per[i] / seg.factor;
-            if self.spaces[root].channels % q != 0 || self.spaces[root].channels / q != hkv {
+            if !self.spaces[root].channels.is_multiple_of(q) || self.spaces[root].channels / q != hkv {
                 return Err("head split does not match the channel count".into());
             }
             if coarsen.insert(root, q).is_some_and(|old| old != q) {
@@ -1666,7 +1671,9 @@ impl<'m> Analysis<'m> {
             }
         }
         // Overlapping claims on the same tensor axis by different groups.
-        let mut claims: BTreeMap<(Id, usize), Vec<(usize, usize, usize)>> = BTreeMap::new();
+        // Per (tensor, axis): the spaces claiming it, with the range [start, end) each claims.
+        type Claims = BTreeMap<(Id, usize), Vec<(usize, usize, usize)>>;
+        let mut claims: Claims = BTreeMap::new();
         for (s, sl) in &self.slices {
             let r = roots[*s];
             let span = (sl.offset, sl.offset + sl.factor * self.spaces[r].channels);

@@ -37,7 +37,7 @@ use serde::Serialize;
 use crate::engine::cpu::{self, Arena, Real};
 use crate::engine::gpu::Device;
 use crate::engine::program::Window;
-use crate::engine::{Engine, Params};
+use crate::engine::{Engine, Outputs, Params};
 use crate::error::{Error, Result};
 use crate::ir::{Id, Model};
 use crate::pipeline::{Context, Pass};
@@ -266,8 +266,8 @@ pub(crate) fn outputs_in_chunks(
     device: &Device,
     batch: &crate::calib::Batch,
     chunk: usize,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
-    let mut all: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+) -> Result<Outputs<f32>> {
+    let mut all: Outputs<f32> = Vec::new();
     for start in (0..batch.samples).step_by(chunk.max(1)) {
         let part = dense_outputs(model, device, &batch.range(start, start + chunk))?;
         if all.is_empty() {
@@ -519,8 +519,11 @@ fn row_scale_of(model: &Model, op: Id, bias: Option<Id>) -> Option<Id> {
     (fits && !sv.is_static()).then(|| model.input(mul, 1 - k)).flatten()
 }
 
+/// A model with the batch's shapes, its engine, and the batch's inputs in model order.
+pub(crate) type Lowered = (Model, Engine, Vec<(String, Tensor)>);
+
 /// A model lowered for `batch`'s shapes.
-pub(crate) fn lowered(model: &Model, batch: &crate::calib::Batch) -> Result<(Model, Engine, Vec<(String, Tensor)>)> {
+pub(crate) fn lowered(model: &Model, batch: &crate::calib::Batch) -> Result<Lowered> {
     let shapes: BTreeMap<String, Vec<usize>> = batch.arrays.iter().map(|(k, t)| (k.clone(), t.dims.clone())).collect();
     let mut m = model.clone();
     crate::passes::infer_shapes::infer(&mut m, &shapes)?;
@@ -546,11 +549,7 @@ fn run_keep(
     Ok((arena, slots))
 }
 
-fn dense_outputs(
-    model: &Model,
-    device: &Device,
-    batch: &crate::calib::Batch,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+fn dense_outputs(model: &Model, device: &Device, batch: &crate::calib::Batch) -> Result<Outputs<f32>> {
     let (m, engine, inputs) = lowered(model, batch)?;
     engine.forward_on(device, &inputs, &engine.params(&m))
 }
@@ -561,7 +560,7 @@ fn masked_outputs(
     groups: &[UnitGroup],
     keep: &KeepSet,
     batch: &crate::calib::Batch,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+) -> Result<Outputs<f32>> {
     let masked = crate::passes::rewrite_graph::masked(model, groups, keep);
     let (m, engine, inputs) = lowered(&masked, batch)?;
     engine.forward_on(device, &inputs, &engine.params(&m))

@@ -56,7 +56,9 @@ fn unaligned_filters(groups: &[UnitGroup], selected: &[bool], keep: &KeepSet) ->
         .collect();
     let off = pruned
         .iter()
-        .filter(|&&g| groups[g].count % CHANNEL_BLOCK == 0 && keep.kept_count(g) % CHANNEL_BLOCK != 0)
+        .filter(|&&g| {
+            groups[g].count.is_multiple_of(CHANNEL_BLOCK) && !keep.kept_count(g).is_multiple_of(CHANNEL_BLOCK)
+        })
         .count();
     (off > 0).then(|| {
         format!(

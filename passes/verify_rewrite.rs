@@ -6,9 +6,10 @@
 //! compares every output. Where tract cannot load or run either model (com.microsoft ops),
 //! both run on the plprune compute engine instead (`engine::lower`), and
 //! the verification records which executor ran it; where neither can, verification fails
-//! with one line naming both reasons — never a silent pass. Tolerance is float round-off: |slim − masked| ≤ rtol·max|masked|
-//! + rtol·|masked| elementwise, rtol = 1e-4 for f32/f64 outputs and 1e-2 for f16/bf16. A
-//! mismatch is an error: the tool never writes a model that does not verify.
+//! with one line naming both reasons — never a silent pass. Tolerance is float round-off:
+//! |slim − masked| ≤ rtol·max|masked| + rtol·|masked| elementwise, rtol = 1e-4 for f32/f64
+//! outputs and 1e-2 for f16/bf16. A mismatch is an error: the tool never writes a model that
+//! does not verify.
 
 use crate::error::{Error, Result};
 use crate::ir::Model;

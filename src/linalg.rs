@@ -305,7 +305,7 @@ pub(crate) mod tests {
                 assert!((e - if i == j { 1.0 } else { 0.0 }).abs() < 1e-10, "({i},{j}): {e}");
             }
         }
-        assert!(super::cholesky_inverse_factor(&mut vec![1.0, 2.0, 2.0, 1.0], 2).is_err());
+        assert!(super::cholesky_inverse_factor(&mut [1.0, 2.0, 2.0, 1.0], 2).is_err());
     }
 
     #[test]

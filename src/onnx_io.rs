@@ -176,7 +176,7 @@ fn import(doc: &Document) -> Result<Model> {
         let mut attrs = Vec::with_capacity(node.attribute.len());
         let mut captured: Vec<String> = Vec::new();
         for a in &node.attribute {
-            attrs.push((a.name.clone(), decode_attr(a, &base, path).map_err(|m| node_err(m))?));
+            attrs.push((a.name.clone(), decode_attr(a, &base, path).map_err(&node_err)?));
             collect_captures(a, &mut captured);
         }
         let mut op = Op {

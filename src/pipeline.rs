@@ -17,7 +17,7 @@
 //! 9. `VerifyRewrite` — slim(x) == masked dense(x) on real inputs, run by tract (or, for
 //!    ops tract lacks, by the plprune engine).
 //! 10. `DistillWeights` — with `--distill-steps N`, label-free fine-tuning of the slim
-//!    model's weights towards the dense model's outputs (no-op otherwise).
+//!     model's weights towards the dense model's outputs (no-op otherwise).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

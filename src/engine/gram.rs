@@ -111,7 +111,7 @@ fn find_uses(gp: &GradProgram, params: &[Id], n: usize, skipped: &mut Vec<String
                         if k == 1
                             && p.shape(ins.ins[0]).len() == 2
                             && p.shape(s).len() == 2
-                            && p.shape(ins.ins[0])[0] % n == 0 =>
+                            && p.shape(ins.ins[0])[0].is_multiple_of(n) =>
                     {
                         let mut u = mk(UseKind::Right { a: ins.ins[0], tb: *tb });
                         u.map = index_map(p, ps, &chain);
@@ -122,7 +122,7 @@ fn find_uses(gp: &GradProgram, params: &[Id], n: usize, skipped: &mut Vec<String
                         if k == 0
                             && p.shape(s).len() == 3
                             && p.shape(ins.ins[1]).len() == 3
-                            && p.shape(ins.ins[1])[2] % n == 0
+                            && p.shape(ins.ins[1])[2].is_multiple_of(n)
                             && p.shape(s)[0] == p.shape(ins.ins[1])[0] =>
                     {
                         let mut u = mk(UseKind::Left { b: ins.ins[1] });
@@ -582,7 +582,7 @@ fn product(gp: &GradProgram, u: &Use, dims: &[usize], axis: usize, n: usize) -> 
     let daxis = if same { axis } else { 1 - axis };
     let (x, y) = if (daxis == 0) != tb { (a, dc) } else { (dc, a) };
     let rows = p.shape(a)[0];
-    if rows % n != 0 || p.slots[x].numel() % rows != 0 || p.slots[y].numel() % rows != 0 {
+    if !rows.is_multiple_of(n) || !p.slots[x].numel().is_multiple_of(rows) || !p.slots[y].numel().is_multiple_of(rows) {
         return None;
     }
     Some(Product { x, y, r: rows / n, a: p.slots[x].numel() / rows, b: p.slots[y].numel() / rows })

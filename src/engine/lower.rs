@@ -196,8 +196,7 @@ impl<'a> Cx<'a> {
             return Ok(s);
         }
         let val = self.model.value(v);
-        let s = if val.kind == ValueKind::Weight && val.data.is_some() {
-            let t = val.data.as_ref().expect("checked");
+        let s = if let (ValueKind::Weight, Some(t)) = (val.kind, val.data.as_ref()) {
             let s = self.p.add_slot(t.dims.clone(), SlotKind::Param(v), val.name.clone());
             self.params.insert(v, s);
             s
@@ -947,7 +946,7 @@ fn conv(cx: &mut Cx, id: Id, op: &Op) -> Result<Slot> {
     let g = op.attr_i("group", 1).max(1) as usize;
     let (nb, c) = (x4[0], x4[1]);
     let o = ws[0];
-    if c % g != 0 || o % g != 0 || ws[1] != c / g {
+    if c % g != 0 || !o.is_multiple_of(g) || ws[1] != c / g {
         return Err(node_err(op, format!("weight {ws:?} does not match {c} input channels in {g} groups")));
     }
     let l = win.output[0] * win.output[1];

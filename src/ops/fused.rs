@@ -49,7 +49,7 @@ fn heads_attr(ctx: &OpCtx, name: &str) -> Res<usize> {
 }
 
 fn split(ctx: &OpCtx, total: usize, heads: usize, what: &str) -> Res<usize> {
-    if heads == 0 || total % heads != 0 {
+    if heads == 0 || !total.is_multiple_of(heads) {
         return Err(ctx.err(format!("{what} of {total} does not split into {heads} heads")));
     }
     Ok(total / heads)

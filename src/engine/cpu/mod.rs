@@ -110,7 +110,7 @@ pub fn fast_erf(x: f32) -> f32 {
     p = x2 * p + -2.101_024e-6;
     p = x2 * p + -5.692_506_4e-5;
     p = x2 * p + -7.349_906_3e-4;
-    p = x2 * p + -2.954_600_0e-3;
+    p = x2 * p + -2.954_6e-3;
     p = x2 * p + -1.609_603_3e-2;
     let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
     q = x2 * q + -1.682_827e-3;
@@ -137,7 +137,7 @@ pub fn fast_exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     let bits = (t.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
     let y = e * f32::from_bits(bits as u32);
@@ -179,35 +179,6 @@ impl Real for f64 {
         csc: isize,
     ) {
         matrixmultiply::dgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fast_erf_matches_libm() {
-        let mut worst = 0f32;
-        for i in -8000..=8000 {
-            let x = i as f32 * 1e-3;
-            worst = worst.max((super::fast_erf(x) - libm::erff(x)).abs());
-        }
-        assert!(worst < 5e-7, "max |fast_erf - erff| = {worst:e}");
-    }
-
-    #[test]
-    fn fast_exp_matches_libm() {
-        let mut worst = 0f32;
-        // Where results are normal floats (below -86 they approach the subnormal range,
-        // where any f32 exp loses relative precision).
-        for i in -86_000..=87_900 {
-            let x = i as f32 * 1e-3;
-            let e = libm::expf(x);
-            worst = worst.max(((super::fast_exp(x) - e) / e).abs());
-        }
-        assert!(worst < 3e-7, "max relative |fast_exp - expf| = {worst:e}");
-        assert_eq!(super::fast_exp(-200.0), 0.0);
-        assert_eq!(super::fast_exp(f32::NEG_INFINITY), 0.0);
-        assert!(super::fast_exp(f32::NAN).is_nan());
     }
 }
 
@@ -401,4 +372,33 @@ pub fn exec<T: Real>(prog: &Program, ins: &Instr, bufs: &[Option<Arc<Vec<T>>>]) 
         Prim::Rows(op) => rows::rows(*op, x(0), last(sh(0))),
         Prim::RowsGrad(op) => rows::rows_grad(*op, x(0), x(1), last(sh(0))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fast_erf_matches_libm() {
+        let mut worst = 0f32;
+        for i in -8000..=8000 {
+            let x = i as f32 * 1e-3;
+            worst = worst.max((super::fast_erf(x) - libm::erff(x)).abs());
+        }
+        assert!(worst < 5e-7, "max |fast_erf - erff| = {worst:e}");
+    }
+
+    #[test]
+    fn fast_exp_matches_libm() {
+        let mut worst = 0f32;
+        // Where results are normal floats (below -86 they approach the subnormal range,
+        // where any f32 exp loses relative precision).
+        for i in -86_000..=87_900 {
+            let x = i as f32 * 1e-3;
+            let e = libm::expf(x);
+            worst = worst.max(((super::fast_exp(x) - e) / e).abs());
+        }
+        assert!(worst < 3e-7, "max relative |fast_exp - expf| = {worst:e}");
+        assert_eq!(super::fast_exp(-200.0), 0.0);
+        assert_eq!(super::fast_exp(f32::NEG_INFINITY), 0.0);
+        assert!(super::fast_exp(f32::NAN).is_nan());
+    }
 }

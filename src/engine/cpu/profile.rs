@@ -41,7 +41,7 @@ pub fn record(prog: &Program, ins: &Instr, dt: Duration) {
 pub fn report() {
     let mut t = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let mut rows: Vec<_> = std::mem::take(&mut *t).into_iter().collect();
-    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     let total: f64 = rows.iter().map(|r| r.1 .0.as_secs_f64()).sum();
     eprintln!("profile: {total:.3} s in {} primitive classes", rows.len());
     for (k, (d, n, f)) in rows.iter().take(40) {
