@@ -170,8 +170,10 @@ pub(super) fn refit(
             p.insert(id, Arc::new(crate::engine::tensor_to::<f32>(&b)));
         }
         let (arena, slots) = run_keep(run.engine, run.device, run.inputs, &p, &[blk.combined])?;
-        let s = slots[&blk.combined];
-        let y = arena.get(s).ok_or_else(|| Error::Other("the MoE block output was not kept".into()))?;
+        let y = slots
+            .get(&blk.combined)
+            .and_then(|&s| arena.get(s))
+            .ok_or_else(|| Error::Other("the MoE block output was not kept".into()))?;
         Ok(y.iter().map(|&v| v as f64).collect())
     };
     let mut found = None;
@@ -208,7 +210,11 @@ pub(super) fn refit(
         .map(|fe| rows_of.iter().flat_map(|&r| fe[r * fk..(r + 1) * fk].iter().copied()).collect())
         .collect();
     let rows = rows_of.len();
-    let unrouted = (0..rows).filter(|&r| a.iter().all(|ae| ae[r * fk + feats.f] == 0.0)).count();
+    // Tokens no kept expert serves (their routing weights, read through the bias, all zero).
+    let unrouted = match bt {
+        Some(_) => (0..rows).filter(|&r| a.iter().all(|ae| ae[r * fk + feats.f] == 0.0)).count(),
+        None => 0,
+    };
     let w0 = weights_of(&wt, bt.as_ref(), &kept, out_axis);
     let norm = target.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
     let err = |w: &[Vec<f64>]| -> f64 {
@@ -269,15 +275,11 @@ fn features(
     y0.truncate(rows * c);
     let fk = f + 1;
     let mut per_expert = vec![vec![0.0; rows * fk]; kept.len()];
-    let index = |e: usize, feat: usize, out: usize| {
-        let (i, j) = if out_axis == 2 { (feat, out) } else { (out, feat) };
-        (e * d[1] + i) * d[2] + j
-    };
     for (k, &e) in kept.iter().enumerate() {
         for start in (0..f).step_by(c) {
             let mut wv = zeros_w();
             for feat in start..(start + c).min(f) {
-                wv[index(e, feat, feat - start)] = 1.0;
+                wv[entry(d, out_axis, e, feat, feat - start)] = 1.0;
             }
             let y = probe(as_w(&wv), as_b(zeros_b()))?;
             for r in 0..rows {
@@ -306,6 +308,13 @@ fn features(
     Ok(Features { per_expert, f, y0 })
 }
 
+/// The flat index of expert `e`'s entry (input feature `feat`, output `out`) in a stacked
+/// weight of dims `d` whose output axis is `out_axis` (2: [E, F, C]; 1: [E, C, F]).
+fn entry(d: &[usize], out_axis: usize, e: usize, feat: usize, out: usize) -> usize {
+    let (i, j) = if out_axis == 2 { (feat, out) } else { (out, feat) };
+    (e * d[1] + i) * d[2] + j
+}
+
 /// The kept experts' weights as [F + 1, C] matrices (the bias last, or zeros).
 fn weights_of(w: &Tensor, b: Option<&Tensor>, kept: &[usize], out_axis: usize) -> Vec<Vec<f64>> {
     let (wv, bv) = (w.to_f64_vec(), b.map(|b| b.to_f64_vec()));
@@ -316,8 +325,7 @@ fn weights_of(w: &Tensor, b: Option<&Tensor>, kept: &[usize], out_axis: usize) -
             let mut m = vec![0.0; (f + 1) * c];
             for feat in 0..f {
                 for out in 0..c {
-                    let (i, j) = if out_axis == 2 { (feat, out) } else { (out, feat) };
-                    m[feat * c + out] = wv[(e * d[1] + i) * d[2] + j];
+                    m[feat * c + out] = wv[entry(d, out_axis, e, feat, out)];
                 }
             }
             if let Some(bv) = &bv {
@@ -336,8 +344,7 @@ fn store(w: &Tensor, b: Option<&Tensor>, kept: &[usize], out_axis: usize, m: &[V
     for (&e, me) in kept.iter().zip(m) {
         for feat in 0..f {
             for out in 0..c {
-                let (i, j) = if out_axis == 2 { (feat, out) } else { (out, feat) };
-                wv[(e * d[1] + i) * d[2] + j] = me[feat * c + out];
+                wv[entry(d, out_axis, e, feat, out)] = me[feat * c + out];
             }
         }
         if let Some(bv) = bv.as_mut() {
