@@ -352,6 +352,21 @@ fn stacked_experts_top2() {
     assert!(err.to_string().contains("at least 2"), "{err}");
 }
 
+/// The Einsum form with the down-projection stored [E, C, F] and no bias: the expert's slice
+/// of it travels with the expert, and slim == masked at every ratio.
+#[test]
+fn stacked_experts_without_bias_and_output_axis_first() {
+    let name = "moe_stacked_nobias.onnx";
+    let s = open(name, &[UnitKind::Experts], 0.5);
+    assert_eq!(counts(&s, UnitKind::Experts), vec![4], "unprunable: {:?}", s.cx.unprunable);
+    let g = s.cx.groups.iter().find(|g| g.kind == UnitKind::Experts).unwrap();
+    // Router column and bias entry, and the expert's slice of W1, b1 and W2.
+    assert_eq!(g.params_per_unit(&s.model), 16 + 1 + 16 * 8 + 8 + 16 * 8, "{}", g.name);
+    for r in [0.25, 0.5] {
+        check(open(name, &[UnitKind::Experts], r), name, &format!("r{r}"), None);
+    }
+}
+
 /// Head-count attributes follow the kept units: `attr` of each `op_type` op equals the kept
 /// units of its group times `per_unit`.
 fn assert_head_attrs(s: &Session, op_type: &str, attrs: &[(&str, i64)]) {
