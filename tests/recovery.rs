@@ -526,20 +526,8 @@ fn obs_recovery_rechooses_units_per_layer_and_beats_the_plain_refit() {
 /// (onnxruntime) is the one the report gives.
 #[test]
 fn lsq_recovery_refits_stacked_experts() {
-    use plprune_onnx::tensor::{DType, Tensor};
     let dir = out_dir("recovery-stacked-experts");
-    let calib = dir.join("calib.npz");
-    let mut s = 0x9e37_79b9_7f4a_7c15u64;
-    let x: Vec<f64> = (0..64 * 5 * 16)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 20001) as f64 / 10000.0 - 1.0
-        })
-        .collect();
-    let arrays = [("x".to_string(), Tensor::from_f64_as(DType::F32, vec![64, 5, 16], &x))].into_iter().collect();
-    plprune_onnx::npz::write(&calib, &arrays).unwrap();
+    let calib = uniform_calib(&dir);
     // (fixture, per block: weight, combined output, residual; with a bias; the least gain in
     // held-out cosine and the largest ratio of block error after / before).
     let two = |a: &'static str| [("l0.w2", "l0_moe", a), ("l1.w2", "l1_moe", "l0_y")].to_vec();
@@ -599,4 +587,39 @@ fn lsq_recovery_refits_stacked_experts() {
         let (x, y) = (a["rel_err_after"].as_f64().unwrap(), b["rel_err_after"].as_f64().unwrap());
         assert!((x - y).abs() <= 1e-4 * (1.0 + x), "{}: cpu {x}, gpu {y}", a["weight"]);
     }
+}
+
+/// 64 samples of x [5, 16], uniform in [-1, 1], for the MoE fixtures: `dir`/calib.npz.
+fn uniform_calib(dir: &Path) -> std::path::PathBuf {
+    use plprune_onnx::tensor::{DType, Tensor};
+    let calib = dir.join("calib.npz");
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let x: Vec<f64> = (0..64 * 5 * 16)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 20001) as f64 / 10000.0 - 1.0
+        })
+        .collect();
+    let arrays = [("x".to_string(), Tensor::from_f64_as(DType::F32, vec![64, 5, 16], &x))].into_iter().collect();
+    plprune_onnx::npz::write(&calib, &arrays).unwrap();
+    calib
+}
+
+/// When the calibration file has no samples beyond those the refit fits on, fidelity is
+/// measured on the fit samples and the output says it is not a held-out estimate; with
+/// samples to spare it is held out and says nothing of the kind.
+#[test]
+fn fidelity_on_the_fit_samples_is_flagged_as_optimistic() {
+    let dir = out_dir("recovery-not-held-out");
+    let calib = uniform_calib(&dir);
+    let model = fixture("moe_stacked_top2.onnx");
+    let (out, report) = (dir.join("m.onnx"), dir.join("m.json"));
+    let flag = "the fit used those samples, so this is optimistic";
+    let stdout = magnitude_lsq(&model, &calib, "experts", &["--calib-samples", "64"], &out, &report);
+    assert!(stdout.contains("(64 calibration samples)") && stdout.contains(flag), "{stdout}");
+    assert_eq!(json(&report)["recovery"]["eval_held_out"], false);
+    let stdout = magnitude_lsq(&model, &calib, "experts", &["--calib-samples", "16"], &out, &report);
+    assert!(stdout.contains("(16 held-out samples)") && !stdout.contains(flag), "{stdout}");
 }
