@@ -21,11 +21,10 @@
 //! the dense model with and without the refit is measured on the next samples of the file
 //! when it has them (else on the same ones) and reported. Consumers it cannot refit
 //! (grouped convs, weights read by several ops) are listed with the reason and left as
-//! they are. When whole experts of a top-1 MoE block are pruned, each
-//! kept expert's down-projection is refit towards the block's dense combined output on the
-//! tokens routed to it in the masked model (those of removed experts included); stacked
-//! experts (one [E, F, C] weight, any top-k) are refit together the same way
-//! ([`stacked_experts`]).
+//! they are. When whole experts of a top-1 MoE block are pruned, each kept expert's
+//! down-projection is refit towards the block's dense combined output on the tokens routed
+//! to it in the masked model (those of removed experts included); stacked experts (one
+//! [E, F, C] weight, any top-k) are refit together the same way ([`stacked_experts`]).
 //!
 //! The forwards that collect the activations run on the backend `--device` picks (the
 //! WGSL kernels on a GPU); the Grams AᵀA and the solves run on the CPU in f64.
