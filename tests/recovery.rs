@@ -535,7 +535,7 @@ fn lsq_recovery_refits_stacked_experts() {
         ("moe_stacked_top2.onnx", two("x"), true, 0.05, 0.8),
         ("ms_moe.onnx", two("l0_in"), true, 0.05, 0.8),
         // One block whose dense output is mostly the residual: small gains, but gains.
-        ("moe_stacked_nobias.onnx", vec![("w2", "moe", "x")], false, 0.0, 0.85),
+        ("moe_stacked_nobias.onnx", vec![("l0.w2", "l0_moe", "x")], false, 0.0, 0.85),
     ];
     for (name, expect, bias, gain, ratio) in cases {
         let model = fixture(name);
