@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::error::Result;
 use crate::ir::{Id, Model, IMPLICIT_SLOT};
 use crate::pipeline::{Context, Pass};
-use crate::units::{AttrEdit, Role, ShapeEdit, ShapeTarget, Slice, UnitGroup, UnitKind, Unprunable};
+use crate::units::{AttrEdit, IoSlice, Role, ShapeEdit, ShapeTarget, Slice, UnitGroup, UnitKind, Unprunable};
 
 pub struct DiscoverUnits;
 
@@ -97,6 +97,10 @@ struct Analysis<'m> {
     depthwise: Vec<(usize, Id)>,
     /// (tensor, op) pairs accounted for by some slice.
     users: BTreeSet<(Id, Id)>,
+    /// Graph inputs and outputs that hold channels (KV caches), by space.
+    io: Vec<(usize, IoSlice)>,
+    /// Concatenations of a cache input that are graph outputs (present caches).
+    cache_outputs: BTreeSet<Id>,
 }
 
 type Step = std::result::Result<(), String>;
@@ -115,6 +119,8 @@ pub fn discover(model: &Model) -> (Vec<UnitGroup>, Vec<Unprunable>) {
         attr_edits: Vec::new(),
         depthwise: Vec::new(),
         users: BTreeSet::new(),
+        io: Vec::new(),
+        cache_outputs: BTreeSet::new(),
     };
     let order = model.topo_order().unwrap_or_default();
     for op in order {
@@ -358,9 +364,15 @@ impl<'m> Analysis<'m> {
 
     fn set_layout(&mut self, v: Id, l: Layout) {
         if self.model.is_graph_output(v) {
-            let name = self.model.value(v).name.clone();
-            self.block(&l, format!("reaches graph output '{name}'"));
-            return;
+            if self.cache_outputs.contains(&v) {
+                for s in &l.segs {
+                    self.io.push((s.space, IoSlice { value: v, axis: l.axis, offset: s.offset, factor: s.factor }));
+                }
+            } else {
+                let name = self.model.value(v).name.clone();
+                self.block(&l, format!("reaches graph output '{name}'"));
+                return;
+            }
         }
         if let Some(old) = self.layouts.get(&v).cloned() {
             if old != l {
@@ -1637,13 +1649,84 @@ impl<'m> Analysis<'m> {
         Ok(())
     }
 
-    /// Concat along another axis: every input must carry the same channels.
+    /// Concat along another axis: every input must carry the same channels. A graph input
+    /// among them is a cache (a KV cache's past keys or values, concatenated with the new
+    /// ones along the sequence): it takes the channels' layout and becomes part of the
+    /// group's interface, and so does the concatenation when it is a graph output (the
+    /// present cache).
     fn visit_elementwise_like_concat(&mut self, op: Id, laid: &[(usize, Layout)], axis: usize) -> Step {
-        let n = self.model.inputs(op).iter().flatten().count();
-        if laid.len() != n || laid.iter().any(|(_, l)| l.axis == axis) {
+        let model = self.model;
+        let ins = model.inputs(op);
+        let n = ins.iter().flatten().count();
+        if laid.is_empty() || laid.iter().any(|(_, l)| l.axis == axis) {
             return Err("concatenates channels with other data".into());
         }
-        self.visit_elementwise(op, laid)
+        let mut laid = laid.to_vec();
+        if laid.len() != n {
+            let (slot0, l) = laid[0].clone();
+            let rank = self.shape(ins[slot0].ok_or("missing input")?)?.len();
+            for (slot, v) in ins.iter().enumerate() {
+                let Some(v) = *v else { continue };
+                if laid.iter().any(|(s, _)| *s == slot) {
+                    continue;
+                }
+                let name = &model.value(v).name;
+                if self.shape(v)?.len() != rank {
+                    return Err(format!("concatenates channels with graph input '{name}' of another rank"));
+                }
+                self.cache_input(v, &l)?;
+                laid.push((slot, l.clone()));
+            }
+            let out = model.output(op, 0);
+            if model.is_graph_output(out) {
+                self.cache_outputs.insert(out);
+            }
+        }
+        self.visit_elementwise(op, &laid)
+    }
+
+    /// `v`, a graph input (a cache) or a copy of one (one-input Concat or Identity, as
+    /// transformers' DynamicCache writes when it is filled), holds the channels of layout
+    /// `l`: the graph input is owned unit by unit like a parameter, and every other reader
+    /// of it and its copies must be a Shape read of other axes.
+    fn cache_input(&mut self, v: Id, l: &Layout) -> Step {
+        let model = self.model;
+        let mut chain = vec![v];
+        let mut cur = v;
+        while !model.inputs.contains(&cur) {
+            let other = || format!("concatenates channels with other data ('{}')", model.value(v).name);
+            let (p, _) = model.producer(cur).ok_or_else(other)?;
+            let ins: Vec<Id> = model.inputs(p).into_iter().flatten().collect();
+            if !(matches!(model.op(p).op_type.as_str(), "Concat" | "Identity") && ins.len() == 1) {
+                return Err(other());
+            }
+            cur = ins[0];
+            chain.push(cur);
+        }
+        let name = model.value(cur).name.clone();
+        for &x in &chain {
+            if let Some(old) = self.layouts.get(&x) {
+                if old != l {
+                    return Err(format!("cache input '{name}' holds two channel layouts"));
+                }
+                continue;
+            }
+            if model.is_graph_output(x) {
+                return Err(format!("cache input '{name}' is also a graph output"));
+            }
+            self.layouts.insert(x, l.clone());
+            for (c, _) in model.consumers(x) {
+                match model.op(c).op_type.as_str() {
+                    "Concat" | "Identity" => {}
+                    "Shape" => self.visit_shape(c, &[(0, l.clone())])?,
+                    _ => return Err(format!("cache input '{name}' is also read by {}", model.op(c).describe())),
+                }
+            }
+        }
+        for s in &l.segs {
+            self.io.push((s.space, IoSlice { value: cur, axis: l.axis, offset: s.offset, factor: s.factor }));
+        }
+        Ok(())
     }
 
     fn finish(mut self) -> (Vec<UnitGroup>, Vec<Unprunable>) {
@@ -1777,11 +1860,15 @@ impl<'m> Analysis<'m> {
             depthwise.sort();
             depthwise.dedup();
             let producers = members.iter().map(|&m| self.spaces[m].producer).collect();
+            let mut io: Vec<IoSlice> = self.io.iter().filter(|(s, _)| roots[*s] == r).map(|(_, e)| e.clone()).collect();
+            io.sort();
+            io.dedup();
             groups.push(UnitGroup {
                 slices,
                 shape_edits,
                 attr_edits,
                 depthwise,
+                io,
                 ..UnitGroup::new(sp.kind, name, producers, sp.channels)
             });
         }

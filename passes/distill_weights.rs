@@ -34,7 +34,7 @@ use crate::calib::Batch;
 use crate::engine::Params;
 use crate::error::{Error, Result};
 use crate::ir::{Id, Model};
-use crate::passes::recover_weights::{fidelities, fit_and_eval, lowered, outputs_in_chunks, Fidelity};
+use crate::passes::recover_weights::{fidelities, fit_and_eval, lowered, narrow_outputs, outputs_in_chunks, Fidelity};
 use crate::pipeline::{Context, Pass};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -91,7 +91,7 @@ impl Pass for DistillWeights {
         let (fit, eval, held_out) = fit_and_eval(cx, &batch);
         let b = cx.config.distill_batch.clamp(1, fit.samples.max(1));
         let device = crate::engine::gpu::select(cx.config.device)?;
-        let dense_eval = outputs_in_chunks(&teacher, &device, &eval, b)?;
+        let dense_eval = narrow_outputs(model, outputs_in_chunks(&teacher, &device, &eval, b)?);
         let before = outputs_in_chunks(model, &device, &eval, b)?;
         for (name, shape, _) in &dense_eval {
             if shape.first() != Some(&eval.samples) {
@@ -145,7 +145,7 @@ impl Pass for DistillWeights {
                 augment(&mut mb, &pools, rate, &mut order.rng);
             }
             let inputs = mb.ordered(&sm);
-            let dense = tengine.forward_on(&device, &mb.ordered(&tm), &tparams)?;
+            let dense = narrow_outputs(&sm, tengine.forward_on(&device, &mb.ordered(&tm), &tparams)?);
             let weights: Vec<Vec<f32>> = dense.iter().map(|(_, shape, _)| row_weights(&mb, shape)).collect();
             let targets: Vec<Vec<f32>> = dense.into_iter().map(|(_, _, d)| d).collect();
             let run = prog.run_on(

@@ -27,8 +27,19 @@ impl Pass for InferShapes {
         if cx.input_shapes.is_empty() {
             cx.input_shapes = resolve_input_shapes(cx, model)?;
         }
+        // Symbolic sizes set to defaults can contradict each other (a decoder's mask length is
+        // the past plus the new tokens): say so with the error.
+        let defaulted = cx.warnings.iter().any(|w| w.starts_with(DEFAULTED));
         let opaque = infer(model, &cx.input_shapes).map_err(|e| match e {
-            Error::Node { node, op, msg, .. } => Error::Node { path: cx.document.path.clone(), node, op, msg },
+            Error::Node { node, op, mut msg, .. } => {
+                if defaulted {
+                    msg.push_str(&format!(
+                        " ({DEFAULTED}; where they must agree with each other, give them with --input-shape \
+                         NAME=d0,d1,…)"
+                    ));
+                }
+                Error::Node { path: cx.document.path.clone(), node, op, msg }
+            }
             e => e,
         })?;
         cx.opaque_ops.extend(opaque);
@@ -38,6 +49,8 @@ impl Pass for InferShapes {
         Ok(())
     }
 }
+
+const DEFAULTED: &str = "symbolic input dimensions set to 1 (the first) and 8 (any other)";
 
 /// Declared fixed dimensions that equalled the dense shape follow the slim shape.
 pub fn update_declared(model: &mut Model, dense: &Model) {
@@ -114,10 +127,7 @@ fn resolve_input_shapes(cx: &mut Context, model: &Model) -> Result<BTreeMap<Stri
                 format!("{n} [{}]", dims.join(", "))
             })
             .collect();
-        cx.warn(format!(
-            "symbolic input dimensions set to 1 (the first) and 8 (any other): {}; use --input-shape NAME=d0,d1,… to choose",
-            shown.join(", ")
-        ));
+        cx.warn(format!("{DEFAULTED}: {}; use --input-shape NAME=d0,d1,… to choose", shown.join(", ")));
     }
     Ok(shapes)
 }

@@ -284,6 +284,23 @@ pub(crate) fn outputs_in_chunks(
     Ok(all)
 }
 
+/// The dense model's outputs as the slim `model` writes them: a narrowed output (a KV
+/// cache of pruned heads) keeps the kept heads' entries.
+pub(crate) fn narrow_outputs(model: &Model, outs: Outputs<f32>) -> Outputs<f32> {
+    if model.interface.is_empty() {
+        return outs;
+    }
+    outs.into_iter()
+        .map(|(name, shape, d)| match model.interface.get(&name) {
+            Some(n) => {
+                let t = n.apply(&Tensor::from_f32(shape, &d));
+                (name, t.dims.clone(), t.to_f32_vec())
+            }
+            None => (name, shape, d),
+        })
+        .collect()
+}
+
 /// The consumers of pruned units that can be refit, in topological order, the stacked
 /// expert blocks, and the others with the reason.
 fn consumers(
@@ -523,6 +540,7 @@ pub(crate) type Lowered = (Model, Engine, Vec<(String, Tensor)>);
 
 /// A model lowered for `batch`'s shapes.
 pub(crate) fn lowered(model: &Model, batch: &crate::calib::Batch) -> Result<Lowered> {
+    let batch = batch.for_model(model);
     let shapes: BTreeMap<String, Vec<usize>> = batch.arrays.iter().map(|(k, t)| (k.clone(), t.dims.clone())).collect();
     let mut m = model.clone();
     crate::passes::infer_shapes::infer(&mut m, &shapes)?;

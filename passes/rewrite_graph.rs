@@ -14,7 +14,9 @@
 //! masked reference from it.
 
 use crate::error::{Error, Result};
-use crate::ir::{Attr, Id, Model, Value, ValueKind};
+use std::collections::BTreeMap;
+
+use crate::ir::{Attr, Id, Model, Narrowed, Value, ValueKind};
 use crate::pipeline::{Context, Pass};
 use crate::units::{segments_by_tensor_axis, KeepSet, Role, Routing, ShapeTarget, UnitGroup};
 
@@ -28,7 +30,14 @@ impl Pass for RewriteGraph {
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let keep = cx.keep.clone().ok_or_else(|| Error::Other("no selection to apply".into()))?;
         cx.dense = Some(model.clone());
-        rewrite(model, &cx.groups, &keep)
+        rewrite(model, &cx.groups, &keep)?;
+        // Narrowed inputs (KV caches) have their new extent from now on.
+        for (name, n) in &model.interface {
+            if let Some(dims) = cx.input_shapes.get_mut(name) {
+                dims[n.axis] = n.kept.len();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -68,6 +77,7 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
             model.value_mut(tensor).set_data(data.take(axis, &idx));
         }
     }
+    model.interface = narrowed_interface(model, groups, keep)?;
     for (g, group) in groups.iter().enumerate() {
         let pruned = keep.pruned(g).len() as i64;
         if pruned == 0 {
@@ -112,6 +122,43 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
         }
     }
     Ok(())
+}
+
+/// The graph inputs and outputs (KV caches) that lose the pruned units' entries, with the
+/// dense indices each keeps.
+fn narrowed_interface(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> Result<BTreeMap<String, Narrowed>> {
+    let mut dropped: BTreeMap<(Id, usize), Vec<bool>> = BTreeMap::new();
+    for (g, group) in groups.iter().enumerate() {
+        for s in &group.io {
+            let v = model.value(s.value);
+            let n = v
+                .shape
+                .as_ref()
+                .and_then(|d| d.get(s.axis).copied())
+                .ok_or_else(|| Error::Other(format!("the shape of '{}' is unknown on axis {}", v.name, s.axis)))?;
+            let d = dropped.entry((s.value, s.axis)).or_insert_with(|| vec![false; n]);
+            for u in keep.pruned(g) {
+                let r = s.offset + u * s.factor..s.offset + (u + 1) * s.factor;
+                if r.end > n {
+                    return Err(Error::Other(format!("unit slice out of range in '{}'", v.name)));
+                }
+                d[r].iter_mut().for_each(|x| *x = true);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for ((v, axis), d) in dropped {
+        if !d.iter().any(|&x| x) {
+            continue;
+        }
+        let name = model.value(v).name.clone();
+        if out.contains_key(&name) {
+            return Err(Error::Other(format!("'{name}' would be narrowed along two axes")));
+        }
+        let kept = (0..d.len()).filter(|&i| !d[i]).collect();
+        out.insert(name, Narrowed { axis, dense: d.len(), kept, input: model.inputs.contains(&v) });
+    }
+    Ok(out)
 }
 
 /// Expert removal: kept experts' gate slices are renumbered to their rank among the kept,

@@ -31,17 +31,29 @@ impl Pass for VerifyRewrite {
         let reference = masked(dense, &cx.groups, keep);
         let batch = match &cx.inputs {
             Some(b) => b.take(cx.config.verify_samples),
-            None => crate::calib::synthetic(model, &cx.input_shapes, cx.config.seed),
+            None => {
+                // The dense model's shapes: narrowed inputs are cut from them below.
+                let mut shapes = cx.input_shapes.clone();
+                for (name, n) in &model.interface {
+                    if let Some(d) = shapes.get_mut(name) {
+                        d[n.axis] = n.dense;
+                    }
+                }
+                crate::calib::synthetic(dense, &shapes, cx.config.seed)
+            }
         };
-        let inputs = batch.ordered(model);
+        // A narrowed cache input gets the kept heads' entries; the reference, the whole.
+        let (ref_inputs, inputs) = (batch.ordered(&reference), batch.ordered(model));
         let names: Vec<String> = model.outputs.iter().map(|&o| model.value(o).name.clone()).collect();
         let ref_bytes = onnx_io::to_bytes(&onnx_io::export(&cx.document, &reference)?)?;
         let slim_bytes = onnx_io::to_bytes(&onnx_io::export(&cx.document, model)?)?;
-        let (want, got, executor) = run_pair(&ref_bytes, &slim_bytes, &inputs, &names)?;
+        let (want, got, executor) = run_pair(&ref_bytes, &slim_bytes, (&ref_inputs, &inputs), &names)?;
         let mut outputs = Vec::new();
         let mut failures = Vec::new();
         for (((name, w), (_, g)), &o) in want.iter().zip(&got).zip(&model.outputs) {
             let low = matches!(model.value(o).dtype, Some(DType::F16 | DType::BF16));
+            // A narrowed cache output is compared on the kept heads' entries.
+            let w = &model.interface.get(name).map_or_else(|| w.clone(), |n| n.apply(w));
             let check = compare(name, w, g, if low { 1e-2 } else { 1e-4 });
             if !check.1 {
                 failures.push(format!(
@@ -63,12 +75,13 @@ impl Pass for VerifyRewrite {
 type Outputs = Vec<(String, Tensor)>;
 
 /// Runs the masked reference and the slim model on the same executor: tract when it runs
-/// both, else the plprune engine. Returns both outputs and the executor, described ("tract",
-/// or "the plprune engine (tract lacks com.microsoft.Attention)").
+/// both, else the plprune engine, each on its own inputs (the same but for narrowed cache
+/// inputs). Returns both outputs and the executor, described ("tract", or "the plprune
+/// engine (tract lacks com.microsoft.Attention)").
 pub fn run_pair(
     reference: &[u8],
     slim: &[u8],
-    inputs: &[(String, Tensor)],
+    (ref_inputs, inputs): (&[(String, Tensor)], &[(String, Tensor)]),
     names: &[String],
 ) -> Result<(Outputs, Outputs, String)> {
     // tract's support for com.microsoft ops is partial and can panic on valid models
@@ -78,7 +91,7 @@ pub fn run_pair(
         Some(why) => why,
         None => {
             let tract = std::panic::catch_unwind(|| {
-                crate::runtime::run(reference, inputs, names)
+                crate::runtime::run(reference, ref_inputs, names)
                     .and_then(|a| crate::runtime::run(slim, inputs, names).map(|b| (a, b)))
             });
             match tract {
@@ -88,7 +101,7 @@ pub fn run_pair(
             }
         }
     };
-    let engine = run_engine(reference, inputs).and_then(|a| run_engine(slim, inputs).map(|b| (a, b)));
+    let engine = run_engine(reference, ref_inputs).and_then(|a| run_engine(slim, inputs).map(|b| (a, b)));
     match engine {
         Ok((a, b)) => {
             let name = |v: Outputs| -> Outputs {

@@ -39,16 +39,34 @@ impl Batch {
         }
     }
 
-    /// Inputs in graph-input order, as the runtime wants them.
+    /// Inputs in graph-input order, as the runtime wants them; inputs the rewrite
+    /// narrowed (a KV cache of pruned heads) keep only the slim model's entries.
     pub fn ordered(&self, model: &Model) -> Vec<(String, Tensor)> {
         model
             .inputs
             .iter()
             .filter_map(|&i| {
                 let name = &model.value(i).name;
-                self.arrays.get(name).map(|t| (name.clone(), t.clone()))
+                self.arrays.get(name).map(|t| (name.clone(), narrow(model, name, t)))
             })
             .collect()
+    }
+
+    /// The batch as `model` reads it: inputs the rewrite narrowed keep only the slim
+    /// model's entries (unchanged for a model whose interface is the dense one's).
+    pub fn for_model(&self, model: &Model) -> Batch {
+        Batch {
+            arrays: self.arrays.iter().map(|(k, t)| (k.clone(), narrow(model, k, t))).collect(),
+            labels: self.labels.clone(),
+            samples: self.samples,
+        }
+    }
+}
+
+fn narrow(model: &Model, name: &str, t: &Tensor) -> Tensor {
+    match model.interface.get(name) {
+        Some(n) => n.apply(t),
+        None => t.clone(),
     }
 }
 

@@ -174,6 +174,34 @@ pub struct Model {
     /// Opset version per domain ("" = ai.onnx).
     pub opsets: BTreeMap<String, i64>,
     names: HashMap<String, Id>,
+    /// Graph inputs and outputs whose extent the rewrite narrowed (a KV cache that holds
+    /// pruned heads), by name: what the slim model reads and writes of the dense one's.
+    pub interface: BTreeMap<String, Narrowed>,
+}
+
+/// A graph input or output of the slim model that keeps only some entries of the dense
+/// model's along one axis.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Narrowed {
+    pub axis: usize,
+    /// The dense model's extent on that axis.
+    pub dense: usize,
+    /// The dense indices kept, in order.
+    pub kept: Vec<usize>,
+    /// A graph input (else an output).
+    pub input: bool,
+}
+
+impl Narrowed {
+    /// `t` as the slim model sees it: narrowed when it has the dense extent on the axis
+    /// (so applying it twice is harmless), else unchanged.
+    pub fn apply(&self, t: &Tensor) -> Tensor {
+        if t.dims.get(self.axis) == Some(&self.dense) {
+            t.take(self.axis, &self.kept)
+        } else {
+            t.clone()
+        }
+    }
 }
 
 impl Model {

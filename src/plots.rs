@@ -684,6 +684,7 @@ mod tests {
             units_after: units.iter().filter(|u| u.kept).count(),
             params_per_unit: 1,
             pruned: units.iter().filter(|u| !u.kept).map(|u| u.index).collect(),
+            cache: Vec::new(),
             scores: units.iter().map(|u| u.score.unwrap()).collect(),
             units,
         }

@@ -49,6 +49,10 @@ pub struct Report {
     pub timings_s: BTreeMap<String, f64>,
     /// The scoring's phases in order: name, device, seconds.
     pub phases: Vec<crate::pipeline::Phase>,
+    /// Graph inputs and outputs the rewrite narrowed (KV caches of pruned heads), by name:
+    /// the slim model's interface differs from the dense one's there.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub interface: BTreeMap<String, crate::ir::Narrowed>,
 }
 
 #[derive(Serialize)]
@@ -84,6 +88,9 @@ pub struct GroupReport {
     pub units_after: usize,
     pub params_per_unit: usize,
     pub pruned: Vec<usize>,
+    /// Graph inputs and outputs that hold the units (KV caches), narrowed with them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache: Vec<String>,
     pub scores: Vec<f64>,
     /// Per unit: index, score, kept or pruned, and the NTK/Hessian features where the
     /// criterion computed them.
@@ -134,6 +141,11 @@ impl Report {
                 kind: group.kind,
                 layer: group.name.clone(),
                 units_before: group.count,
+                cache: {
+                    let mut c: Vec<String> = group.io.iter().map(|s| dense.value(s.value).name.clone()).collect();
+                    c.dedup();
+                    c
+                },
                 units_after: kept,
                 params_per_unit: group.params_per_unit(dense),
                 pruned: cx.keep.as_ref().map(|k| k.pruned(g)).unwrap_or_default(),
@@ -198,6 +210,7 @@ impl Report {
                 m
             }),
             phases: cx.phases.clone(),
+            interface: model.interface.clone(),
         }
     }
 
@@ -211,7 +224,9 @@ impl Report {
         let _ = writeln!(s, "{}: {} parameters", self.input, human(self.parameters.before));
         let _ = writeln!(s, "\n{:<8} {:>6} {:>11}  layer", "kind", "units", "params/unit");
         for g in &self.groups {
-            let _ = writeln!(s, "{:<8} {:>6} {:>11}  {}", g.kind.name(), g.units_before, g.params_per_unit, g.layer);
+            let cache = if g.cache.is_empty() { String::new() } else { format!(" (cache: {})", g.cache.join(", ")) };
+            let _ =
+                writeln!(s, "{:<8} {:>6} {:>11}  {}{cache}", g.kind.name(), g.units_before, g.params_per_unit, g.layer);
         }
         for (k, v) in &self.kinds {
             let _ = writeln!(
@@ -284,6 +299,21 @@ impl Report {
                 human(v.parameters.before),
                 human(v.parameters.after),
                 pct(v.parameters.before, v.parameters.after)
+            );
+        }
+        if !self.interface.is_empty() {
+            let inputs = self.interface.values().filter(|n| n.input).count();
+            let mut sizes: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+            for n in self.interface.values().filter(|n| n.input) {
+                *sizes.entry((n.dense, n.kept.len())).or_default() += 1;
+            }
+            let sizes: Vec<String> = sizes.iter().map(|((d, k), c)| format!("{d} -> {k} in {c}")).collect();
+            let _ = writeln!(
+                s,
+                "cache    {inputs} inputs and {} outputs narrowed (entries kept: {}); the runtime must size its \
+                 cache from the slim model (report: interface)",
+                self.interface.len() - inputs,
+                sizes.join(", ")
             );
         }
         let p = self.parameters;

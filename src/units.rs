@@ -108,6 +108,19 @@ pub struct UnitGroup {
     /// Units the group must keep whatever the selection (TopK's k for top-k experts);
     /// the rewrite refuses keep-sets below it.
     pub min_keep: usize,
+    /// Graph inputs and outputs that hold the units (a KV cache of heads: the past input
+    /// concatenated with the new keys, and the present output). The rewrite narrows them,
+    /// which changes the model's interface.
+    pub io: Vec<IoSlice>,
+}
+
+/// A graph input or output owned unit by unit along `axis`, as a [`Slice`] owns a tensor.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IoSlice {
+    pub value: Id,
+    pub axis: usize,
+    pub offset: usize,
+    pub factor: usize,
 }
 
 /// The routing structure of an MoE block whose experts are separate branches combined by
@@ -136,6 +149,7 @@ impl UnitGroup {
             owned: Vec::new(),
             routing: None,
             min_keep: 1,
+            io: Vec::new(),
         }
     }
 

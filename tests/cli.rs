@@ -513,3 +513,30 @@ fn feature_key(f: &str) -> &str {
         f
     }
 }
+
+#[test]
+fn kv_cache_is_shown_by_inspect_and_narrowed_by_a_run() {
+    let model = fixture("attn_gqa_kv_cache.onnx");
+    let model = model.to_str().unwrap();
+    let text = run_ok(&["inspect", model]);
+    for l in 0..2 {
+        let want = format!("(cache: past_key.l{l}, past_value.l{l}, present_key.l{l}, present_value.l{l})");
+        assert!(text.contains(&want), "{text}");
+    }
+    let dir = out_dir("cli");
+    let (out, rep) = (dir.join("kv.onnx"), dir.join("kv.json"));
+    let args = ["--ratio", "0.5", "--units", "heads", "--criterion", "magnitude", "-o", out.to_str().unwrap()];
+    let stdout = run_ok(&[&[model][..], &args[..], &["--report", rep.to_str().unwrap()]].concat());
+    assert!(stdout.contains("cache    4 inputs and 4 outputs narrowed"), "{stdout}");
+    let r = json(&rep);
+    let itf = r["interface"].as_object().unwrap();
+    assert_eq!(itf.len(), 8, "{itf:?}");
+    let heads: Vec<&Value> = r["groups"].as_array().unwrap().iter().filter(|g| g["kind"] == "heads").collect();
+    for (l, g) in heads.iter().enumerate() {
+        for t in ["past_key", "present_value"] {
+            let n = &itf[&format!("{t}.l{l}")];
+            assert_eq!(n["kept"].as_array().unwrap().len() as u64, g["units_after"].as_u64().unwrap(), "{n}");
+            assert_eq!(n["dense"], g["units_before"], "{n}");
+        }
+    }
+}

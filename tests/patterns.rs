@@ -79,7 +79,7 @@ fn ort_level(name: &str) -> &'static str {
 /// and asserts every output agrees to round-off; returns the largest difference and the
 /// executor.
 fn same_outputs(a: &[u8], b: &[u8], inputs: &[(String, Tensor)], names: &[String]) -> (f64, String) {
-    let (ya, yb, executor) = run_pair(a, b, inputs, names).expect("an executor runs both models");
+    let (ya, yb, executor) = run_pair(a, b, (inputs, inputs), names).expect("an executor runs both models");
     assert_eq!(ya.len(), yb.len());
     let mut worst = 0.0f64;
     for ((name, x), (_, y)) in ya.iter().zip(&yb) {
@@ -91,7 +91,7 @@ fn same_outputs(a: &[u8], b: &[u8], inputs: &[(String, Tensor)], names: &[String
 }
 
 fn output_diff(a: &[u8], b: &[u8], inputs: &[(String, Tensor)], names: &[String]) -> f64 {
-    let (ya, yb, _) = run_pair(a, b, inputs, names).expect("an executor runs both models");
+    let (ya, yb, _) = run_pair(a, b, (inputs, inputs), names).expect("an executor runs both models");
     ya.iter()
         .zip(&yb)
         .flat_map(|((_, x), (_, y))| x.to_f64_vec().into_iter().zip(y.to_f64_vec()).map(|(p, q)| (p - q).abs()))
@@ -315,6 +315,94 @@ fn grouped_query_attention_written_out() {
     }
     let dev = engine_vs_ort(name);
     assert!(dev.is_none_or(|d| d < 1e-4), "engine vs onnxruntime: {dev:?}");
+}
+
+#[test]
+fn kv_cache_heads_narrow_the_cache() {
+    // attn_gqa_kv_cache: the Llama pattern above with a KV cache. The past inputs
+    // (layer 0's behind a one-input Concat) are concatenated with the new keys and values
+    // into the present outputs, which repeat_kv reads. A KV head's cache entries belong to
+    // its unit: the rewrite narrows the cache inputs and outputs with the heads.
+    let name = "attn_gqa_kv_cache.onnx";
+    let s = open(name, &[UnitKind::Heads], 0.5);
+    assert_eq!(counts(&s, UnitKind::Heads), vec![2, 3], "unprunable: {:?}", s.cx.unprunable);
+    assert!(s.cx.unprunable.iter().all(|u| u.kind != Some(UnitKind::Heads)), "{:?}", s.cx.unprunable);
+    for (layer, g) in s.cx.groups.iter().enumerate() {
+        let io: Vec<(String, usize, usize, usize)> =
+            g.io.iter().map(|x| (s.model.value(x.value).name.clone(), x.axis, x.offset, x.factor)).collect();
+        let mut want: Vec<(String, usize, usize, usize)> = ["past_key", "past_value", "present_key", "present_value"]
+            .iter()
+            .map(|p| (format!("{p}.l{layer}"), 1, 0, 1))
+            .collect();
+        want.sort();
+        let mut io = io;
+        io.sort();
+        assert_eq!(io, want, "{}", g.name);
+    }
+    // The selection at every ratio verifies (the tool runs the masked reference on the whole
+    // cache and the slim model on the kept heads' entries).
+    for r in [0.25, 0.5, 0.75] {
+        let mut s = open(name, &[UnitKind::Heads], r);
+        s.select().expect("select");
+        s.apply(None).expect("apply (with the tool's own verification)");
+        assert!(s.cx.verification.as_ref().is_some_and(|v| v.passed), "ratio {r}");
+    }
+    // Layer 0 keeps its second KV head, layer 1 its first and third.
+    let mut s = open(name, &[UnitKind::Heads], 0.5);
+    let mut keep = KeepSet::all(&s.cx.groups);
+    keep.keep[0] = vec![false, true];
+    keep.keep[1] = vec![true, false, true];
+    s.apply(Some(keep)).expect("apply");
+    assert!(s.cx.verification.as_ref().is_some_and(|v| v.passed));
+    let itf = &s.model.interface;
+    assert_eq!(itf.len(), 8, "{itf:?}");
+    for (n, dense, kept) in
+        [("past_key.l0", 2, vec![1]), ("present_value.l0", 2, vec![1]), ("past_value.l1", 3, vec![0, 2])]
+    {
+        let nar = &itf[n];
+        assert_eq!((nar.axis, nar.dense, &nar.kept), (1, dense, &kept), "{n}");
+    }
+    assert!(itf["past_key.l1"].input && !itf["present_key.l1"].input);
+    // The written model declares the narrowed cache.
+    let slim = s.model_bytes().unwrap();
+    let (_, m) = plprune_onnx::onnx_io::load_bytes(&slim, Path::new("slim.onnx")).unwrap();
+    let declared = |n: &str| m.value(m.value_id(n).unwrap()).declared.clone().unwrap();
+    use plprune_onnx::ir::Dim;
+    assert_eq!(declared("past_key.l0")[1], Dim::Fixed(1));
+    assert_eq!(declared("present_value.l1")[1], Dim::Fixed(2));
+    assert_eq!(declared("past_key.l0")[2], Dim::Param("past".into()));
+    // onnxruntime: a prompt with a 3-token past, then 3 decoding steps, each model fed its own
+    // present cache; the slim model's outputs equal the masked model's on the kept heads.
+    if !ort_available() {
+        return;
+    }
+    let dir = out_dir("patterns");
+    let (sp, mp, rp, cp) =
+        (dir.join("kv-slim.onnx"), dir.join("kv-masked.onnx"), dir.join("kv-report.json"), dir.join("kv-calib.npz"));
+    std::fs::write(&sp, &slim).unwrap();
+    std::fs::write(&mp, s.masked_bytes().unwrap()).unwrap();
+    std::fs::write(&rp, s.report().to_json()).unwrap();
+    let mut shapes = std::collections::BTreeMap::new();
+    shapes.insert("x".to_string(), vec![2, 5, 16]);
+    for (l, h) in [(0, 2), (1, 3)] {
+        for t in ["key", "value"] {
+            shapes.insert(format!("past_{t}.l{l}"), vec![2, h, 3, 4]);
+        }
+    }
+    let dense = Session::open(&fixture(name), plprune_onnx::Config::default()).unwrap();
+    let batch = plprune_onnx::calib::synthetic(&dense.model, &shapes, 3);
+    plprune_onnx::npz::write(&cp, &batch.arrays).unwrap();
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kv_decode.py"))
+        .args([&sp, &mp, &rp, &cp])
+        .arg("--dense")
+        .arg(fixture(name))
+        .output()
+        .expect("run kv_decode.py");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let nums: Vec<f64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(nums[0] <= 1e-5 && nums[1] > 1e-2, "{text}");
 }
 
 #[test]
