@@ -1650,10 +1650,10 @@ impl<'m> Analysis<'m> {
     }
 
     /// Concat along another axis: every input must carry the same channels. A graph input
-    /// among them is a cache (a KV cache's past keys or values, concatenated with the new
-    /// ones along the sequence): it takes the channels' layout and becomes part of the
-    /// group's interface, and so does the concatenation when it is a graph output (the
-    /// present cache).
+    /// among them, when the channels are attention heads, is a cache (a KV cache's past
+    /// keys or values, concatenated with the new ones along the sequence): it takes the
+    /// heads' layout and becomes part of the group's interface, and so does the
+    /// concatenation when it is a graph output (the present cache).
     fn visit_elementwise_like_concat(&mut self, op: Id, laid: &[(usize, Layout)], axis: usize) -> Step {
         let model = self.model;
         let ins = model.inputs(op);
@@ -1663,6 +1663,15 @@ impl<'m> Analysis<'m> {
         }
         let mut laid = laid.to_vec();
         if laid.len() != n {
+            // Only a cache of attention heads may join the interface; anything else joined
+            // with an input along another axis stays blocked.
+            let heads = laid.iter().flat_map(|(_, l)| &l.segs).all(|s| {
+                let r = self.find(s.space);
+                self.spaces[r].kind == UnitKind::Heads
+            });
+            if !heads {
+                return Err("concatenates channels with other data".into());
+            }
             let (slot0, l) = laid[0].clone();
             let rank = self.shape(ins[slot0].ok_or("missing input")?)?.len();
             for (slot, v) in ins.iter().enumerate() {
