@@ -73,6 +73,7 @@ impl Pass for VerifyRewrite {
 }
 
 type Outputs = Vec<(String, Tensor)>;
+type Inputs<'a> = &'a [(String, Tensor)];
 
 /// Runs the masked reference and the slim model on the same executor: tract when it runs
 /// both, else the plprune engine, each on its own inputs (the same but for narrowed cache
@@ -81,7 +82,7 @@ type Outputs = Vec<(String, Tensor)>;
 pub fn run_pair(
     reference: &[u8],
     slim: &[u8],
-    (ref_inputs, inputs): (&[(String, Tensor)], &[(String, Tensor)]),
+    (ref_inputs, inputs): (Inputs, Inputs),
     names: &[String],
 ) -> Result<(Outputs, Outputs, String)> {
     // tract's support for com.microsoft ops is partial and can panic on valid models
