@@ -60,20 +60,8 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
             model.value(tensor).data.clone().ok_or_else(|| {
                 Error::Other(format!("parameter '{}' has no data to slice", model.value(tensor).name))
             })?;
-        let n = data.dims[axis];
-        let mut dropped = vec![false; n];
-        for (g, s) in owners {
-            for u in keep.pruned(g) {
-                for i in UnitGroup::indices(s, u) {
-                    if i >= n {
-                        return Err(Error::Other(format!("unit slice out of range in '{}'", model.value(tensor).name)));
-                    }
-                    dropped[i] = true;
-                }
-            }
-        }
-        if dropped.iter().any(|&d| d) {
-            let idx: Vec<usize> = (0..n).filter(|&i| !dropped[i]).collect();
+        let spans = owners.iter().map(|(g, s)| (*g, s.offset, s.factor));
+        if let Some(idx) = kept_indices(data.dims[axis], spans, keep, &model.value(tensor).name)? {
             model.value_mut(tensor).set_data(data.take(axis, &idx));
         }
     }
@@ -124,39 +112,51 @@ pub fn rewrite(model: &mut Model, groups: &[UnitGroup], keep: &KeepSet) -> Resul
     Ok(())
 }
 
+/// The indices of an axis of extent `n` that survive, when groups own it in `spans`
+/// (group, offset, entries per unit); None when nothing is dropped.
+fn kept_indices(
+    n: usize,
+    spans: impl Iterator<Item = (usize, usize, usize)>,
+    keep: &KeepSet,
+    name: &str,
+) -> Result<Option<Vec<usize>>> {
+    let mut dropped = vec![false; n];
+    for (g, offset, factor) in spans {
+        for u in keep.pruned(g) {
+            let r = offset + u * factor..offset + (u + 1) * factor;
+            if r.end > n {
+                return Err(Error::Other(format!("unit slice out of range in '{name}'")));
+            }
+            dropped[r].iter_mut().for_each(|d| *d = true);
+        }
+    }
+    Ok(dropped.contains(&true).then(|| (0..n).filter(|&i| !dropped[i]).collect()))
+}
+
 /// The graph inputs and outputs (KV caches) that lose the pruned units' entries, with the
 /// dense indices each keeps.
 fn narrowed_interface(model: &Model, groups: &[UnitGroup], keep: &KeepSet) -> Result<BTreeMap<String, Narrowed>> {
-    let mut dropped: BTreeMap<(Id, usize), Vec<bool>> = BTreeMap::new();
+    let mut owners: BTreeMap<(Id, usize), Vec<(usize, usize, usize)>> = BTreeMap::new();
     for (g, group) in groups.iter().enumerate() {
         for s in &group.io {
-            let v = model.value(s.value);
-            let n = v
-                .shape
-                .as_ref()
-                .and_then(|d| d.get(s.axis).copied())
-                .ok_or_else(|| Error::Other(format!("the shape of '{}' is unknown on axis {}", v.name, s.axis)))?;
-            let d = dropped.entry((s.value, s.axis)).or_insert_with(|| vec![false; n]);
-            for u in keep.pruned(g) {
-                let r = s.offset + u * s.factor..s.offset + (u + 1) * s.factor;
-                if r.end > n {
-                    return Err(Error::Other(format!("unit slice out of range in '{}'", v.name)));
-                }
-                d[r].iter_mut().for_each(|x| *x = true);
-            }
+            owners.entry((s.value, s.axis)).or_default().push((g, s.offset, s.factor));
         }
     }
     let mut out = BTreeMap::new();
-    for ((v, axis), d) in dropped {
-        if !d.iter().any(|&x| x) {
+    for ((v, axis), spans) in owners {
+        let val = model.value(v);
+        let n = val
+            .shape
+            .as_ref()
+            .and_then(|d| d.get(axis).copied())
+            .ok_or_else(|| Error::Other(format!("the shape of '{}' is unknown on axis {axis}", val.name)))?;
+        let Some(kept) = kept_indices(n, spans.into_iter(), keep, &val.name)? else {
             continue;
+        };
+        if out.contains_key(&val.name) {
+            return Err(Error::Other(format!("'{}' would be narrowed along two axes", val.name)));
         }
-        let name = model.value(v).name.clone();
-        if out.contains_key(&name) {
-            return Err(Error::Other(format!("'{name}' would be narrowed along two axes")));
-        }
-        let kept = (0..d.len()).filter(|&i| !d[i]).collect();
-        out.insert(name, Narrowed { axis, dense: d.len(), kept, input: model.inputs.contains(&v) });
+        out.insert(val.name.clone(), Narrowed { axis, dense: n, kept, input: model.inputs.contains(&v) });
     }
     Ok(out)
 }

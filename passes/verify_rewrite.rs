@@ -32,13 +32,12 @@ impl Pass for VerifyRewrite {
         let batch = match &cx.inputs {
             Some(b) => b.take(cx.config.verify_samples),
             None => {
-                // The dense model's shapes: narrowed inputs are cut from them below.
-                let mut shapes = cx.input_shapes.clone();
-                for (name, n) in &model.interface {
-                    if let Some(d) = shapes.get_mut(name) {
-                        d[n.axis] = n.dense;
-                    }
-                }
+                // At the dense model's shapes: narrowed inputs are cut from them below.
+                let shapes = dense
+                    .inputs
+                    .iter()
+                    .filter_map(|&i| Some((dense.value(i).name.clone(), dense.value(i).shape.clone()?)))
+                    .collect();
                 crate::calib::synthetic(dense, &shapes, cx.config.seed)
             }
         };
