@@ -211,7 +211,12 @@ pub fn plan_frees(prog: &Program, instrs: impl IntoIterator<Item = usize>, keep:
 /// forward/backward pass (megabytes each) is faulted in page by page and zeroed by the
 /// kernel again. Raising the mmap threshold to 32 MiB (glibc's maximum) and the trim
 /// threshold to 1 GiB lets freed buffers be reused as they are; measured 7-10% of
-/// MiniLM's forward + backward (`cargo bench --bench engine`). The cost is that the
+/// MiniLM's forward + backward (`cargo bench --bench engine`). Buffers above 32 MiB (a
+/// CNN's early feature maps over a calibration batch: EfficientNet-lite0's first stage
+/// holds 24 × 32 × 112 × 112 floats) would still get fresh mappings, so direct mappings are
+/// switched off as well (`M_MMAP_MAX` 0): pl on EfficientNet-lite0 spent more time in the
+/// kernel zeroing pages than computing (system 184 s, user 228 s; 243 s → 171 s wall
+/// without them, the same peak memory, 8.8 GB, and the same output). The cost is that the
 /// process keeps up to 1 GiB of freed heap instead of returning it to the system.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -223,6 +228,7 @@ pub fn keep_freed_buffers() {
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
                 libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+                libc::mallopt(libc::M_MMAP_MAX, 0);
             }
         });
     }
