@@ -17,7 +17,7 @@
 //!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq,obs --n 32
 //!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3 --distill-hidden
-//!       --alpha 0.1 --round-to 8 --latency]
+//!       --alpha 0.1 --gate-objective raw --round-to 8 --latency]
 //! (`--alpha` is pl's Hessian-penalty weight and `--round-to` the per-layer multiple of kept
 //! filters and neurons, as on the command line; defaults 1.)
 //! (`--recover` also takes `lsq+distill`, `obs+distill` and `none+distill`: the refit or none, then
@@ -213,6 +213,12 @@ fn main() {
     let distill_hidden = std::env::args().any(|a| a == "--distill-hidden");
     let hidden = if distill_hidden { " (hidden)" } else { "" };
     let alpha: f64 = arg("--alpha").map(|r| r.parse().expect("alpha")).unwrap_or(1.0);
+    // `--gate-objective raw`: pl's L_total in the paper's units, as on the command line.
+    let relative = match arg("--gate-objective").as_deref() {
+        None | Some("relative") => true,
+        Some("raw") => false,
+        Some(o) => panic!("--gate-objective is relative or raw, not {o}"),
+    };
     let n: usize = arg("--n").and_then(|r| r.parse().ok()).unwrap_or(32);
     let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
     let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
@@ -272,7 +278,7 @@ fn main() {
                         verify: false,
                         scoring: plprune_onnx::criteria::ScoringConfig {
                             calib_samples: n,
-                            gate: plprune_onnx::criteria::gate::GateConfig { alpha, ..Default::default() },
+                            gate: plprune_onnx::criteria::gate::GateConfig { alpha, relative, ..Default::default() },
                             ..Default::default()
                         },
                         recover,
@@ -358,7 +364,8 @@ fn main() {
                         match criterion {
                             Criterion::Pl if alpha != 1.0 => format!("pl (α {alpha})"),
                             c => c.name().to_string(),
-                        } + &if round_to > 1 { format!(", round-to {round_to}") } else { String::new() },
+                        } + if criterion == Criterion::Pl && !relative { ", raw objective" } else { "" }
+                            + &if round_to > 1 { format!(", round-to {round_to}") } else { String::new() },
                         match (recover, distill) {
                             (Recover::Lsq, false) => "lsq".to_string(),
                             (Recover::Obs, false) => "obs".to_string(),
