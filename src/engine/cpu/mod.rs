@@ -214,10 +214,11 @@ pub fn plan_frees(prog: &Program, instrs: impl IntoIterator<Item = usize>, keep:
 /// MiniLM's forward + backward (`cargo bench --bench engine`). Buffers above 32 MiB (a
 /// CNN's early feature maps over a calibration batch: EfficientNet-lite0's first stage
 /// holds 24 × 32 × 112 × 112 floats) would still get fresh mappings, so direct mappings are
-/// switched off as well (`M_MMAP_MAX` 0): pl on EfficientNet-lite0 spent more time in the
-/// kernel zeroing pages than computing (system 184 s, user 228 s; 243 s → 171 s wall
-/// without them, the same peak memory, 8.8 GB, and the same output). The cost is that the
-/// process keeps up to 1 GiB of freed heap instead of returning it to the system.
+/// switched off as well (`M_MMAP_MAX` 0): pl on EfficientNet-lite0 spent almost as much
+/// time in the kernel, zeroing pages, as computing (system 184 s, user 228 s; 243 s → 171 s
+/// wall without them, the same peak memory, 8.8 GB, and the same output). The cost is that
+/// freed memory stays with the process (up to 1 GiB at the heap's top, and whatever lies
+/// below live buffers) instead of going back to the system before it exits.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
