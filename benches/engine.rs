@@ -1,18 +1,24 @@
-//! Speed of the CPU engine: one batched forward + backward (w.r.t. the unit parameters:
+//! Speed of the engine: one batched forward + backward (w.r.t. the unit parameters:
 //! the tensors heads and FFN neurons slice, as ntk_ref.py defines them) of MiniLM-L6 on a 32 × 64 calibration batch, seeded with
 //! s = Σ_a ⟨r, f(x_a)⟩/sqrt(dim f) — the same phase as `ntk_ref.py --bench fwdbwd`. Prints
-//! the median time, matmul GFLOP/s, and the ratio to PyTorch when ../shared/bench/.venv-ref
-//! (or ./.venv-ref) exists; otherwise absolute times only. A benchmark, never a test.
-//! Run: cargo bench --bench engine [-- --n 32 --reps 3 --no-torch]
+//! the median time, matmul GFLOP/s, and the ratio to PyTorch (same phase, same run) when a
+//! reference Python exists ($PLPRUNE_REF_PYTHON, ./.venv-ref or ../shared/bench/.venv-ref;
+//! it runs with our thread count); otherwise absolute times only. A benchmark, never a test.
+//! `--device gpu`: our WGSL backend on the first wgpu adapter, against PyTorch on CUDA
+//! (benches/ntk_ref_device.py); `--random-weights`: the reference with random weights, for
+//! a machine where ../shared/models/minilm-l6/model.onnx was made by benches/onnx_skeleton.py.
+//! Run: cargo bench --bench engine [-- --n 32 --reps 3 --no-torch --device gpu]
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use plprune_onnx::engine::program::Prim;
 use plprune_onnx::engine::{loss, Engine, Params};
 use plprune_onnx::{Config, Session};
+
+#[path = "common/reference.rs"]
+mod reference;
 
 fn arg(name: &str, default: usize) -> usize {
     let a: Vec<String> = std::env::args().collect();
@@ -22,6 +28,8 @@ fn arg(name: &str, default: usize) -> usize {
 fn main() {
     let n = arg("--n", 32);
     let reps = arg("--reps", 3);
+    let target = reference::Target::from_args();
+    let device = target.device();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("../shared/models/minilm-l6/model.onnx");
     let calib = root.join("../shared/models/minilm-l6/calib.npz");
@@ -70,7 +78,7 @@ fn main() {
     let mut times = Vec::new();
     for rep in 0..=reps {
         let t = Instant::now();
-        let run = gp.run::<f32>(&inputs, &params, |o| loss::projection(o, 0, &r), &keep).expect("run");
+        let run = gp.run_on(&device, &inputs, &params, |o| loss::projection(o, 0, &r), &keep).expect("run");
         let dt = t.elapsed().as_secs_f64();
         std::hint::black_box(run.grads.len());
         if rep > 0 {
@@ -82,40 +90,37 @@ fn main() {
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = times[times.len() / 2];
-    println!("engine (cpu, f32, {} threads): MiniLM-L6 forward+backward, batch {n} x 64", rayon::current_num_threads());
+    println!("engine ({}, f32): MiniLM-L6 forward+backward, batch {n} x 64", device.describe());
     println!("  lowering + autodiff: {setup:.3} s; {} instructions", gp.lowered.program.instrs.len());
     println!(
-        "  median of {reps}: {med:.3} s  (runs {times:.3?}); matmul work {:.1} GFLOP -> {:.1} GFLOP/s",
+        "  median of {reps}: {med:.4} s  (runs {times:.4?}); matmul work {:.1} GFLOP -> {:.1} GFLOP/s",
         flops / 1e9,
         flops / 1e9 / med
     );
-    let venv = [root.join("../shared/bench/.venv-ref/bin/python"), root.join(".venv-ref/bin/python")]
-        .into_iter()
-        .find(|p| p.exists());
-    match venv {
+    match target.python(root) {
         _ if std::env::args().any(|s| s == "--no-torch") => println!("  PyTorch not run (--no-torch)"),
         Some(py) => {
-            let o = Command::new(py)
-                .env("HF_HUB_OFFLINE", "1")
-                .arg(root.join("../shared/bench/ntk_ref.py"))
-                .args(["--n", &n.to_string(), "--bench", "fwdbwd", "--no-flops"])
-                .output();
-            match o {
-                Ok(o) if o.status.success() => {
-                    let text = String::from_utf8_lossy(&o.stdout);
-                    let line = text.lines().rev().find_map(|l| l.find('{').map(|i| &l[i..])).unwrap_or("");
+            let args: Vec<String> = ["--n", &n.to_string(), "--bench", "fwdbwd", "--no-flops", "--reps", &reps.to_string()]
+                .map(String::from)
+                .to_vec();
+            match target.run(&py, root, &args) {
+                Ok(text) => {
+                    let line = text.lines().find_map(|l| l.strip_prefix("BENCH ")).unwrap_or("");
                     let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
                     match v["phases"]["fwdbwd"]["median_s"].as_f64() {
-                        Some(t) => println!("  PyTorch (same machine, this run): {t:.3} s -> ratio engine/PyTorch {:.2}x", med / t),
+                        Some(t) => println!(
+                            "  PyTorch ({}; same machine, this run): {t:.4} s -> ratio engine/PyTorch {:.2}x",
+                            target.describe_reference(),
+                            med / t
+                        ),
                         None => println!("  PyTorch output not understood:\n{text}"),
                     }
                 }
-                Ok(o) => println!("  PyTorch reference failed: {}", String::from_utf8_lossy(&o.stderr)),
-                Err(e) => println!("  PyTorch reference could not run: {e}"),
+                Err(e) => println!("  PyTorch reference failed: {e}"),
             }
         }
         None => println!(
-            "  no .venv-ref: PyTorch not measured (see ../shared/bench/README.md; its recorded 2-core figure for this phase is 0.57 s, not comparable across machines)"
+            "  no reference Python: PyTorch not measured (see ../shared/bench/README.md; its recorded 2-core figure for this phase is 0.57 s, not comparable across machines)"
         ),
     }
 }

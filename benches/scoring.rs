@@ -16,20 +16,24 @@
 //! padded positions; units: heads 49,248 parameters, neurons 769).
 //!
 //! The reference's Python is `$PLPRUNE_REF_PYTHON`, else `.venv-ref/bin/python` in this
-//! checkout, in ../main, or in ../shared/bench (see ../shared/bench/README.md); without
-//! one, only our absolute times are printed. A benchmark, never a test.
+//! checkout, in ../main, or in ../shared/bench (see ../shared/bench/README.md); it runs
+//! with our thread count. Without one, only our absolute times are printed. A benchmark,
+//! never a test. `--device gpu`: the phases on our WGSL backend (first wgpu adapter),
+//! against the reference on CUDA (benches/ntk_ref_device.py); `--random-weights` as in
+//! benches/engine.rs.
 //!
-//! Run: cargo bench --bench scoring [-- --n 32 --k 4 --reps 3 --ref-reps 3 --no-check]
+//! Run: cargo bench --bench scoring [-- --n 32 --k 4 --reps 3 --ref-reps 3 --no-check --no-torch --device gpu]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Instant;
 
 use plprune_onnx::criteria::ntk::{self, Features};
 use plprune_onnx::criteria::probe::Probe;
-use plprune_onnx::engine::gpu::Device;
 use plprune_onnx::units::UnitKind;
 use plprune_onnx::{Config, Session};
+
+#[path = "common/reference.rs"]
+mod reference;
 
 fn arg(name: &str, default: usize) -> usize {
     let a: Vec<String> = std::env::args().collect();
@@ -43,16 +47,6 @@ fn flag(name: &str) -> bool {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn reference_python(root: &Path) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PLPRUNE_REF_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    [".venv-ref", "../main/.venv-ref", "../shared/bench/.venv-ref"]
-        .iter()
-        .map(|d| root.join(d).join("bin/python"))
-        .find(|p| p.exists())
 }
 
 /// Our timed phases, in seconds.
@@ -114,6 +108,8 @@ fn run_ours(probe: &Probe, proj: &[Vec<f64>], scored: &[bool]) -> (Ours, Feature
             "ntk: forward" => &mut o.forward,
             n if n.starts_with("ntk: backward") => &mut o.backward,
             "ntk: per-sample gradients + grams" => &mut o.grams,
+            // The GPU backend runs the three in one pass (activations stay on the device).
+            n if n.starts_with("ntk: forward, backward, per-sample gradients + grams") => &mut o.grams,
             "eigenvalues" => &mut o.eig,
             n => panic!("unexpected phase {n}"),
         };
@@ -123,20 +119,6 @@ fn run_ours(probe: &Probe, proj: &[Vec<f64>], scored: &[bool]) -> (Ours, Feature
     let (b1, t1) = machine_seconds();
     o.other = ((b1 - b0) - o.cpu).max(0.0) / (t1 - t0).max(1e-9);
     (o, f)
-}
-
-/// Runs ntk_ref.py with `args`; returns its stdout.
-fn reference(py: &Path, root: &Path, args: &[String]) -> Result<String, String> {
-    let o = Command::new(py)
-        .env("HF_HUB_OFFLINE", "1")
-        .arg(root.join("../shared/bench/ntk_ref.py"))
-        .args(args)
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", py.display()))?;
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).to_string());
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).to_string())
 }
 
 /// Per kind, unit features in the reference's order: (layer, unit) over the kind's groups
@@ -193,6 +175,8 @@ fn main() {
     let k = arg("--k", 4);
     let reps = arg("--reps", 3).max(1);
     let ref_reps = arg("--ref-reps", 3).max(1);
+    let target = reference::Target::from_args();
+    let device = target.device();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model_path = root.join("../shared/models/minilm-l6/model.onnx");
     let calib = root.join("../shared/models/minilm-l6/calib.npz");
@@ -206,7 +190,7 @@ fn main() {
     s.analyze().expect("analyze");
     let model = s.model.clone();
     let t = Instant::now();
-    let probe = Probe::on(&mut s.cx, &model, n, Device::Cpu).expect("probe");
+    let probe = Probe::on(&mut s.cx, &model, n, device.clone()).expect("probe");
     let setup = t.elapsed().as_secs_f64();
     let scored: Vec<bool> = s.cx.groups.iter().map(|g| s.cx.selects(g.kind)).collect();
     let units: usize = s.cx.groups.iter().zip(&scored).filter(|(_, &x)| x).map(|(g, _)| g.count).sum();
@@ -232,8 +216,9 @@ fn main() {
     let total = med(Ours::total);
     let gram_phase = med(Ours::gram_phase);
     println!(
-        "scoring (cpu, f32 engine, f64 Grams, {} threads): MiniLM-L6 heads+neurons, {units} units, n = {n}, k = {k}",
-        rayon::current_num_threads()
+        "scoring ({}, f32 engine, {} Grams): MiniLM-L6 heads+neurons, {units} units, n = {n}, k = {k}",
+        device.describe(),
+        if target.gpu { "compensated f32" } else { "f64" }
     );
     println!("  setup (lowering, autodiff, calibration forward; not compared): {setup:.2} s");
     println!("  ours, median of {reps}:");
@@ -256,7 +241,11 @@ fn main() {
         gate_step(&probe, reps);
     }
 
-    let Some(py) = reference_python(root) else {
+    if flag("--no-torch") {
+        println!("  PyTorch not run (--no-torch)");
+        return;
+    }
+    let Some(py) = target.python(root) else {
         println!("  no .venv-ref (set PLPRUNE_REF_PYTHON): PyTorch not measured; absolute times only");
         return;
     };
@@ -265,7 +254,7 @@ fn main() {
         .map(String::from)
         .chain(["--bench", "gram,eig,hutch", "--no-flops", "--reps", &ref_reps.to_string()].map(String::from))
         .collect();
-    match reference(&py, root, &args) {
+    match target.run(&py, root, &args) {
         Ok(text) => {
             let line = text.lines().find_map(|l| l.strip_prefix("BENCH ")).unwrap_or("");
             let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
@@ -278,7 +267,11 @@ fn main() {
                         .flat_map(|p| v["phases"][p]["other_cpu_share"].as_array().cloned().unwrap_or_default())
                         .filter_map(|x| x.as_f64())
                         .collect();
-                    println!("  PyTorch reference ({}), median of {ref_reps}, same run:", py.display());
+                    println!(
+                        "  PyTorch reference ({}, {}), median of {ref_reps}, same run:",
+                        py.display(),
+                        target.describe_reference()
+                    );
                     println!(
                         "    per-sample grads + Grams            {g:8.3} s   (vmap grads {:.3} s, Grams {:.3} s)",
                         psg.unwrap_or(f64::NAN),
@@ -306,6 +299,10 @@ fn main() {
     if flag("--no-check") {
         return;
     }
+    if target.random_weights {
+        println!("  cross-check skipped: the reference's random weights are not ours");
+        return;
+    }
     let out = std::env::temp_dir().join(format!("plprune-scoring-ref-{}.npz", std::process::id()));
     let args: Vec<String> =
         ["--n", &n.to_string(), "--projections", &k.to_string(), "--probes", "0", "--no-checks", "--out"]
@@ -313,7 +310,7 @@ fn main() {
             .map(String::from)
             .chain([out.to_string_lossy().to_string()])
             .collect();
-    if let Err(e) = reference(&py, root, &args) {
+    if let Err(e) = target.run(&py, root, &args) {
         println!("  cross-check: the reference failed: {e}");
         return;
     }
