@@ -93,7 +93,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                                 tt = 1.0;
                             }
                         }
-                        let c = 1.0 / sqrt(1.0 + tt * tt);
+                        // c = 1/√(1 + t²), then one Newton step on c²(1 + t²) = 1: GPUs'
+                        // sqrt and division may be a few ulp off (Vulkan allows it), and a
+                        // rotation that is not orthogonal to ε scales the matrix at every step.
+                        let w = 1.0 + tt * tt;
+                        let c0 = 1.0 / sqrt(w);
+                        let c = fma(0.5 * c0, fma(-(w * c0), c0, 1.0), c0);
                         cs = vec2<f32>(c, tt * c);
                         atomicOr(&rotated, 1u);
                     }
