@@ -105,10 +105,15 @@ impl<'a> GpuArena<'a> {
     }
 
     /// Runs `instrs` in order, uploading constants on first use and freeing per `frees`.
+    /// With `PLPRUNE_PROFILE=1` each instruction is waited for and its time added to the
+    /// profile (`cpu::profile::report` prints it): per-primitive device times, each with
+    /// one submission and wait of overhead.
     pub fn run(&mut self, instrs: std::ops::Range<usize>, frees: &[Vec<Slot>]) -> Result<()> {
         let prog = self.prog;
+        let profile = cpu::profile::enabled();
         for (k, i) in instrs.enumerate() {
             let ins = &prog.instrs[i];
+            let t0 = profile.then(std::time::Instant::now);
             for &s in &ins.ins {
                 if self.bufs[s].is_none() {
                     match &prog.slots[s].kind {
@@ -138,6 +143,14 @@ impl<'a> GpuArena<'a> {
                 Some(self.exec(i, ins).map_err(|e| fail(e.to_string()))?)
             };
             self.bufs[ins.out] = out;
+            if let Some(t0) = t0 {
+                self.cx.flush()?;
+                self.cx
+                    .device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| Error::Other(format!("gpu poll: {e}")))?;
+                cpu::profile::record(prog, ins, t0.elapsed());
+            }
             if is_index(&ins.prim) {
                 self.unchecked.push(i);
             }
@@ -236,6 +249,7 @@ fn is_index(p: &Prim) -> bool {
 
 /// Reads several buffers (each its first `n` f32 values) through one staging buffer.
 fn read_many(cx: &GpuContext, bufs: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<f32>>> {
+    cx.flush()?;
     let total: usize = bufs.iter().map(|(_, n)| n).sum();
     let staging = cx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("staging"),
@@ -278,6 +292,8 @@ fn scoped<R>(cx: &GpuContext, body: impl FnOnce() -> Result<R>) -> Result<R> {
     let validation = cx.device.push_error_scope(wgpu::ErrorFilter::Validation);
     let oom = cx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let r = body();
+    // Dispatches still pending are submitted inside the scopes, so their errors land here.
+    let flushed = cx.flush();
     let oom = pollster::block_on(oom.pop());
     let validation = pollster::block_on(validation.pop());
     if let Some(e) = oom {
@@ -286,6 +302,7 @@ fn scoped<R>(cx: &GpuContext, body: impl FnOnce() -> Result<R>) -> Result<R> {
     if let Some(e) = validation {
         return Err(Error::Other(format!("engine (gpu): wgpu error: {e}")));
     }
+    flushed?;
     r
 }
 
