@@ -114,6 +114,11 @@ fn gpu_kernels_match_cpu_twins() {
         (vec![4, 1, 19, 23], vec![1, 5, 19, 3], true, false),
         (vec![37, 1, 9], vec![37, 9, 300], false, false),
         (vec![2, 40, 3], vec![5, 40], true, true),
+        // 64×64 register-blocked tiles: ragged edges, each transpose, a broadcast batch.
+        (vec![130, 70], vec![70, 67], false, false),
+        (vec![2, 33, 129], vec![2, 65, 33], true, true),
+        (vec![3, 64, 64], vec![1, 80, 64], false, true),
+        (vec![1, 17, 100], vec![2, 17, 96], true, false),
     ] {
         let (ra, rb) = (sa.len(), sb.len());
         let m = if ta { sa[ra - 1] } else { sa[ra - 2] };
@@ -127,7 +132,11 @@ fn gpu_kernels_match_cpu_twins() {
         let (ga, gb) = (cx.upload(&a), cx.upload(&b));
         let g = kernels::matmul(&cx, &ga, &sa, &gb, &sb, ta, tb, &os).unwrap();
         close(&cx.read(&g, want.len()).unwrap(), &want, 1e-4, &format!("matmul {sa:?} {sb:?}"));
-        for kernel in [MatMulKernel::Thin, MatMulKernel::Tiled { max_groups: 65_535 }] {
+        for kernel in [
+            MatMulKernel::Thin,
+            MatMulKernel::Tiled { max_groups: 65_535 },
+            MatMulKernel::Blocked { max_groups: 65_535 },
+        ] {
             let g = kernels::matmul_with(&cx, kernel, &ga, &sa, &gb, &sb, ta, tb, &os).unwrap();
             close(&cx.read(&g, want.len()).unwrap(), &want, 1e-4, &format!("matmul {kernel:?} {sa:?} {sb:?}"));
         }
@@ -308,19 +317,27 @@ fn gpu_elementwise_reduce_layout_kernels_match_cpu_twins() {
     }
     // Matmul grids split over several dispatches (at 65,535 workgroups per dimension on
     // real shapes; here at 3, so the split is exercised on small ones).
-    for (sa, sb, ta, tb) in
-        [(vec![7, 50, 37], vec![7, 37, 70], false, false), (vec![2, 4, 37, 50], vec![4, 70, 37], true, true)]
-    {
+    for (sa, sb, ta, tb) in [
+        (vec![7, 50, 37], vec![7, 37, 70], false, false),
+        (vec![2, 4, 37, 50], vec![4, 70, 37], true, true),
+        (vec![3, 130, 20], vec![20, 70], false, false),
+    ] {
         let (ra, rb) = (sa.len(), sb.len());
         let m = if ta { sa[ra - 1] } else { sa[ra - 2] };
         let nn = if tb { sb[rb - 2] } else { sb[rb - 1] };
         let mut os = broadcast_shapes(&sa[..ra - 2], &sb[..rb - 2]).unwrap();
         os.extend([m, nn]);
         let (a, b) = (f32s(sa.iter().product(), 24), f32s(sb.iter().product(), 25));
-        let tiled = MatMulKernel::Tiled { max_groups: 3 };
-        let g = kernels::matmul_with(&cx, tiled, &cx.upload(&a), &sa, &cx.upload(&b), &sb, ta, tb, &os).unwrap();
         let want = cpu::matmul::matmul(&a, &sa, &b, &sb, ta, tb, &os);
-        close(&cx.read(&g, want.len()).unwrap(), &want, 1e-4, &format!("matmul in chunks {sa:?} {sb:?}"));
+        for kernel in [MatMulKernel::Tiled { max_groups: 3 }, MatMulKernel::Blocked { max_groups: 1 }] {
+            let g = kernels::matmul_with(&cx, kernel, &cx.upload(&a), &sa, &cx.upload(&b), &sb, ta, tb, &os).unwrap();
+            close(
+                &cx.read(&g, want.len()).unwrap(),
+                &want,
+                1e-4,
+                &format!("matmul {kernel:?} in chunks {sa:?} {sb:?}"),
+            );
+        }
     }
 }
 

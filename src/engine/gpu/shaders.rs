@@ -16,6 +16,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("gram_units", include_str!("../../../shaders/gram_units.wgsl")),
     ("im2col", include_str!("../../../shaders/im2col.wgsl")),
     ("matmul", include_str!("../../../shaders/matmul.wgsl")),
+    ("matmul_blocked", include_str!("../../../shaders/matmul_blocked.wgsl")),
     ("matmul_small", include_str!("../../../shaders/matmul_small.wgsl")),
     ("pool", include_str!("../../../shaders/pool.wgsl")),
     ("pool_grad", include_str!("../../../shaders/pool_grad.wgsl")),
