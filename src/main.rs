@@ -248,6 +248,9 @@ fn main() -> ExitCode {
         Some(Command::Diff(a)) => diff(a),
         None => prune(cli.prune),
     };
+    if plprune_onnx::engine::cpu::profile::enabled() {
+        plprune_onnx::engine::cpu::profile::report();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

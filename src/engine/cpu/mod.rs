@@ -210,15 +210,18 @@ pub fn plan_frees(prog: &Program, instrs: impl IntoIterator<Item = usize>, keep:
 /// fresh mappings and trims freed memory at the heap's top, so every activation of a
 /// forward/backward pass (megabytes each) is faulted in page by page and zeroed by the
 /// kernel again. Raising the mmap threshold to 32 MiB (glibc's maximum) and the trim
-/// threshold to 1 GiB lets freed buffers be reused as they are; measured 7-10% of
+/// threshold lets freed buffers be reused as they are; measured 7-10% of
 /// MiniLM's forward + backward (`cargo bench --bench engine`). Buffers above 32 MiB (a
 /// CNN's early feature maps over a calibration batch: EfficientNet-lite0's first stage
 /// holds 24 × 32 × 112 × 112 floats) would still get fresh mappings, so direct mappings are
 /// switched off as well (`M_MMAP_MAX` 0): pl on EfficientNet-lite0 spent almost as much
 /// time in the kernel, zeroing pages, as computing (system 184 s, user 228 s; 243 s → 171 s
-/// wall without them, the same peak memory, 8.8 GB, and the same output). The cost is that
-/// freed memory stays with the process (up to 1 GiB at the heap's top, and whatever lies
-/// below live buffers) instead of going back to the system before it exits.
+/// wall without them, the same peak memory, 8.8 GB, and the same output). Trimming is off
+/// too (`M_TRIM_THRESHOLD` −1): the f64 Hessian passes over EfficientNet-lite0 free and
+/// re-grow more than 1 GiB at the heap's top again and again (its im2col buffers are
+/// ~700 MB in f64), and pl there went from 185 s to 145 s wall (system 101 s → 39 s; the
+/// same peak memory and output). The cost is that freed memory stays with the process
+/// until it exits instead of going back to the system: its peak, for a command-line run.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -228,7 +231,7 @@ pub fn keep_freed_buffers() {
             // any time, and a rejected value leaves the default in place.
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
                 libc::mallopt(libc::M_MMAP_MAX, 0);
             }
         });
