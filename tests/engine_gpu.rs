@@ -277,6 +277,23 @@ fn gpu_elementwise_reduce_layout_kernels_match_cpu_twins() {
         let g = cx.read(&kernels::reduce(&cx, ReduceOp::Sum, &cx.upload(&x), &[rows, len], axes).unwrap(), want.len());
         close(&g.unwrap(), &want, 1e-5, &format!("reduce sum {axes:?} of {rows}×{len}"));
     }
+    // Leading axes of at least 256 rows take two passes (partials over row ranges): ragged
+    // splits, every op, one column, and every axis.
+    for (s, axes) in [
+        (vec![7, 41, 13], vec![0usize, 1]),
+        (vec![4, 64, 96], vec![0, 1]),
+        (vec![1000, 3], vec![0]),
+        (vec![300, 1], vec![0]),
+        (vec![5, 9, 11], vec![0, 1, 2]),
+    ] {
+        let x = f32s(s.iter().product(), 19);
+        let gx = cx.upload(&x);
+        for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+            let want = cpu::reduce::reduce(op, &x, &s, &axes);
+            let g = cx.read(&kernels::reduce(&cx, op, &gx, &s, &axes).unwrap(), want.len()).unwrap();
+            close(&g, &want, 1e-5, &format!("reduce {op:?} {axes:?} of {s:?}"));
+        }
+    }
     // Broadcast (Expand), including one past 65,535 workgroups (the 2-D grid).
     for (sx, so) in [(vec![3, 1, 5], vec![2, 3, 4, 5]), (vec![1], vec![300]), (vec![257, 1], vec![257, 65_535])] {
         let x = f32s(sx.iter().product(), 18);

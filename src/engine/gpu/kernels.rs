@@ -371,6 +371,9 @@ pub fn reduce(
     }
     let n: usize = out_shape.iter().product();
     let count: usize = red.iter().map(|&a| x_shape[a]).product();
+    if count >= LEADING_MIN_ROWS && red.iter().enumerate().all(|(i, &a)| i == a) {
+        return reduce_leading(cx, op, x, count, n);
+    }
     let xs = strides(x_shape);
     let (code, init) = match op {
         ReduceOp::Sum => (0, 0.0f32),
@@ -398,6 +401,44 @@ pub fn reduce(
     let meta = cx.upload_u32(&meta);
     cx.dispatch("reduce", &[x, &y, &meta], groups)?;
     Ok(y)
+}
+
+/// Reductions over leading axes of at least this many rows take two passes
+/// ([`reduce_leading`]).
+const LEADING_MIN_ROWS: usize = 256;
+
+/// Splits of [`reduce_leading`]'s first pass (fewer than [`LEADING_MIN_ROWS`], so the
+/// second pass is one plain reduction).
+const LEADING_SPLITS: usize = 64;
+
+/// A reduction over the leading axes of `x`, viewed as [rows, cols]: partial results over
+/// row ranges (reduce_leading.wgsl, every column × split in parallel), then their
+/// reduction (reduce.wgsl). MiniLM-L6's bias gradients took ~1 ms each in one pass on an H100
+/// (each instruction waited for); its forward + backward went from 0.121–0.126 s to 0.117 s.
+fn reduce_leading(cx: &GpuContext, op: ReduceOp, x: &wgpu::Buffer, rows: usize, cols: usize) -> Result<wgpu::Buffer> {
+    let splits = rows.div_ceil(rows.div_ceil(LEADING_SPLITS));
+    let per = rows.div_ceil(splits);
+    let (code, init, second) = match op {
+        ReduceOp::Sum => (0, 0.0f32, ReduceOp::Sum),
+        ReduceOp::Mean => (1, 0.0, ReduceOp::Sum),
+        ReduceOp::Max => (2, f32::NEG_INFINITY, ReduceOp::Max),
+        ReduceOp::Min => (3, f32::INFINITY, ReduceOp::Min),
+    };
+    let partial = cx.empty(splits * cols);
+    let (groups, width) = grid(splits * cols, 64);
+    let inv = 1.0f32 / rows as f32;
+    let meta = cx.upload_u32(&[
+        rows as u32,
+        cols as u32,
+        splits as u32,
+        code,
+        per as u32,
+        width,
+        init.to_bits(),
+        inv.to_bits(),
+    ]);
+    cx.dispatch("reduce_leading", &[x, &partial, &meta], groups)?;
+    reduce(cx, second, &partial, &[splits, cols], &[0])
 }
 
 /// Expand: `x` broadcast to `out_shape`.
