@@ -10,6 +10,15 @@ use crate::engine::program::{Instr, Prim, Program};
 
 static TOTALS: Mutex<BTreeMap<String, (Duration, usize, f64)>> = Mutex::new(BTreeMap::new());
 
+/// Of the GPU executor's instruction times, the part spent on the host before the wait:
+/// recording the dispatches (buffers, params, bind groups, passes).
+static GPU_HOST: Mutex<Duration> = Mutex::new(Duration::ZERO);
+
+/// Adds host-side time of one GPU instruction (see [`GPU_HOST`]).
+pub fn record_gpu_host(dt: Duration) {
+    *GPU_HOST.lock().unwrap_or_else(|e| e.into_inner()) += dt;
+}
+
 pub fn enabled() -> bool {
     std::env::var_os("PLPRUNE_PROFILE").is_some_and(|v| v != "0")
 }
@@ -44,6 +53,10 @@ pub fn report() {
     rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     let total: f64 = rows.iter().map(|r| r.1 .0.as_secs_f64()).sum();
     eprintln!("profile: {total:.3} s in {} primitive classes", rows.len());
+    let host = std::mem::take(&mut *GPU_HOST.lock().unwrap_or_else(|e| e.into_inner())).as_secs_f64();
+    if host > 0.0 {
+        eprintln!("  of which GPU instructions' host side (recording, before the wait): {host:.3} s");
+    }
     for (k, (d, n, f)) in rows.iter().take(40) {
         let s = d.as_secs_f64();
         let g = if *f > 0.0 { format!("{:6.1} GFLOP/s", f / s / 1e9) } else { String::new() };

@@ -144,6 +144,7 @@ impl<'a> GpuArena<'a> {
             };
             self.bufs[ins.out] = out;
             if let Some(t0) = t0 {
+                cpu::profile::record_gpu_host(t0.elapsed());
                 self.cx.flush()?;
                 self.cx
                     .device
