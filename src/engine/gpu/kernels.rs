@@ -278,12 +278,7 @@ pub fn transpose(cx: &GpuContext, x: &wgpu::Buffer, x_shape: &[usize], perm: &[u
 /// Reduction over contiguous rows of `len` (trailing axes).
 pub fn reduce_rows(cx: &GpuContext, op: ReduceOp, x: &wgpu::Buffer, rows: usize, len: usize) -> Result<wgpu::Buffer> {
     let y = cx.empty(rows);
-    let code = match op {
-        ReduceOp::Sum => 0,
-        ReduceOp::Mean => 1,
-        ReduceOp::Max => 2,
-        ReduceOp::Min => 3,
-    };
+    let code = reduce_code(op).0;
     let (groups, width) = grid(rows, 64);
     let meta = cx.upload_u32(&[rows as u32, len as u32, code, width]);
     cx.dispatch("reduce_rows", &[x, &y, &meta], groups)?;
@@ -375,12 +370,7 @@ pub fn reduce(
         return reduce_leading(cx, op, x, count, n);
     }
     let xs = strides(x_shape);
-    let (code, init) = match op {
-        ReduceOp::Sum => (0, 0.0f32),
-        ReduceOp::Mean => (1, 0.0),
-        ReduceOp::Max => (2, f32::NEG_INFINITY),
-        ReduceOp::Min => (3, f32::INFINITY),
-    };
+    let (code, init) = reduce_code(op);
     let inv = 1.0f32 / count.max(1) as f32;
     let y = cx.empty(n);
     let (groups, width) = grid(n, 64);
@@ -403,6 +393,16 @@ pub fn reduce(
     Ok(y)
 }
 
+/// The shaders' op code (0 sum, 1 mean, 2 max, 3 min) and the fold's initial value.
+fn reduce_code(op: ReduceOp) -> (u32, f32) {
+    match op {
+        ReduceOp::Sum => (0, 0.0),
+        ReduceOp::Mean => (1, 0.0),
+        ReduceOp::Max => (2, f32::NEG_INFINITY),
+        ReduceOp::Min => (3, f32::INFINITY),
+    }
+}
+
 /// Reductions over leading axes of at least this many rows take two passes
 /// ([`reduce_leading`]).
 const LEADING_MIN_ROWS: usize = 256;
@@ -418,12 +418,9 @@ const LEADING_SPLITS: usize = 64;
 fn reduce_leading(cx: &GpuContext, op: ReduceOp, x: &wgpu::Buffer, rows: usize, cols: usize) -> Result<wgpu::Buffer> {
     let splits = rows.div_ceil(rows.div_ceil(LEADING_SPLITS));
     let per = rows.div_ceil(splits);
-    let (code, init, second) = match op {
-        ReduceOp::Sum => (0, 0.0f32, ReduceOp::Sum),
-        ReduceOp::Mean => (1, 0.0, ReduceOp::Sum),
-        ReduceOp::Max => (2, f32::NEG_INFINITY, ReduceOp::Max),
-        ReduceOp::Min => (3, f32::INFINITY, ReduceOp::Min),
-    };
+    let (code, init) = reduce_code(op);
+    // Means are scaled in the first pass, so the second sums.
+    let second = if op == ReduceOp::Mean { ReduceOp::Sum } else { op };
     let partial = cx.empty(splits * cols);
     let (groups, width) = grid(splits * cols, 64);
     let inv = 1.0f32 / rows as f32;
