@@ -277,14 +277,18 @@ fn gpu_elementwise_reduce_layout_kernels_match_cpu_twins() {
         let g = cx.read(&kernels::reduce(&cx, ReduceOp::Sum, &cx.upload(&x), &[rows, len], axes).unwrap(), want.len());
         close(&g.unwrap(), &want, 1e-5, &format!("reduce sum {axes:?} of {rows}×{len}"));
     }
-    // Leading axes of at least 256 rows take two passes (partials over row ranges): ragged
-    // splits, every op, one column, and every axis.
+    // One block of adjacent axes of at least 256 elements takes two passes (partials over
+    // row ranges): leading, trailing and middle blocks, ragged splits, every op, one
+    // output, every axis.
     for (s, axes) in [
         (vec![7, 41, 13], vec![0usize, 1]),
         (vec![4, 64, 96], vec![0, 1]),
         (vec![1000, 3], vec![0]),
         (vec![300, 1], vec![0]),
         (vec![5, 9, 11], vec![0, 1, 2]),
+        (vec![2, 3, 17, 19], vec![2, 3]),
+        (vec![3, 300, 5], vec![1]),
+        (vec![2, 6, 50, 7], vec![1, 2]),
     ] {
         let x = f32s(s.iter().product(), 19);
         let gx = cx.upload(&x);

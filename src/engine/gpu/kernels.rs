@@ -366,8 +366,9 @@ pub fn reduce(
     }
     let n: usize = out_shape.iter().product();
     let count: usize = red.iter().map(|&a| x_shape[a]).product();
-    if count >= LEADING_MIN_ROWS && red.iter().enumerate().all(|(i, &a)| i == a) {
-        return reduce_leading(cx, op, x, count, n);
+    if count >= BLOCK_MIN_ROWS && red.windows(2).all(|w| w[1] == w[0] + 1) {
+        let inner: usize = x_shape[red[red.len() - 1] + 1..].iter().product();
+        return reduce_block(cx, op, x, count, n, inner);
     }
     let xs = strides(x_shape);
     let (code, init) = reduce_code(op);
@@ -403,20 +404,29 @@ fn reduce_code(op: ReduceOp) -> (u32, f32) {
     }
 }
 
-/// Reductions over leading axes of at least this many rows take two passes
-/// ([`reduce_leading`]).
-const LEADING_MIN_ROWS: usize = 256;
+/// Reductions over one block of adjacent axes of at least this many elements take two
+/// passes ([`reduce_block`]).
+const BLOCK_MIN_ROWS: usize = 256;
 
-/// Splits of [`reduce_leading`]'s first pass (fewer than [`LEADING_MIN_ROWS`], so the
-/// second pass is one plain reduction).
-const LEADING_SPLITS: usize = 64;
+/// Splits of [`reduce_block`]'s first pass (fewer than [`BLOCK_MIN_ROWS`], so the second
+/// pass is one plain reduction).
+const BLOCK_SPLITS: usize = 64;
 
-/// A reduction over the leading axes of `x`, viewed as [rows, cols]: partial results over
-/// row ranges (reduce_leading.wgsl, every column × split in parallel), then their
-/// reduction (reduce.wgsl). MiniLM-L6's bias gradients took ~1 ms each in one pass on an H100
-/// (each instruction waited for); its forward + backward went from 0.121–0.126 s to 0.117 s.
-fn reduce_leading(cx: &GpuContext, op: ReduceOp, x: &wgpu::Buffer, rows: usize, cols: usize) -> Result<wgpu::Buffer> {
-    let splits = rows.div_ceil(rows.div_ceil(LEADING_SPLITS));
+/// A reduction over one block of adjacent axes of `x`, viewed as [outer, rows, inner] with
+/// `cols` = outer · inner outputs: partial results over row ranges (reduce_leading.wgsl,
+/// every output × split in parallel), then their reduction (reduce.wgsl). On an H100,
+/// MiniLM-L6's bias gradients (leading axes) took ~1 ms each in one pass (each
+/// instruction waited for), and its forward + backward went from 0.121–0.126 s to
+/// 0.117 s; EfficientNet-lite0's per-channel sums over H × W took up to 5.5 ms each.
+fn reduce_block(
+    cx: &GpuContext,
+    op: ReduceOp,
+    x: &wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    inner: usize,
+) -> Result<wgpu::Buffer> {
+    let splits = rows.div_ceil(rows.div_ceil(BLOCK_SPLITS));
     let per = rows.div_ceil(splits);
     let (code, init) = reduce_code(op);
     // Means are scaled in the first pass, so the second sums.
@@ -433,6 +443,7 @@ fn reduce_leading(cx: &GpuContext, op: ReduceOp, x: &wgpu::Buffer, rows: usize, 
         width,
         init.to_bits(),
         inv.to_bits(),
+        inner.max(1) as u32,
     ]);
     cx.dispatch("reduce_leading", &[x, &partial, &meta], groups)?;
     reduce(cx, second, &partial, &[splits, cols], &[0])
