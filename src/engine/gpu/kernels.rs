@@ -413,7 +413,7 @@ const BLOCK_MIN_ROWS: usize = 256;
 const BLOCK_SPLITS: usize = 64;
 
 /// A reduction over one block of adjacent axes of `x`, viewed as [outer, rows, inner] with
-/// `cols` = outer · inner outputs: partial results over row ranges (reduce_leading.wgsl,
+/// `cols` = outer · inner outputs: partial results over row ranges (reduce_block.wgsl,
 /// every output × split in parallel), then their reduction (reduce.wgsl). On an H100,
 /// MiniLM-L6's bias gradients (leading axes) took ~1 ms each in one pass (each
 /// instruction waited for), and its forward + backward went from 0.121–0.126 s to
@@ -445,7 +445,7 @@ fn reduce_block(
         inv.to_bits(),
         inner.max(1) as u32,
     ]);
-    cx.dispatch("reduce_leading", &[x, &partial, &meta], groups)?;
+    cx.dispatch("reduce_block", &[x, &partial, &meta], groups)?;
     reduce(cx, second, &partial, &[splits, cols], &[0])
 }
 

@@ -21,7 +21,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("pool", include_str!("../../../shaders/pool.wgsl")),
     ("pool_grad", include_str!("../../../shaders/pool_grad.wgsl")),
     ("reduce", include_str!("../../../shaders/reduce.wgsl")),
-    ("reduce_leading", include_str!("../../../shaders/reduce_leading.wgsl")),
+    ("reduce_block", include_str!("../../../shaders/reduce_block.wgsl")),
     ("reduce_rows", include_str!("../../../shaders/reduce_rows.wgsl")),
     ("rows", include_str!("../../../shaders/rows.wgsl")),
     ("scatter_elements", include_str!("../../../shaders/scatter_elements.wgsl")),

@@ -1,4 +1,4 @@
-// reduce_leading.wgsl — first pass of a reduction (sum, mean, max, min) over one block of
+// reduce_block.wgsl — first pass of a reduction (sum, mean, max, min) over one block of
 // adjacent axes, the tensor viewed as [outer, rows, inner] row-major with the rows reduced
 // (bias gradients: [batch · tokens, width] over the rows; per-channel sums of feature maps:
 // [batch · channels, H · W] over the rows). Invocation (s, o, c) folds rows
