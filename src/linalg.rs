@@ -238,20 +238,27 @@ pub fn cholesky_inverse_factor(g: &mut [f64], n: usize) -> Result<Vec<f64>, Stri
     Ok(m)
 }
 
-/// Spectral features of a PSD matrix from its eigenvalues (negative round-off clamped to 0):
-/// (λ_min, λ_max, κ = λ_max/λ_min (∞ when λ_min = 0), entropy ρ of the normalised spectrum).
-pub fn spectral_features(eig: &[f64]) -> (f64, f64, f64, f64) {
-    let lam: Vec<f64> = eig.iter().map(|&x| x.max(0.0)).collect();
-    let lmin = lam.iter().copied().fold(f64::INFINITY, f64::min);
-    let lmax = lam.iter().copied().fold(0.0, f64::max);
+/// Spectral features of a PSD matrix from its eigenvalues: (λ_min, λ_max, κ = λ_max/λ_min
+/// (∞ when λ_min = 0), entropy ρ of the normalised spectrum).
+///
+/// Eigenvalues below `resolution` · λ_max are round-off of the matrix's entries, not part of
+/// its spectrum: they count as 0 in ρ, and λ_min is floored at that level. A rank-deficient
+/// matrix (λ_min = 0 exactly) thus gets λ_min = `resolution` · λ_max, the same on every
+/// backend, instead of whatever its round-off left there.
+pub fn spectral_features(eig: &[f64], resolution: f64) -> (f64, f64, f64, f64) {
+    let lmax = eig.iter().copied().fold(0.0, f64::max);
+    let floor = resolution.max(0.0) * lmax;
+    let lam: Vec<f64> = eig.iter().map(|&x| if x > floor { x } else { 0.0 }).collect();
+    let lmin = eig.iter().copied().fold(f64::INFINITY, f64::min).max(floor);
     let total: f64 = lam.iter().sum();
     let rho = if total > 0.0 {
         -lam.iter().map(|&l| l / total).filter(|&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>()
     } else {
         0.0
     };
+    let lmin = if lmin.is_finite() { lmin.max(0.0) } else { 0.0 };
     let kappa = if lmin > 0.0 { lmax / lmin } else { f64::INFINITY };
-    (if lmin.is_finite() { lmin } else { 0.0 }, lmax, kappa, rho)
+    (lmin, lmax, kappa, rho)
 }
 
 #[cfg(test)]
@@ -354,8 +361,25 @@ pub(crate) mod tests {
         let tr: f64 = (0..n).map(|i| k[i * n + i]).sum();
         assert!((e.iter().sum::<f64>() - tr).abs() < 1e-9);
         assert!(e[..3].iter().all(|x| x.abs() < 1e-9), "{e:?}");
-        let (lmin, lmax, kappa, rho) = spectral_features(&e);
+        let (lmin, lmax, kappa, rho) = spectral_features(&e, 0.0);
         assert_eq!(lmin, 0.0);
         assert!(lmax > 0.0 && kappa.is_infinite() && rho > 0.0 && rho <= 2f64.ln() + 1e-12);
+        // Above a resolution, λ_min is floored there, and the round-off that two backends
+        // leave in the zero eigenvalues (here ±1e-9 · λ_max) changes no feature.
+        let res = 1e-6;
+        let exact = spectral_features(&e, res);
+        assert_eq!(exact.0, res * lmax);
+        assert_eq!(exact.2, 1.0 / res);
+        assert!((exact.3 - rho).abs() < 1e-12);
+        for noise in [[1e-9, -1e-9, 5e-10], [-3e-10, 2e-9, 1e-9]] {
+            let mut f = e.clone();
+            f[..3].iter_mut().zip(noise).for_each(|(x, d)| *x = d * lmax);
+            f.sort_by(f64::total_cmp);
+            let g = spectral_features(&f, res);
+            assert_eq!((g.0, g.1, g.2, g.3), exact, "{f:?}");
+        }
+        // Eigenvalues above the resolution are kept as they are.
+        let (lmin, ..) = spectral_features(&[2e-6, 0.5, 1.0], res);
+        assert_eq!(lmin, 2e-6);
     }
 }

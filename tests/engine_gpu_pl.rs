@@ -15,7 +15,8 @@
 //! - Eigenvalues: every eigenvalue within 4 n ε_f32 · λ_max (absolute accuracy of f32
 //!   Jacobi is about n · ε_f32 · λ_max ≈ 8e-6 λ_max at n = 64; 3e-5 at n = 64). λ_min of an
 //!   ill-conditioned Gram (≈ 1e-7 λ_max) is therefore only checked to that absolute
-//!   tolerance, not relatively.
+//!   tolerance, not relatively; floored at the Grams' resolution (`ntk::gram_resolution`),
+//!   ranking units by it chooses the same units from either backend's Grams.
 //! - Gate: logits and gradients 1e-5 relative; parameters after 5 Adam steps with the
 //!   same upstream gradients 1e-5 relative.
 
@@ -23,10 +24,11 @@ mod engine_util;
 
 use engine_util::*;
 use plprune_onnx::criteria::gate::{Adam, GateNet, GpuGateNet};
+use plprune_onnx::criteria::ntk::gram_resolution;
 use plprune_onnx::engine::gpu::pl::{self, Csr};
 use plprune_onnx::engine::gpu::{Device, GpuContext};
 use plprune_onnx::engine::{gram, Engine, Params};
-use plprune_onnx::linalg::sym_eigvals;
+use plprune_onnx::linalg::{spectral_features, sym_eigvals};
 use plprune_onnx::rng::Rng;
 use std::sync::Arc;
 
@@ -240,6 +242,28 @@ fn gpu_grams_and_their_eigenvalues_match_the_cpu_on_real_models() {
             "{model}: eigenvalues worst |gpu − cpu| / λ_max = {worst:.2e}; {tiny} of {} Grams have λ_min < 1e-6 λ_max",
             mats.len()
         );
+        // ntk-min's choice from the two backends' Grams: the units with the smallest λ_min
+        // (a quarter, a half, three quarters of them). With λ_min floored at the Grams'
+        // resolution the round-off between backends (f32 on the device, f64 here) cannot
+        // reorder rank-deficient units; without the floor it does.
+        let gmats: Vec<Vec<f64>> = gpu.k.iter().flatten().cloned().collect();
+        let chosen = |ms: &[Vec<f64>], res: f64, share: f64| -> Vec<usize> {
+            let lmin: Vec<f64> = ms.iter().map(|m| spectral_features(&sym_eigvals(m, n), res).0).collect();
+            let mut order: Vec<usize> = (0..ms.len()).collect();
+            order.sort_by(|&a, &b| lmin[a].total_cmp(&lmin[b]).then(a.cmp(&b)));
+            let mut low = order[..(share * ms.len() as f64) as usize].to_vec();
+            low.sort_unstable();
+            low
+        };
+        let differ = |res: f64, share: f64| -> usize {
+            let (c, g) = (chosen(&mats, res, share), chosen(&gmats, res, share));
+            c.iter().filter(|u| g.binary_search(u).is_err()).count()
+        };
+        for share in [0.25, 0.5, 0.75] {
+            let (floored, raw) = (differ(gram_resolution(n), share), differ(0.0, share));
+            eprintln!("{model}: ntk-min at {share}: {floored} units chosen differently (without the floor: {raw})");
+            assert_eq!(floored, 0, "{model}: ntk-min at {share} chooses {floored} units differently on the gpu");
+        }
     }
 }
 

@@ -52,6 +52,17 @@ pub struct UnitFeatures {
     pub hessian_se: Option<f64>,
 }
 
+/// The relative level, n · ε_f32 of λ_max, below which a unit Gram's eigenvalues are
+/// round-off: its entries are sums of products of f32 gradients, which two backends (or two
+/// summation orders) give only to about that accuracy. Below it λ_min is floored (see
+/// `linalg::spectral_features`): many units' Grams are rank-deficient (on EfficientNet-lite0
+/// 55% of the filters have λ_min < 1e-8 · λ_max, 1279 of the head conv's 1280), and ranking
+/// those by the round-off left in their λ_min chose different filters on the CPU and on a
+/// GPU.
+pub fn gram_resolution(n: usize) -> f64 {
+    n as f64 * f32::EPSILON as f64
+}
+
 /// Per group (None where the group is not scored), per unit.
 pub type Features = Vec<Option<Vec<UnitFeatures>>>;
 
@@ -193,7 +204,7 @@ pub fn ntk_features_timed(
             .par_iter()
             .zip(eigs)
             .map(|(ku, eig)| {
-                let (lmin, lmax, kappa, rho) = crate::linalg::spectral_features(&eig);
+                let (lmin, lmax, kappa, rho) = crate::linalg::spectral_features(&eig, gram_resolution(n));
                 let trace_k = (0..n).map(|i| ku[i * n + i]).sum();
                 UnitFeatures {
                     lambda_min: lmin,
