@@ -39,9 +39,11 @@ use crate::units::UnitGroup;
 /// The features of one unit.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct UnitFeatures {
+    /// λ_min, floored at the Gram's resolution ([`gram_resolution`] · λ_max): a
+    /// rank-deficient unit reports that floor, so its κ is 1 / (n ε_f32).
     pub lambda_min: f64,
     pub lambda_max: f64,
-    /// λ_max/λ_min; null in JSON when λ_min = 0.
+    /// λ_max/λ_min; null in JSON when λ_min = 0 (λ_max = 0: a unit with no gradient).
     pub kappa: Option<f64>,
     pub entropy: f64,
     pub trace_k: f64,
