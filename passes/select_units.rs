@@ -6,7 +6,10 @@
 //! so a conv weight losing both input and output channels is not counted twice. Units are
 //! removed lowest score first until the removed count reaches r·P; with `--scope global`
 //! the ranking spans all layers of a kind, with `--scope layer` each layer loses r of its
-//! own parameters. Every layer keeps at least `min_keep` units (the protecting strategy).
+//! own parameters. Every layer keeps at least `min_keep` units (the protecting strategy),
+//! and with `max_layer_ratio` F < 1 (`--max-layer-ratio`) loses at most F of its units, so a
+//! global ranking cannot cut a layer down to a sliver (Torch-Pruning's `max_pruning_ratio`).
+//! When these limits stop a kind short of r, the run warns with what was reached.
 //! Ties are broken by layer and unit index, so the result is deterministic.
 //!
 //! With `round_to` N > 1 (`--round-to`), every layer of filters or neurons keeps a multiple
@@ -33,8 +36,27 @@ impl Pass for SelectUnits {
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let selected: Vec<bool> = cx.groups.iter().map(|g| cx.selects(g.kind)).collect();
-        let keep =
-            select(model, &cx.groups, &cx.scores, &selected, cx.config.ratio, cx.config.scope, cx.config.protect());
+        let (keep, short) = select_reporting(
+            model,
+            &cx.groups,
+            &cx.scores,
+            &selected,
+            cx.config.ratio,
+            cx.config.scope,
+            cx.config.protect(),
+        );
+        for s in short {
+            cx.warn(format!(
+                "{}: the per-layer limits (--min-keep {}, --max-layer-ratio {}{}) let only {:.1}% of the \
+                 parameters be removed, not the {:.1}% asked",
+                s.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(" and "),
+                cx.config.min_keep,
+                cx.config.max_layer_ratio,
+                if cx.config.scope == Scope::Layer { format!(", in layer {}", s.layer) } else { String::new() },
+                100.0 * s.reached,
+                100.0 * cx.config.ratio,
+            ));
+        }
         if cx.config.round_to == 1 {
             if let Some(w) = unaligned_filters(&cx.groups, &selected, &keep) {
                 cx.warn(w);
@@ -106,12 +128,35 @@ impl Ledger {
 }
 
 /// The per-layer limits of a selection (from `Config::protect`, which holds the defaults).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Protect {
     /// Units every layer keeps at least (`--min-keep`).
     pub min_keep: usize,
     /// Layers of filters and neurons keep a multiple of this many units (`--round-to`).
     pub round_to: usize,
+    /// The largest fraction of its units a layer may lose (`--max-layer-ratio`; 1 = no cap).
+    pub max_layer_ratio: f64,
+}
+
+impl Protect {
+    /// Units layer `g` keeps at least.
+    fn floor(&self, g: &UnitGroup) -> usize {
+        // Units it may lose: ⌊F · count⌋, with a margin for F·count landing just below an
+        // integer in floating point.
+        let may_lose = ((self.max_layer_ratio * g.count as f64) + 1e-9).floor() as usize;
+        self.min_keep.max(g.min_keep).max(g.count.saturating_sub(may_lose))
+    }
+}
+
+/// A batch of layers (a kind under `--scope global`, one layer under `--scope layer`) whose
+/// per-layer limits stopped it short of the ratio.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shortfall {
+    pub kinds: Vec<UnitKind>,
+    /// The first layer of the batch (its name, for `--scope layer`).
+    pub layer: String,
+    /// The fraction of the batch's parameters removed.
+    pub reached: f64,
 }
 
 /// Chooses the units to keep. Groups with `selected[g] == false` keep everything.
@@ -124,6 +169,19 @@ pub fn select(
     scope: Scope,
     protect: Protect,
 ) -> KeepSet {
+    select_reporting(model, groups, scores, selected, ratio, scope, protect).0
+}
+
+/// [`select`], and the batches whose per-layer limits stopped them short of the ratio.
+pub fn select_reporting(
+    model: &Model,
+    groups: &[UnitGroup],
+    scores: &[Vec<f64>],
+    selected: &[bool],
+    ratio: f64,
+    scope: Scope,
+    protect: Protect,
+) -> (KeepSet, Vec<Shortfall>) {
     let mut keep = KeepSet::all(groups);
     let chosen: Vec<usize> = (0..groups.len()).filter(|&g| selected[g]).collect();
     let batches: Vec<Vec<usize>> = match scope {
@@ -194,7 +252,7 @@ pub fn select(
                 0 => n,
                 r => r,
             };
-            if kept < step + protect.min_keep.max(groups[g].min_keep) {
+            if kept < step + protect.floor(&groups[g]) {
                 continue;
             }
             let block = &units[*removed..*removed + step];
@@ -214,5 +272,25 @@ pub fn select(
         }
         *removed += step;
     }
-    keep
+    // A batch is short when its limits ended it (`done`) below the ratio by more than its
+    // largest unit: the last removal may stop just under r·P.
+    let short = state
+        .iter()
+        .filter(|st| st.done)
+        .filter_map(|st| {
+            let reached = (st.total - ledger.size(&st.tensors)) as f64 / st.total.max(1) as f64;
+            let unit = st
+                .ranked
+                .iter()
+                .map(|(g, _, _)| groups[*g].params_per_unit(model) as f64 / st.total.max(1) as f64)
+                .fold(0.0, f64::max);
+            (reached + unit < ratio).then(|| {
+                let mut kinds: Vec<UnitKind> = st.ranked.iter().map(|(g, _, _)| groups[*g].kind).collect();
+                kinds.dedup();
+                let layer = st.ranked.first().map(|(g, _, _)| groups[*g].name.clone()).unwrap_or_default();
+                Shortfall { kinds, layer, reached }
+            })
+        })
+        .collect();
+    (keep, short)
 }

@@ -200,6 +200,11 @@ struct PruneArgs {
     /// for onnxruntime's x86 convolutions).
     #[arg(long, default_value_t = 1, value_name = "N")]
     round_to: usize,
+    /// The largest fraction of its units any layer may lose, in (0, 1]: caps global ranking
+    /// so no layer is cut to a sliver (1 = no cap; the run warns when the caps keep a kind
+    /// short of --ratio)
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    max_layer_ratio: f64,
     /// Rank units across all layers (global) or within each layer (layer).
     #[arg(long, default_value = "global")]
     scope: String,
@@ -285,6 +290,9 @@ fn config(a: &PruneArgs) -> Result<Config> {
     if a.round_to == 0 {
         return Err(Error::Option("--round-to must be at least 1".into()));
     }
+    if !(a.max_layer_ratio > 0.0 && a.max_layer_ratio <= 1.0) {
+        return Err(Error::Option(format!("--max-layer-ratio {} is outside (0, 1]", a.max_layer_ratio)));
+    }
     if a.verify_samples == 0 {
         return Err(Error::Option("--verify-samples must be at least 1".into()));
     }
@@ -366,6 +374,7 @@ fn config(a: &PruneArgs) -> Result<Config> {
         seed: a.seed,
         min_keep: a.min_keep,
         round_to: a.round_to,
+        max_layer_ratio: a.max_layer_ratio,
         scope,
         input_shapes: parse_input_shapes(&a.input_shape)?,
         calib: a.calib.clone(),

@@ -48,6 +48,8 @@ pub struct Config {
     pub min_keep: usize,
     /// Layers of filters and neurons keep a multiple of this many units (`--round-to`).
     pub round_to: usize,
+    /// The largest fraction of its units a layer may lose (`--max-layer-ratio`; 1 = no cap).
+    pub max_layer_ratio: f64,
     pub scope: Scope,
     /// Input shapes given with --input-shape (override everything else).
     pub input_shapes: BTreeMap<String, Vec<usize>>,
@@ -80,9 +82,13 @@ pub struct Config {
 }
 
 impl Config {
-    /// The per-layer limits of the selection (`--min-keep`, `--round-to`).
+    /// The per-layer limits of the selection (`--min-keep`, `--round-to`, `--max-layer-ratio`).
     pub fn protect(&self) -> crate::passes::select_units::Protect {
-        crate::passes::select_units::Protect { min_keep: self.min_keep, round_to: self.round_to }
+        crate::passes::select_units::Protect {
+            min_keep: self.min_keep,
+            round_to: self.round_to,
+            max_layer_ratio: self.max_layer_ratio,
+        }
     }
 }
 
@@ -95,6 +101,7 @@ impl Default for Config {
             seed: 0,
             min_keep: 1,
             round_to: 1,
+            max_layer_ratio: 1.0,
             scope: Scope::Global,
             input_shapes: BTreeMap::new(),
             calib: None,

@@ -63,6 +63,7 @@ pub struct Options {
     pub scope: crate::pipeline::Scope,
     pub min_keep: usize,
     pub round_to: usize,
+    pub max_layer_ratio: f64,
     pub units: Option<Vec<UnitKind>>,
     pub calib: Option<String>,
 }
@@ -182,6 +183,7 @@ impl Report {
                 scope: c.scope,
                 min_keep: c.min_keep,
                 round_to: c.round_to,
+                max_layer_ratio: c.max_layer_ratio,
                 units: c.kinds.clone(),
                 calib: c.calib.as_ref().map(|p| p.display().to_string()),
             },

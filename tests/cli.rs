@@ -295,6 +295,10 @@ fn error_paths_are_one_line_and_nonzero() {
     assert!(e.contains("bogus"), "{e}");
     let e = run_err(&[vggs, "--round-to", "0", "-o", outs], 2);
     assert!(e.contains("--round-to"), "{e}");
+    for bad in ["0", "1.5", "NaN"] {
+        let e = run_err(&[vggs, "--max-layer-ratio", bad, "-o", outs], 2);
+        assert!(e.contains(&format!("--max-layer-ratio {bad} is outside (0, 1]")), "{e}");
+    }
     // Nothing of the asked-for kinds can be pruned: an error, not an unchanged model.
     let e = run_err(&[vggs, "--units", "heads", "--criterion", "magnitude", "-o", outs], 2);
     assert!(e.contains("nothing to prune: no heads can be removed") && e.contains("of filters"), "{e}");

@@ -365,3 +365,55 @@ fn round_to_keeps_layers_in_whole_blocks() {
     let heads = |round_to| run("minilm-l6/model.onnx", vec![UnitKind::Heads], round_to).cx.keep.clone();
     assert_eq!(heads(1), heads(8), "heads are not rounded");
 }
+
+/// `--max-layer-ratio F`: with global ranking, no layer loses more than F of its units, the
+/// ratio is still reached where the caps allow it, and when they do not the run warns with
+/// the fraction it reached (which the report's parameter counts confirm).
+#[test]
+fn max_layer_ratio_caps_every_layer() {
+    let run = |model: &str, ratio: f64, cap: f64| {
+        let mut s = session(&shared(model), None, Criterion::Magnitude, 4);
+        s.cx.config.kinds = Some(vec![UnitKind::Filters]);
+        s.cx.config.ratio = ratio;
+        s.cx.config.max_layer_ratio = cap;
+        s.select().expect("select");
+        s.apply(None).expect("rewrite");
+        s
+    };
+    let losses = |s: &Session| -> Vec<f64> {
+        let keep = s.cx.keep.as_ref().expect("keep-set");
+        (0..s.cx.groups.len())
+            .filter(|&g| s.cx.groups[g].kind == UnitKind::Filters)
+            .map(|g| 1.0 - keep.kept_count(g) as f64 / s.cx.groups[g].count as f64)
+            .collect()
+    };
+    let short = |s: &Session| s.cx.warnings.iter().find(|w| w.contains("per-layer limits")).cloned();
+    let effnet = "effnet-lite0/model.onnx";
+    let plain = run(effnet, 0.75, 1.0);
+    let worst = losses(&plain).into_iter().fold(0.0, f64::max);
+    assert!(worst > 0.9, "global magnitude at 75% should empty some layer: worst loss {worst}");
+    let capped = run(effnet, 0.75, 0.8);
+    for (g, l) in losses(&capped).into_iter().enumerate() {
+        assert!(l <= 0.8 + 1e-9, "group {g} lost {l} of its units under --max-layer-ratio 0.8");
+    }
+    let r = removed(&capped, UnitKind::Filters);
+    assert!((0.75..0.76).contains(&r), "removed {r}");
+    assert_eq!(short(&capped), None, "{:?}", capped.cx.warnings);
+    assert_ne!(plain.cx.keep, capped.cx.keep);
+
+    // vgg_bn's convs lose input and output channels together: losing at most 30% of each
+    // layer's filters leaves about half the parameters, short of 75%.
+    let vgg = run("digits/vgg_bn.onnx", 0.75, 0.3);
+    for l in losses(&vgg) {
+        assert!(l <= 0.3 + 1e-9, "a layer lost {l}");
+    }
+    let r = removed(&vgg, UnitKind::Filters);
+    assert!(r < 0.6, "removed {r}");
+    let w = short(&vgg).unwrap_or_else(|| panic!("no shortfall warning: {:?}", vgg.cx.warnings));
+    assert!(w.starts_with("filters:") && w.contains("--max-layer-ratio 0.3"), "{w}");
+    assert!(w.contains(&format!("only {:.1}%", 100.0 * r)) && w.contains("not the 75.0% asked"), "{w}");
+    // The default (no cap) reaches 75% on vgg_bn without the warning.
+    let free = run("digits/vgg_bn.onnx", 0.75, 1.0);
+    assert!(removed(&free, UnitKind::Filters) >= 0.75);
+    assert_eq!(short(&free), None);
+}
