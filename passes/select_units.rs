@@ -47,11 +47,12 @@ impl Pass for SelectUnits {
         );
         for s in short {
             cx.warn(format!(
-                "{}: the per-layer limits (--min-keep {}, --max-layer-ratio {}{}) let only {:.1}% of the \
+                "{}: the per-layer limits (--min-keep {}, --max-layer-ratio {}{}{}) let only {:.1}% of the \
                  parameters be removed, not the {:.1}% asked",
                 s.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(" and "),
                 cx.config.min_keep,
                 cx.config.max_layer_ratio,
+                if s.routed { ", the k experts of a top-k router" } else { "" },
                 if cx.config.scope == Scope::Layer { format!(", in layer {}", s.layer) } else { String::new() },
                 100.0 * s.reached,
                 100.0 * cx.config.ratio,
@@ -157,6 +158,9 @@ pub struct Shortfall {
     pub layer: String,
     /// The fraction of the batch's parameters removed.
     pub reached: f64,
+    /// Whether a group of the batch must keep more than one unit by itself (the k experts
+    /// of a top-k router).
+    pub routed: bool,
 }
 
 /// Chooses the units to keep. Groups with `selected[g] == false` keep everything.
@@ -288,7 +292,8 @@ pub fn select_reporting(
                 let mut kinds: Vec<UnitKind> = st.ranked.iter().map(|(g, _, _)| groups[*g].kind).collect();
                 kinds.dedup();
                 let layer = st.ranked.first().map(|(g, _, _)| groups[*g].name.clone()).unwrap_or_default();
-                Shortfall { kinds, layer, reached }
+                let routed = st.ranked.iter().any(|(g, _, _)| groups[*g].min_keep > 1);
+                Shortfall { kinds, layer, reached, routed }
             })
         })
         .collect();

@@ -416,4 +416,13 @@ fn max_layer_ratio_caps_every_layer() {
     let free = run("digits/vgg_bn.onnx", 0.75, 1.0);
     assert!(removed(&free, UnitKind::Filters) >= 0.75);
     assert_eq!(short(&free), None);
+
+    // A top-2 router keeps 2 of its 4 experts whatever the ratio, and the warning says so.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/moe_stacked_top2.onnx");
+    let mut s = session(&fixture, None, Criterion::Magnitude, 4);
+    s.cx.config.kinds = Some(vec![UnitKind::Experts]);
+    s.cx.config.ratio = 0.75;
+    s.select().expect("select");
+    let w = short(&s).unwrap_or_else(|| panic!("no shortfall warning: {:?}", s.cx.warnings));
+    assert!(w.contains("the k experts of a top-k router") && w.contains("only 50.0%"), "{w}");
 }
