@@ -17,9 +17,10 @@
 //!   cargo bench --bench criteria [-- --models vgg,moe,moe-experts,minilm,minilm-hn,effnet
 //!       --criteria pl,magnitude --ratios 0.25,0.5,0.75 --recover none,lsq,obs --n 32
 //!       --ridge 0.1 --ntk-condition --distill-steps 200 --distill-lr 1e-3 --distill-hidden
-//!       --alpha 0.1 --gate-objective raw --round-to 8 --latency]
-//! (`--alpha` is pl's Hessian-penalty weight and `--round-to` the per-layer multiple of kept
-//! filters and neurons, as on the command line; defaults 1.)
+//!       --alpha 0.1 --gate-objective raw --round-to 8 --max-layer-ratio 0.8 --latency]
+//! (`--alpha` is pl's Hessian-penalty weight, `--round-to` the per-layer multiple of kept
+//! filters and neurons and `--max-layer-ratio` the largest share of its units a layer may
+//! lose, as on the command line; defaults 1.)
 //! (`--recover` also takes `lsq+distill`, `obs+distill` and `none+distill`: the refit or none, then
 //! `--distill-steps` Adam steps of label-free distillation towards the dense model.)
 //! (`--ntk-condition` adds the model-level NTK condition number before -> after pruning to
@@ -223,6 +224,7 @@ fn main() {
     let ridge: f64 = arg("--ridge").map(|r| r.parse().expect("ridge")).unwrap_or(Config::default().recover_ridge);
     let ntk_condition = std::env::args().any(|a| a == "--ntk-condition");
     let round_to: usize = arg("--round-to").map(|r| r.parse().expect("round-to")).unwrap_or(1);
+    let max_layer_ratio: f64 = arg("--max-layer-ratio").map(|r| r.parse().expect("max-layer-ratio")).unwrap_or(1.0);
     let latency = std::env::args().any(|a| a == "--latency");
     let latency_reps: usize = arg("--latency-reps").map(|r| r.parse().expect("latency reps")).unwrap_or(10);
     let (lat_head, lat_rule) = if latency { (" ORT speed-up b1 / b32 |", "---|") } else { ("", "") };
@@ -283,6 +285,7 @@ fn main() {
                         },
                         recover,
                         round_to,
+                        max_layer_ratio,
                         recover_ridge: ridge,
                         ntk_condition,
                         distill_steps: if distill { distill_steps } else { 0 },
@@ -365,7 +368,12 @@ fn main() {
                             Criterion::Pl if alpha != 1.0 => format!("pl (α {alpha})"),
                             c => c.name().to_string(),
                         } + if criterion == Criterion::Pl && !relative { ", raw objective" } else { "" }
-                            + &if round_to > 1 { format!(", round-to {round_to}") } else { String::new() },
+                            + &if round_to > 1 { format!(", round-to {round_to}") } else { String::new() }
+                            + &if max_layer_ratio < 1.0 {
+                                format!(", max-layer-ratio {max_layer_ratio}")
+                            } else {
+                                String::new()
+                            },
                         match (recover, distill) {
                             (Recover::Lsq, false) => "lsq".to_string(),
                             (Recover::Obs, false) => "obs".to_string(),
