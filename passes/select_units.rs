@@ -36,15 +36,8 @@ impl Pass for SelectUnits {
 
     fn run(&self, cx: &mut Context, model: &mut Model) -> Result<()> {
         let selected: Vec<bool> = cx.groups.iter().map(|g| cx.selects(g.kind)).collect();
-        let (keep, short) = select_reporting(
-            model,
-            &cx.groups,
-            &cx.scores,
-            &selected,
-            cx.config.ratio,
-            cx.config.scope,
-            cx.config.protect(),
-        );
+        let (keep, short) =
+            select(model, &cx.groups, &cx.scores, &selected, cx.config.ratio, cx.config.scope, cx.config.protect());
         for s in short {
             cx.warn(format!(
                 "{}: the per-layer limits (--min-keep {}, --max-layer-ratio {}{}{}) let only {:.1}% of the \
@@ -163,21 +156,9 @@ pub struct Shortfall {
     pub routed: bool,
 }
 
-/// Chooses the units to keep. Groups with `selected[g] == false` keep everything.
+/// Chooses the units to keep (groups with `selected[g] == false` keep everything), and
+/// lists the batches whose per-layer limits stopped them short of the ratio.
 pub fn select(
-    model: &Model,
-    groups: &[UnitGroup],
-    scores: &[Vec<f64>],
-    selected: &[bool],
-    ratio: f64,
-    scope: Scope,
-    protect: Protect,
-) -> KeepSet {
-    select_reporting(model, groups, scores, selected, ratio, scope, protect).0
-}
-
-/// [`select`], and the batches whose per-layer limits stopped them short of the ratio.
-pub fn select_reporting(
     model: &Model,
     groups: &[UnitGroup],
     scores: &[Vec<f64>],

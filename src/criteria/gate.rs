@@ -279,7 +279,8 @@ impl Selection<'_> {
             .map(|(g, s)| s.iter().enumerate().map(|(u, &x)| if self.forced[g][u] { lo } else { x }).collect())
             .collect();
         let keep =
-            select_units::select(self.model, self.groups, &scores, self.selected, self.ratio, self.scope, self.protect);
+            select_units::select(self.model, self.groups, &scores, self.selected, self.ratio, self.scope, self.protect)
+                .0;
         let gates = keep.keep.iter().map(|k| k.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect()).collect();
         (scores, gates)
     }

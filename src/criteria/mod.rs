@@ -317,7 +317,7 @@ pub fn run(cx: &mut Context, model: &Model) -> Result<Scored> {
             .collect();
         if step < steps {
             let keep =
-                select_units::select(model, &groups, &scores, &selected, ratio, cx.config.scope, cx.config.protect());
+                select_units::select(model, &groups, &scores, &selected, ratio, cx.config.scope, cx.config.protect()).0;
             for (g, k) in keep.keep.iter().enumerate() {
                 for (u, &kept) in k.iter().enumerate() {
                     forced[g][u] |= !kept;
