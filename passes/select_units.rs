@@ -42,7 +42,7 @@ impl Pass for SelectUnits {
             cx.warn(format!(
                 "{}: the per-layer limits (--min-keep {}, --max-layer-ratio {}{}{}) let only {:.1}% of the \
                  parameters be removed, not the {:.1}% asked",
-                s.kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(" and "),
+                s.kind.name(),
                 cx.config.min_keep,
                 cx.config.max_layer_ratio,
                 if s.routed { ", the k experts of a top-k router" } else { "" },
@@ -146,7 +146,7 @@ impl Protect {
 /// per-layer limits stopped it short of the ratio.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Shortfall {
-    pub kinds: Vec<UnitKind>,
+    pub kind: UnitKind,
     /// The first layer of the batch (its name, for `--scope layer`).
     pub layer: String,
     /// The fraction of the batch's parameters removed.
@@ -269,12 +269,11 @@ pub fn select(
                 .iter()
                 .map(|(g, _, _)| groups[*g].params_per_unit(model) as f64 / st.total.max(1) as f64)
                 .fold(0.0, f64::max);
+            let first = &groups[st.ranked.first()?.0];
             (reached + unit < ratio).then(|| {
-                let mut kinds: Vec<UnitKind> = st.ranked.iter().map(|(g, _, _)| groups[*g].kind).collect();
-                kinds.dedup();
-                let layer = st.ranked.first().map(|(g, _, _)| groups[*g].name.clone()).unwrap_or_default();
+                let (kind, layer) = (first.kind, first.name.clone());
                 let routed = st.ranked.iter().any(|(g, _, _)| groups[*g].min_keep > 1);
-                Shortfall { kinds, layer, reached, routed }
+                Shortfall { kind, layer, reached, routed }
             })
         })
         .collect();
